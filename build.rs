@@ -1,0 +1,404 @@
+//! Compiles every `kernels/*.cu` into a fatbin with nvcc and embeds the images in the crate.
+//!
+//! Modes, chosen by `MOE_KERNELS_BUILD`:
+//! - `auto` (default): compile when nvcc is found; otherwise warn and build a crate without kernels.
+//! - `off`: never compile kernels.
+//! - `require`: a missing nvcc is an error.
+//!
+//! An nvcc that is found but fails is always an error, whatever the mode.
+//!
+//! Targets: sm_80 and sm_90 machine code plus compute_90 PTX, unless `MOE_KERNELS_ARCHS` says
+//! otherwise (comma-separated, e.g. `80,90` or `90`; the highest also gets its PTX).
+//! Files named `*_sm90a.cu` hold Hopper-only instructions (wgmma, setmaxnreg) and are built for
+//! `sm_90a` alone.
+//!
+//! The generated `$OUT_DIR/kernel_images.rs` holds one `Option<&[u8]>` per file (`None` when not
+//! built), the nvcc version, the architectures and the ptxas resource report.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Newest PTX ISA that a CUDA 13.0 driver (r580) and ptxas 13.0 accept.
+const MAX_PTX_ISA: (u32, u32) = (9, 0);
+const DEFAULT_ARCHS: &[u32] = &[80, 90];
+/// The folder `scripts/install-cuda-toolchain.sh` installs into.
+const PINNED_TOOLCHAIN: &str = ".cuda-toolchain/nvidia/cu13/bin";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Auto,
+    Off,
+    Require,
+}
+
+struct Kernel {
+    /// File stem, e.g. `activation`.
+    stem: String,
+    src: PathBuf,
+    hopper_only: bool,
+}
+
+struct Built {
+    stem: String,
+    fatbin: PathBuf,
+    ptxas_report: String,
+}
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let kernel_dir = manifest_dir.join("kernels");
+
+    for var in [
+        "MOE_KERNELS_BUILD",
+        "MOE_KERNELS_ARCHS",
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "NVCC_CCBIN",
+    ] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-changed=kernels");
+    println!(
+        "cargo::rerun-if-changed={}",
+        manifest_dir.join(PINNED_TOOLCHAIN).display()
+    );
+
+    let kernels = list_kernels(&kernel_dir);
+    for path in list_files(&kernel_dir.join("common")) {
+        println!("cargo::rerun-if-changed={}", path.display());
+    }
+    for k in &kernels {
+        println!("cargo::rerun-if-changed={}", k.src.display());
+    }
+
+    let mode = match env::var("MOE_KERNELS_BUILD").as_deref() {
+        Err(_) | Ok("") | Ok("auto") => Mode::Auto,
+        Ok("off") => Mode::Off,
+        Ok("require") => Mode::Require,
+        Ok(other) => fail(&format!(
+            "MOE_KERNELS_BUILD: expected `auto`, `off` or `require`, got `{other}`"
+        )),
+    };
+    let archs = parse_archs();
+
+    let nvcc = match mode {
+        Mode::Off => None,
+        _ => find_nvcc(&manifest_dir),
+    };
+    let nvcc = match (mode, nvcc) {
+        (_, Some(nvcc)) => Some(nvcc),
+        (Mode::Off, None) => None,
+        (Mode::Auto, None) => {
+            println!(
+                "cargo::warning=moe-kernels: nvcc not found, building without CUDA kernels \
+                 (GPU ops will return Error::KernelsNotBuilt). Install the pinned toolchain with \
+                 scripts/install-cuda-toolchain.sh, or set NVCC / CUDA_HOME."
+            );
+            None
+        }
+        (Mode::Require, None) => fail(
+            "MOE_KERNELS_BUILD=require but nvcc was not found. Looked in $NVCC, $CUDA_HOME/bin, \
+             $CUDA_PATH/bin, PATH, /usr/local/cuda/bin and .cuda-toolchain/ (see \
+             scripts/install-cuda-toolchain.sh).",
+        ),
+    };
+
+    let generated = match nvcc {
+        None => generate(&kernels, &[], None, &[]),
+        Some(nvcc) => {
+            let version = nvcc_version(&nvcc);
+            let built = compile_all(&nvcc, &kernels, &archs, &kernel_dir, &out_dir);
+            let arch_names = arch_names(&archs);
+            generate(&kernels, &built, Some(&version), &arch_names)
+        }
+    };
+    fs::write(out_dir.join("kernel_images.rs"), generated).unwrap();
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("error: moe-kernels build: {msg}");
+    std::process::exit(1);
+}
+
+fn list_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
+        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+        Err(_) => Vec::new(),
+    };
+    files.sort();
+    files
+}
+
+fn list_kernels(dir: &Path) -> Vec<Kernel> {
+    list_files(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .map(|src| {
+            let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+            let hopper_only = stem.ends_with("_sm90a");
+            Kernel {
+                stem,
+                src,
+                hopper_only,
+            }
+        })
+        .collect()
+}
+
+fn parse_archs() -> Vec<u32> {
+    let Ok(spec) = env::var("MOE_KERNELS_ARCHS") else {
+        return DEFAULT_ARCHS.to_vec();
+    };
+    let mut archs = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let digits = part.trim_start_matches("sm_");
+        match digits.parse::<u32>() {
+            Ok(a) if a >= 70 => archs.push(a),
+            _ => fail(&format!(
+                "MOE_KERNELS_ARCHS: expected a comma-separated list such as `80,90`, got `{spec}`"
+            )),
+        }
+    }
+    if archs.is_empty() {
+        fail("MOE_KERNELS_ARCHS is set but names no architecture");
+    }
+    archs.sort_unstable();
+    archs.dedup();
+    archs
+}
+
+fn arch_names(archs: &[u32]) -> Vec<String> {
+    let mut names: Vec<String> = archs.iter().map(|a| format!("sm_{a}")).collect();
+    names.push(format!("compute_{}", archs.last().unwrap()));
+    names
+}
+
+/// `$NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, `PATH`, `/usr/local/cuda/bin`, then the pinned
+/// toolchain inside the repository.
+fn find_nvcc(manifest_dir: &Path) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(nvcc) = env::var_os("NVCC") {
+        let nvcc = PathBuf::from(nvcc);
+        if !nvcc.is_file() {
+            println!(
+                "cargo::warning=moe-kernels: NVCC={} is not a file; looking elsewhere",
+                nvcc.display()
+            );
+        }
+        candidates.push(nvcc);
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(root) = env::var_os(var) {
+            candidates.push(PathBuf::from(root).join("bin/nvcc"));
+        }
+    }
+    if let Some(path) = env::var_os("PATH") {
+        candidates.extend(env::split_paths(&path).map(|d| d.join("nvcc")));
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/bin/nvcc"));
+    candidates.push(manifest_dir.join(PINNED_TOOLCHAIN).join("nvcc"));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+fn nvcc_version(nvcc: &Path) -> String {
+    let out = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| fail(&format!("could not run {}: {e}", nvcc.display())));
+    if !out.status.success() {
+        fail(&format!(
+            "{} --version failed: {}",
+            nvcc.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.contains("release"))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_else(|| text.trim().to_string())
+}
+
+fn compile_all(
+    nvcc: &Path,
+    kernels: &[Kernel],
+    archs: &[u32],
+    kernel_dir: &Path,
+    out_dir: &Path,
+) -> Vec<Built> {
+    // Two cores on CI: compile files in parallel, one nvcc each.
+    let results: Vec<Result<Built, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = kernels
+            .iter()
+            .map(|k| s.spawn(move || compile_one(nvcc, k, archs, kernel_dir, out_dir)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut built = Vec::new();
+    let mut errors = String::new();
+    for r in results {
+        match r {
+            Ok(b) => built.push(b),
+            Err(e) => errors.push_str(&e),
+        }
+    }
+    if !errors.is_empty() {
+        fail(&format!("nvcc failed:\n{errors}"));
+    }
+    built
+}
+
+fn compile_one(
+    nvcc: &Path,
+    k: &Kernel,
+    archs: &[u32],
+    kernel_dir: &Path,
+    out_dir: &Path,
+) -> Result<Built, String> {
+    let fatbin = out_dir.join(format!("{}.fatbin", k.stem));
+    let keep_dir = out_dir.join(format!("{}.keep", k.stem));
+    let _ = fs::remove_dir_all(&keep_dir);
+    fs::create_dir_all(&keep_dir).map_err(|e| e.to_string())?;
+
+    let mut cmd = Command::new(nvcc);
+    cmd.arg("-fatbin")
+        .arg("-O3")
+        .arg("-std=c++17")
+        .arg("-lineinfo")
+        .arg("--keep")
+        .arg("--keep-dir")
+        .arg(&keep_dir)
+        .arg("-Xptxas=-v")
+        .arg("-I")
+        .arg(kernel_dir.join("common"));
+    if let Some(ccbin) = env::var_os("NVCC_CCBIN") {
+        cmd.arg("-ccbin").arg(ccbin);
+    }
+    if k.hopper_only {
+        cmd.arg("-gencode=arch=compute_90a,code=sm_90a");
+    } else {
+        for a in archs {
+            cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
+        }
+        let top = archs.last().unwrap();
+        cmd.arg(format!("-gencode=arch=compute_{top},code=compute_{top}"));
+    }
+    cmd.arg("-o").arg(&fatbin).arg(&k.src);
+
+    let out = cmd
+        .output()
+        .map_err(|e| format!("could not run {}: {e}\n", nvcc.display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "--- {} (exit {}) ---\n{}{}\n",
+            k.src.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            stderr
+        ));
+    }
+    check_ptx_isa(k, &keep_dir);
+    warn_on_spills(k, &stderr);
+    Ok(Built {
+        stem: k.stem.clone(),
+        fatbin,
+        ptxas_report: stderr,
+    })
+}
+
+/// Warns when nvcc emitted PTX newer than the CUDA 13.0 driver accepts.
+fn check_ptx_isa(k: &Kernel, keep_dir: &Path) {
+    for ptx in list_files(keep_dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "ptx"))
+    {
+        let Ok(text) = fs::read_to_string(&ptx) else {
+            continue;
+        };
+        let Some(version) = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(".version "))
+        else {
+            continue;
+        };
+        let mut parts = version
+            .trim()
+            .split('.')
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let isa = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if isa > MAX_PTX_ISA {
+            println!(
+                "cargo::warning=moe-kernels: {} emitted PTX ISA {}.{}, newer than {}.{}, which a \
+                 CUDA 13.0 driver (r580) rejects; use the pinned 13.0 toolchain",
+                k.src.display(),
+                isa.0,
+                isa.1,
+                MAX_PTX_ISA.0,
+                MAX_PTX_ISA.1
+            );
+        }
+    }
+}
+
+/// DeepGEMM's rule: a kernel that uses local memory without a written reason is not done.
+fn warn_on_spills(k: &Kernel, report: &str) {
+    for line in report.lines() {
+        let spills = line.contains("spill stores") && !line.contains(" 0 bytes spill stores");
+        let stack = line.contains("bytes stack frame") && !line.contains(" 0 bytes stack frame");
+        if spills || stack {
+            println!(
+                "cargo::warning=moe-kernels: {}: {}",
+                k.src.display(),
+                line.trim()
+            );
+        }
+    }
+}
+
+fn generate(
+    kernels: &[Kernel],
+    built: &[Built],
+    nvcc_version: Option<&str>,
+    archs: &[String],
+) -> String {
+    let mut s = String::from("// Generated by build.rs.\n\n");
+    if !built.is_empty() {
+        s.push_str(
+            "/// Keeps an embedded image 16-byte aligned, as the driver's loader prefers.\n\
+             #[repr(C, align(16))]\nstruct Aligned<B: ?Sized>(B);\n\n",
+        );
+    }
+    let mut report = String::new();
+    for k in kernels {
+        let konst = k.stem.to_uppercase();
+        match built.iter().find(|b| b.stem == k.stem) {
+            Some(b) => {
+                writeln!(
+                    s,
+                    "pub const {konst}: Option<&[u8]> = Some(&Aligned(*include_bytes!({:?})).0);",
+                    b.fatbin.display().to_string()
+                )
+                .unwrap();
+                writeln!(report, "== {}.cu", b.stem).unwrap();
+                report.push_str(&b.ptxas_report);
+            }
+            None => writeln!(s, "pub const {konst}: Option<&[u8]> = None;").unwrap(),
+        }
+    }
+    writeln!(
+        s,
+        "pub const NVCC_VERSION: Option<&str> = {nvcc_version:?};"
+    )
+    .unwrap();
+    writeln!(s, "pub const ARCHS: &[&str] = &{archs:?};").unwrap();
+    writeln!(s, "pub const PTXAS_REPORT: &str = {report:?};").unwrap();
+    s
+}

@@ -1,0 +1,241 @@
+//! The device layer: a context with one stream, kernel loading, and typed tensors.
+//!
+//! Every op of the crate enqueues its kernels on the [`Device`]'s stream and returns without
+//! waiting, so a runtime can capture a sequence of ops in a CUDA graph. Only the explicit host
+//! transfers ([`Device::download`] and friends) synchronise.
+
+mod tensor;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::{self, CUdevice_attribute as Attr};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::nvrtc::Ptx;
+
+pub use tensor::Tensor;
+
+use crate::dtype::Elem;
+use crate::error::{DriverResultExt, Error, Result};
+use crate::kernels::Module;
+
+/// What the driver says about a device.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub sm_count: i32,
+    pub total_mem_bytes: usize,
+    pub l2_bytes: i32,
+    /// e.g. 13000 for CUDA 13.0.
+    pub driver_version: i32,
+}
+
+/// True when the CUDA driver library can be loaded. Every entry into the driver checks this
+/// first: cudarc panics on a missing library, and the crate must not.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library by its usual names.
+    unsafe { sys::is_culib_present() }
+}
+
+/// A CUDA context and the stream every op of the crate runs on.
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    info: DeviceInfo,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("info", &self.info).finish()
+    }
+}
+
+impl Device {
+    /// Opens device `ordinal` with a new non-blocking stream.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        const OP: &str = "Device::new";
+        if !driver_present() {
+            return Err(Error::NoDriver);
+        }
+        let count = CudaContext::device_count().map_err(|e| no_device_or_driver(OP, e))?;
+        let count = usize::try_from(count).unwrap_or(0);
+        if ordinal >= count {
+            return Err(Error::NoDevice(format!(
+                "device ordinal {ordinal} requested, {count} device(s) present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| no_device_or_driver(OP, e))?;
+        // The crate orders its work on one stream and never relies on cudarc's per-buffer
+        // events; turning them off keeps launches free of event records, which graph capture
+        // and the hot path both want.
+        // SAFETY: no buffer of this context exists yet, so none carries events to lose.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().op(OP)?;
+        let info = query_info(&ctx, ordinal).op(OP)?;
+        Ok(Device {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            info,
+        })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every op enqueues on. Capture it to record a CUDA graph.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Blocks until all work on the stream has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().op("Device::synchronize")
+    }
+
+    /// Copies `data` to a new tensor of `shape`.
+    pub fn upload<T: Elem>(&self, data: &[T], shape: &[usize]) -> Result<Tensor<T>> {
+        let numel = tensor::numel("Device::upload", shape)?;
+        if numel != data.len() {
+            return Err(Error::shape(
+                "Device::upload",
+                "data",
+                format!("{numel} elements for shape {shape:?}"),
+                format!("{} elements", data.len()),
+            ));
+        }
+        let buf = self.stream.clone_htod(data).op("Device::upload")?;
+        Ok(Tensor::from_parts(buf, shape.to_vec()))
+    }
+
+    /// Copies `data` into an existing tensor of the same element count.
+    pub fn upload_into<T: Elem>(&self, dst: &mut Tensor<T>, data: &[T]) -> Result<()> {
+        dst.check_device("Device::upload_into", "dst", self)?;
+        if dst.numel() != data.len() {
+            return Err(Error::shape(
+                "Device::upload_into",
+                "data",
+                format!("{} elements (dst shape {:?})", dst.numel(), dst.shape()),
+                format!("{} elements", data.len()),
+            ));
+        }
+        self.stream
+            .memcpy_htod(data, dst.buf_mut())
+            .op("Device::upload_into")
+    }
+
+    /// Copies a tensor back to the host; waits for the stream.
+    pub fn download<T: Elem>(&self, t: &Tensor<T>) -> Result<Vec<T>> {
+        t.check_device("Device::download", "tensor", self)?;
+        self.stream.clone_dtoh(t.buf()).op("Device::download")
+    }
+
+    /// A new zero-filled tensor.
+    pub fn zeros<T: Elem>(&self, shape: &[usize]) -> Result<Tensor<T>> {
+        let numel = tensor::numel("Device::zeros", shape)?;
+        let buf = self.stream.alloc_zeros::<T>(numel).op("Device::zeros")?;
+        Ok(Tensor::from_parts(buf, shape.to_vec()))
+    }
+
+    /// A new tensor with every byte set to `byte`. Tests poison outputs with 0xFF (NaN for every
+    /// float dtype, -1 for signed integers) so an element a kernel forgot to write fails the check.
+    pub fn filled_bytes<T: Elem>(&self, shape: &[usize], byte: u8) -> Result<Tensor<T>> {
+        let mut t = self.zeros::<T>(shape)?;
+        self.fill_bytes(&mut t, byte)?;
+        Ok(t)
+    }
+
+    /// Sets every byte of `t` to `byte`, on the stream.
+    pub fn fill_bytes<T: Elem>(&self, t: &mut Tensor<T>, byte: u8) -> Result<()> {
+        t.check_device("Device::fill_bytes", "tensor", self)?;
+        let bytes = t.numel() * std::mem::size_of::<T>();
+        if bytes == 0 {
+            return Ok(());
+        }
+        let ptr = t.device_ptr_mut(self);
+        // SAFETY: `ptr` addresses `bytes` bytes owned by `t`, allocated on this device; every
+        // bit pattern is valid for an `Elem` (they are all `Pod`).
+        unsafe {
+            cudarc::driver::result::memset_d8_async(ptr, byte, bytes, self.stream.cu_stream())
+        }
+        .op("Device::fill_bytes")
+    }
+
+    /// The kernel `name` from `module`, loading the module on first use.
+    pub(crate) fn function(
+        &self,
+        op: &'static str,
+        module: Module,
+        name: &str,
+    ) -> Result<CudaFunction> {
+        if let Some(f) = lock(&self.functions).get(name) {
+            return Ok(f.clone());
+        }
+        let image = module.image().ok_or(Error::KernelsNotBuilt {
+            op,
+            module: module.name(),
+        })?;
+        let module = {
+            let mut modules = lock(&self.modules);
+            match modules.get(&module) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = self
+                        .ctx
+                        .load_module(Ptx::from_binary(image.to_vec()))
+                        .op(op)?;
+                    modules.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module.load_function(name).op(op)?;
+        lock(&self.functions).insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+}
+
+/// A poisoned lock only means another thread panicked while inserting into a cache; the map
+/// itself is still sound.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn no_device_or_driver(op: &'static str, e: DriverError) -> Error {
+    use sys::cudaError_enum as C;
+    match e.0 {
+        C::CUDA_ERROR_NO_DEVICE | C::CUDA_ERROR_INVALID_DEVICE => Error::NoDevice(e.to_string()),
+        C::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH | C::CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE => {
+            Error::NoDevice(format!("the driver cannot run this CUDA 13.0 build: {e}"))
+        }
+        _ => Error::Driver { op, source: e },
+    }
+}
+
+fn query_info(
+    ctx: &Arc<CudaContext>,
+    ordinal: usize,
+) -> std::result::Result<DeviceInfo, DriverError> {
+    let mut driver_version = 0;
+    // SAFETY: writes one int through a valid pointer.
+    unsafe { sys::cuDriverGetVersion(&mut driver_version) }.result()?;
+    Ok(DeviceInfo {
+        ordinal,
+        name: ctx.name()?,
+        compute_capability: ctx.compute_capability()?,
+        sm_count: ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        total_mem_bytes: ctx.total_mem()?,
+        l2_bytes: ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
+        driver_version,
+    })
+}

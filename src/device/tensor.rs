@@ -1,0 +1,118 @@
+//! A device buffer that carries its shape. Always contiguous and row-major.
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, sys::CUdeviceptr};
+
+use super::Device;
+use crate::dtype::{DType, Elem};
+use crate::error::{Error, Result};
+
+pub struct Tensor<T> {
+    buf: CudaSlice<T>,
+    shape: Vec<usize>,
+}
+
+impl<T> std::fmt::Debug for Tensor<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor")
+            .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+/// Element count of `shape`, refusing one that overflows `usize`.
+pub(crate) fn numel(op: &'static str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| {
+            Error::shape(
+                op,
+                "shape",
+                "an element count that fits in usize",
+                format!("{shape:?}"),
+            )
+        })
+}
+
+impl<T: Elem> Tensor<T> {
+    pub(crate) fn from_parts(buf: CudaSlice<T>, shape: Vec<usize>) -> Self {
+        debug_assert_eq!(buf.len(), shape.iter().product::<usize>());
+        Tensor { buf, shape }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn dtype(&self) -> DType {
+        T::DTYPE
+    }
+
+    /// The underlying buffer, for callers that launch their own kernels on it.
+    pub fn buf(&self) -> &CudaSlice<T> {
+        &self.buf
+    }
+
+    pub fn buf_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.buf
+    }
+
+    /// The same buffer under another shape with the same element count.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
+        let n = numel("Tensor::reshape", shape)?;
+        if n != self.numel() {
+            return Err(Error::shape(
+                "Tensor::reshape",
+                "shape",
+                format!("{} elements (from {:?})", self.numel(), self.shape),
+                format!("{shape:?} ({n} elements)"),
+            ));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    /// Splits the shape into (rows, last dim) for ops over the last dimension; rank 0 is refused.
+    pub(crate) fn rows_cols(&self, op: &'static str, arg: &'static str) -> Result<(usize, usize)> {
+        match self.shape.split_last() {
+            Some((&cols, lead)) => Ok((lead.iter().product(), cols)),
+            None => Err(Error::shape(op, arg, "rank >= 1", "a rank-0 tensor")),
+        }
+    }
+
+    /// Refuses a tensor that lives in another CUDA context than `dev`.
+    pub(crate) fn check_device(
+        &self,
+        op: &'static str,
+        arg: &'static str,
+        dev: &Device,
+    ) -> Result<()> {
+        if self.buf.context() != dev.context() {
+            return Err(Error::shape(
+                op,
+                arg,
+                format!("a tensor on device {}", dev.info().ordinal),
+                format!("a tensor on device {}", self.buf.context().ordinal()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The raw address, for a kernel's parameter struct. Event tracking is off on every
+    /// [`Device`], so the guard cudarc returns does nothing and can be dropped at once.
+    pub(crate) fn device_ptr(&self, dev: &Device) -> CUdeviceptr {
+        self.buf.device_ptr(dev.stream()).0
+    }
+
+    pub(crate) fn device_ptr_mut(&mut self, dev: &Device) -> CUdeviceptr {
+        self.buf.device_ptr_mut(dev.stream()).0
+    }
+}

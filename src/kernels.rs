@@ -1,0 +1,35 @@
+//! The kernel images build.rs embedded, and what they were built with.
+
+mod images {
+    include!(concat!(env!("OUT_DIR"), "/kernel_images.rs"));
+}
+
+pub use images::{ARCHS, NVCC_VERSION, PTXAS_REPORT};
+
+/// One compiled `kernels/<family>.cu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Module {
+    Activation,
+}
+
+impl Module {
+    pub const ALL: &'static [Module] = &[Module::Activation];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Module::Activation => "activation",
+        }
+    }
+
+    /// The fatbin, or `None` when the crate was built without nvcc.
+    pub fn image(self) -> Option<&'static [u8]> {
+        match self {
+            Module::Activation => images::ACTIVATION,
+        }
+    }
+}
+
+/// True when build.rs compiled every kernel file.
+pub fn built() -> bool {
+    Module::ALL.iter().all(|m| m.image().is_some())
+}

@@ -1,0 +1,32 @@
+//! Hand-written CUDA kernels for Mixture-of-Experts layers, behind safe Rust wrappers.
+//!
+//! Every kernel is compiled at build time by `build.rs` (see the README), launched through a
+//! checked wrapper that returns [`Error`] rather than panicking, and tested against a plain CPU
+//! reference in the same family's `reference` module.
+//!
+//! # Glossary of dimensions
+//! | name | meaning |
+//! |------|---------|
+//! | `T`  | tokens in the batch |
+//! | `E`  | experts (routed) |
+//! | `K`  | experts chosen per token (top-k) |
+//! | `H`  | hidden size |
+//! | `I`  | an expert's intermediate size |
+//!
+//! # Ops
+//! | family | op | kernel | status |
+//! |--------|----|--------|--------|
+//! | activation | [`activation::softmax`] | `softmax_{f32,bf16,f16}` (v1) | see GPU_LOG.md |
+
+pub mod activation;
+pub mod check;
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod kernels;
+mod params;
+pub mod rng;
+
+pub use device::{Device, DeviceInfo, Tensor};
+pub use dtype::{DType, Elem, Float};
+pub use error::{Error, Result};

@@ -1,0 +1,160 @@
+//! The `moe-kernels` command: `info`, and with no arguments a short demo that runs every built
+//! kernel against its CPU reference.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use half::{bf16, f16};
+use moe_kernels::check;
+use moe_kernels::rng::Rng;
+use moe_kernels::{Device, Error, Float, activation, device, kernels};
+
+#[derive(Parser)]
+#[command(
+    name = "moe-kernels",
+    version,
+    about = "CUDA kernels for Mixture-of-Experts layers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the crate version, how the kernels were built, and the CUDA device, if any.
+    Info {
+        /// Also print ptxas's register, shared-memory and spill report for every kernel.
+        #[arg(long)]
+        ptxas: bool,
+    },
+    /// Run every built kernel on the GPU against its CPU reference (the default command).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Info { ptxas }) => {
+            info(ptxas);
+            Ok(())
+        }
+        Some(Command::Demo) | None => demo(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn info(ptxas: bool) {
+    println!("moe-kernels {}", env!("CARGO_PKG_VERSION"));
+    match kernels::NVCC_VERSION {
+        Some(v) if kernels::built() => {
+            println!("kernels: compiled by nvcc ({v})");
+            println!("  architectures: {}", kernels::ARCHS.join(", "));
+            let names: Vec<&str> = kernels::Module::ALL.iter().map(|m| m.name()).collect();
+            println!("  modules: {}", names.join(", "));
+        }
+        _ => println!(
+            "kernels: not compiled (nvcc was not found at build time; see \
+             scripts/install-cuda-toolchain.sh)"
+        ),
+    }
+    match Device::new(0) {
+        Ok(dev) => {
+            let i = dev.info();
+            println!("device 0: {}", i.name);
+            println!(
+                "  compute capability {}.{}, {} SMs, {:.1} GiB, L2 {:.0} MiB, driver CUDA {}.{}",
+                i.compute_capability.0,
+                i.compute_capability.1,
+                i.sm_count,
+                i.total_mem_bytes as f64 / (1u64 << 30) as f64,
+                i.l2_bytes as f64 / (1u64 << 20) as f64,
+                i.driver_version / 1000,
+                (i.driver_version % 1000) / 10
+            );
+        }
+        Err(e) => println!(
+            "device: none ({}; driver library {})",
+            e,
+            if device::driver_present() {
+                "present"
+            } else {
+                "absent"
+            }
+        ),
+    }
+    if ptxas {
+        println!("\nptxas report:\n{}", kernels::PTXAS_REPORT);
+    }
+}
+
+fn demo() -> Result<(), Error> {
+    info(false);
+    println!();
+    let dev = match Device::new(0) {
+        Ok(dev) if kernels::built() => dev,
+        Ok(_) => {
+            println!("GPU path skipped: the kernels were not compiled into this build.");
+            return cpu_demo();
+        }
+        Err(e) => {
+            println!("GPU path skipped: {e}.");
+            return cpu_demo();
+        }
+    };
+    println!("{:<28} {:>8}  result", "op", "dtype");
+    let mut failed = 0;
+    for (rows, cols) in [(1, 1), (7, 60), (64, 4096), (3, 151_937)] {
+        failed += softmax_case::<f32>(&dev, rows, cols)?;
+        failed += softmax_case::<bf16>(&dev, rows, cols)?;
+        failed += softmax_case::<f16>(&dev, rows, cols)?;
+    }
+    if failed > 0 {
+        return Err(Error::DeviceCheck {
+            op: "demo",
+            what: format!("{failed} case(s) disagree with the CPU reference"),
+        });
+    }
+    Ok(())
+}
+
+fn softmax_case<T: Float>(dev: &Device, rows: usize, cols: usize) -> Result<usize, Error> {
+    let mut rng = Rng::new((rows * 1_000_003 + cols) as u64);
+    let x: Vec<T> = rng.normal_vec(rows * cols, 4.0);
+    let xd = dev.upload(&x, &[rows, cols])?;
+    let y = dev.download(&activation::softmax(dev, &xd)?)?;
+    let want =
+        activation::reference::softmax(&x.iter().map(|v| v.to_f64()).collect::<Vec<_>>(), cols);
+    let report = check::compare(&y, &want, activation::softmax_tolerance::<T>(cols));
+    println!(
+        "{:<28} {:>8}  {} {}",
+        format!("softmax [{rows}, {cols}]"),
+        T::DTYPE.name(),
+        if report.passed() { "ok  " } else { "FAIL" },
+        report
+    );
+    Ok(usize::from(!report.passed()))
+}
+
+fn cpu_demo() -> Result<(), Error> {
+    let mut rng = Rng::new(7);
+    let x: Vec<f64> = (0..8).map(|_| rng.normal() * 2.0).collect();
+    let y = activation::reference::softmax(&x, 8);
+    println!("CPU reference, softmax of one row of 8:");
+    println!(
+        "  x = {:?}",
+        x.iter().map(|v| format!("{v:.3}")).collect::<Vec<_>>()
+    );
+    println!(
+        "  y = {:?}",
+        y.iter().map(|v| format!("{v:.4}")).collect::<Vec<_>>()
+    );
+    println!("  sum(y) = {:.15}", y.iter().sum::<f64>());
+    Ok(())
+}
