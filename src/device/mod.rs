@@ -5,6 +5,7 @@
 //! transfers ([`Device::download`] and friends) synchronise.
 
 mod tensor;
+mod timer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverEr
 use cudarc::nvrtc::Ptx;
 
 pub use tensor::Tensor;
+pub use timer::GpuTimer;
 
 use crate::dtype::Elem;
 use crate::error::{DriverResultExt, Error, Result};

@@ -1,0 +1,47 @@
+//! Shared by the benches: device selection, event timing for criterion, and rotation of inputs
+//! so that no iteration reads from a warm L2.
+#![allow(dead_code)] // each bench uses its own subset
+
+use std::time::Duration;
+
+use moe_kernels::{Device, Result, kernels};
+
+/// The device, or `None` after printing one `SKIPPED: <reason>` line; with `MOE_REQUIRE_GPU=1`
+/// a missing device exits with an error instead.
+pub fn gpu(bench: &str) -> Option<Device> {
+    let reason = match Device::new(0) {
+        Ok(dev) if kernels::built() => return Some(dev),
+        Ok(_) => "kernels were not compiled into this build".to_string(),
+        Err(e) => e.to_string(),
+    };
+    if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        eprintln!("{bench}: MOE_REQUIRE_GPU=1 but {reason}");
+        std::process::exit(1);
+    }
+    println!("SKIPPED: {bench}: {reason}");
+    None
+}
+
+/// How many copies of an input set of `bytes` to rotate through so that together they exceed
+/// four times the L2 (50 MB on an H100, 60 MB on an H200), at least one.
+pub fn rotation(dev: &Device, bytes: usize) -> usize {
+    let l2 = usize::try_from(dev.info().l2_bytes).unwrap_or(64 << 20);
+    (4 * l2).div_ceil(bytes.max(1)).clamp(1, 64)
+}
+
+/// Device time of `iters` calls of `launch(i)`, for criterion's `iter_custom`.
+pub fn time_iters(
+    dev: &Device,
+    iters: u64,
+    mut launch: impl FnMut(usize) -> Result<()>,
+) -> Duration {
+    let timer = dev.timer().expect("timer events");
+    timer
+        .time(dev, || {
+            for i in 0..iters {
+                launch(i as usize)?;
+            }
+            Ok(())
+        })
+        .expect("timed launches")
+}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Builds, on a machine without a GPU, everything the GPU check needs into gpu-bundle/ (git-ignored):
+# the release test binaries, the bench binaries, the `moe-kernels` CLI, and gpu-check.sh. Kernels
+# are compiled with the pinned toolchain (MOE_KERNELS_BUILD=require), binaries are stripped.
+#
+# Then, on the GPU machine, from the bundle folder:  ./gpu-check.sh LOGDIR
+#
+# usage: scripts/gpu-bundle.sh
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+out="$root/gpu-bundle"
+
+scripts/install-cuda-toolchain.sh
+export MOE_KERNELS_BUILD=require
+
+# Executables of one cargo invocation, as "kind name path" lines.
+executables() {
+    cargo "$@" --locked --message-format=json-render-diagnostics \
+        | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        t = m["target"]
+        print(t["kind"][0], t["name"], m["executable"])
+'
+}
+
+rm -rf "$out"
+mkdir -p "$out/tests" "$out/benches"
+cargo build --release --locked --bin moe-kernels
+cp target/release/moe-kernels "$out/"
+executables test --release --no-run | while read -r kind name path; do
+    case "$kind" in
+        lib) cp "$path" "$out/tests/unit" ;;
+        test) cp "$path" "$out/tests/$name" ;;
+    esac
+done
+executables bench --no-run | while read -r kind name path; do
+    [ "$kind" = bench ] && cp "$path" "$out/benches/$name"
+done
+strip "$out/moe-kernels" "$out"/tests/* "$out"/benches/*
+cp scripts/gpu-check.sh "$out/"
+{
+    echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
+    echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "nvcc: $(.cuda-toolchain/nvidia/cu13/bin/nvcc --version | grep release)"
+} >"$out/BUNDLE_INFO"
+du -sh "$out"
+ls -l "$out" "$out/tests" "$out/benches"
