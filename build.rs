@@ -350,12 +350,16 @@ fn check_ptx_isa(k: &Kernel, keep_dir: &Path) {
 
 /// DeepGEMM's rule: a kernel that uses local memory without a written reason is not done.
 fn warn_on_spills(k: &Kernel, report: &str) {
+    let mut function = "";
     for line in report.lines() {
+        if let Some(rest) = line.split("Compiling entry function ").nth(1) {
+            function = rest.trim();
+        }
         let spills = line.contains("spill stores") && !line.contains(" 0 bytes spill stores");
         let stack = line.contains("bytes stack frame") && !line.contains(" 0 bytes stack frame");
         if spills || stack {
             println!(
-                "cargo::warning=moe-kernels: {}: {}",
+                "cargo::warning=moe-kernels: {}: {function}: {}",
                 k.src.display(),
                 line.trim()
             );

@@ -10,14 +10,16 @@ pub use images::{ARCHS, NVCC_VERSION, PTXAS_REPORT};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Module {
     Activation,
+    Routing,
 }
 
 impl Module {
-    pub const ALL: &'static [Module] = &[Module::Activation];
+    pub const ALL: &'static [Module] = &[Module::Activation, Module::Routing];
 
     pub fn name(self) -> &'static str {
         match self {
             Module::Activation => "activation",
+            Module::Routing => "routing",
         }
     }
 
@@ -25,6 +27,7 @@ impl Module {
     pub fn image(self) -> Option<&'static [u8]> {
         match self {
             Module::Activation => images::ACTIVATION,
+            Module::Routing => images::ROUTING,
         }
     }
 }

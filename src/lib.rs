@@ -26,6 +26,7 @@ pub mod error;
 pub mod kernels;
 mod params;
 pub mod rng;
+pub mod routing;
 
 pub use device::{Device, DeviceInfo, Tensor};
 pub use dtype::{DType, Elem, Float};

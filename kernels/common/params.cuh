@@ -26,4 +26,37 @@ static_assert(offsetof(SoftmaxParams, out_stride) == 16, "mirror in src/params.r
 static_assert(offsetof(SoftmaxParams, rows) == 32, "mirror in src/params.rs");
 static_assert(offsetof(SoftmaxParams, vec) == 40, "mirror in src/params.rs");
 
+
+// Fused top-k routing of one token per warp. See kernels/routing.cu for the rules.
+struct RouteParams {
+    int32_t* ids;          // [T, K] expert ids, descending key; -1 in unused top-p slots
+    float* weights;        // [T, K]
+    int32_t* counts;       // [E] tokens per expert, accumulated (zeroed by the host); may be null
+    const void* logits;    // [T, E] in the kernel's dtype
+    const float* bias;     // [E] selection bias of the grouped sigmoid rule; null otherwise
+    int32_t tokens;        // T
+    int32_t experts;       // E, <= 32 * the kernel's values per lane
+    int32_t k;             // K <= 32 (the maximum for top-p)
+    int32_t rule;          // RouteRule
+    int32_t n_group;       // groups for the grouped rules (<= 32), else 1
+    int32_t topk_group;    // groups kept
+    int32_t renormalize;   // 0 or 1
+    float scale;           // multiplies every weight last
+    float softcap;         // > 0: l = softcap * tanh(l / softcap); 0: off
+    float top_p;           // the top-p rule's threshold
+};
+static_assert(sizeof(RouteParams) == 80, "mirror in src/params.rs");
+static_assert(offsetof(RouteParams, tokens) == 40, "mirror in src/params.rs");
+static_assert(offsetof(RouteParams, scale) == 68, "mirror in src/params.rs");
+static_assert(offsetof(RouteParams, top_p) == 76, "mirror in src/params.rs");
+
+enum RouteRule : int32_t {
+    kSoftmaxTopK = 0,
+    kTopKSoftmax = 1,
+    kTopKSigmoid = 2,
+    kSigmoidGroupTopK = 3,
+    kSoftmaxGroupTopK = 4,
+    kTopP = 5,
+};
+
 }  // namespace moe

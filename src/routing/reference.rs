@@ -1,0 +1,203 @@
+//! CPU reference for every routing rule: plain loops in f64, written from the rules in
+//! [`RouterRule`]'s documentation.
+
+use super::config::{RouterConfig, RouterRule};
+use crate::error::Result;
+
+/// The routing of T tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routing {
+    /// `[T, K]` expert ids in descending order of the selection key; -1 in unused top-p slots.
+    pub ids: Vec<i32>,
+    /// `[T, K]` weights; 0 in unused slots.
+    pub weights: Vec<f64>,
+    /// `[T]` the smallest gap between two selection keys (or group scores, or a top-p cumulative
+    /// sum and p) at which this token's choice was decided. A kernel that computes the keys in
+    /// f32 may decide differently only where this gap is within f32 rounding.
+    pub margin: Vec<f64>,
+}
+
+/// Routes `logits` (`[T, E]` row-major, `experts` = E) by `cfg`; `bias` is the `[E]` correction
+/// bias of the grouped sigmoid rule.
+pub fn route(
+    logits: &[f64],
+    experts: usize,
+    cfg: &RouterConfig,
+    bias: Option<&[f64]>,
+) -> Result<Routing> {
+    const OP: &str = "routing reference";
+    cfg.validate(OP, experts, bias.map(<[f64]>::len))?;
+    if !logits.len().is_multiple_of(experts) {
+        return Err(crate::Error::shape(
+            OP,
+            "logits",
+            format!("a multiple of E={experts} values"),
+            format!("{} values", logits.len()),
+        ));
+    }
+    let k = cfg.k;
+    let tokens = logits.len() / experts;
+    let mut out = Routing {
+        ids: vec![-1; tokens * k],
+        weights: vec![0.0; tokens * k],
+        margin: vec![f64::INFINITY; tokens],
+    };
+    for t in 0..tokens {
+        let row = &logits[t * experts..(t + 1) * experts];
+        let (ids, weights, margin) = route_token(row, cfg, bias);
+        out.ids[t * k..t * k + ids.len()].copy_from_slice(&ids);
+        out.weights[t * k..t * k + ids.len()].copy_from_slice(&weights);
+        out.margin[t] = margin;
+    }
+    Ok(out)
+}
+
+/// NaN ranks last, as -inf: a NaN bias, or -inf + inf in a group score.
+fn nan_last(x: f64) -> f64 {
+    if x.is_nan() { f64::NEG_INFINITY } else { x }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Sorts `items` by descending key, ties toward the lower index; returns the order.
+fn ranked(keys: &[f64], items: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut order: Vec<usize> = items.collect();
+    order.sort_by(|&a, &b| keys[b].total_cmp(&keys[a]).then(a.cmp(&b)));
+    order
+}
+
+/// The smallest gap between consecutive keys among the first `n + 1` of `order`: the decisions
+/// that picked the first `n` and their order.
+fn decision_gap(keys: &[f64], order: &[usize], n: usize) -> f64 {
+    order
+        .windows(2)
+        .take(n)
+        .map(|w| (keys[w[0]] - keys[w[1]]).abs())
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn route_token(row: &[f64], cfg: &RouterConfig, bias: Option<&[f64]>) -> (Vec<i32>, Vec<f64>, f64) {
+    let e = row.len();
+    // NaN counts as -inf; the softcap applies after that.
+    let raw: Vec<f64> = row.iter().map(|&v| nan_last(v)).collect();
+    let l: Vec<f64> = match cfg.softcap {
+        Some(cap) => raw
+            .iter()
+            .map(|&v| f64::from(cap) * (v / f64::from(cap)).tanh())
+            .collect(),
+        None => raw.clone(),
+    };
+    let softmax = || {
+        let m = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let ex: Vec<f64> = l.iter().map(|&v| (v - m).exp()).collect();
+        let s: f64 = ex.iter().sum();
+        ex.into_iter().map(|v| v / s).collect::<Vec<f64>>()
+    };
+
+    // score: what the weights come from; key: what selection ranks. Softmax and the softcap are
+    // strictly increasing, so ranking the raw logits ranks the probabilities, exactly.
+    let (score, key): (Vec<f64>, Vec<f64>) = match cfg.rule {
+        RouterRule::SoftmaxTopK { .. }
+        | RouterRule::SoftmaxGroupTopK { .. }
+        | RouterRule::TopP { .. } => (softmax(), raw.clone()),
+        RouterRule::TopKSoftmax | RouterRule::TopKSigmoid => (l.clone(), raw.clone()),
+        RouterRule::SigmoidGroupTopK { .. } => {
+            let s: Vec<f64> = l.iter().map(|&v| sigmoid(v)).collect();
+            let b = bias.expect("validated: the grouped sigmoid rule has a bias");
+            let key = s.iter().zip(b).map(|(s, b)| nan_last(s + b)).collect();
+            (s, key)
+        }
+    };
+
+    // Group-limited choice: keep the experts of the best `topk_group` groups.
+    let mut margin = f64::INFINITY;
+    let candidates: Vec<usize> = match cfg.rule {
+        RouterRule::SigmoidGroupTopK {
+            n_group,
+            topk_group,
+            ..
+        }
+        | RouterRule::SoftmaxGroupTopK {
+            n_group,
+            topk_group,
+        } => {
+            let size = e / n_group;
+            let top2 = matches!(cfg.rule, RouterRule::SigmoidGroupTopK { .. });
+            let gscore: Vec<f64> = (0..n_group)
+                .map(|g| {
+                    let members = ranked(&key, g * size..(g + 1) * size);
+                    nan_last(if top2 {
+                        key[members[0]] + key[members[1]]
+                    } else {
+                        key[members[0]]
+                    })
+                })
+                .collect();
+            let gorder = ranked(&gscore, 0..n_group);
+            margin = margin.min(decision_gap(&gscore, &gorder, topk_group));
+            let mut keep: Vec<usize> = gorder[..topk_group]
+                .iter()
+                .flat_map(|&g| g * size..(g + 1) * size)
+                .collect();
+            keep.sort_unstable();
+            keep
+        }
+        _ => (0..e).collect(),
+    };
+
+    let order = ranked(&key, candidates.into_iter());
+    let chosen: Vec<usize> = match cfg.rule {
+        RouterRule::TopP { p, .. } => {
+            let p = f64::from(p);
+            let mut cum = 0.0;
+            let mut n = 0;
+            for &i in order.iter().take(cfg.k) {
+                cum += score[i];
+                n += 1;
+                margin = margin.min((cum - p).abs());
+                if cum >= p {
+                    break;
+                }
+            }
+            order[..n].to_vec()
+        }
+        _ => order[..cfg.k].to_vec(),
+    };
+    margin = margin.min(decision_gap(&key, &order, chosen.len()));
+
+    let mut w: Vec<f64> = match cfg.rule {
+        RouterRule::TopKSoftmax => {
+            let m = chosen
+                .iter()
+                .map(|&i| l[i])
+                .fold(f64::NEG_INFINITY, f64::max);
+            let ex: Vec<f64> = chosen.iter().map(|&i| (l[i] - m).exp()).collect();
+            let s: f64 = ex.iter().sum();
+            ex.into_iter().map(|v| v / s).collect()
+        }
+        RouterRule::TopKSigmoid => chosen.iter().map(|&i| sigmoid(l[i])).collect(),
+        _ => chosen.iter().map(|&i| score[i]).collect(),
+    };
+    let eps = match cfg.rule {
+        RouterRule::SoftmaxTopK { renormalize: true }
+        | RouterRule::TopP {
+            renormalize: true, ..
+        } => Some(0.0),
+        RouterRule::SigmoidGroupTopK {
+            renormalize: true, ..
+        } => Some(1e-20),
+        _ => None,
+    };
+    if let Some(eps) = eps {
+        let s: f64 = w.iter().sum::<f64>() + eps;
+        w.iter_mut().for_each(|v| *v /= s);
+    }
+    w.iter_mut().for_each(|v| *v *= f64::from(cfg.scale));
+    let ids = chosen
+        .iter()
+        .map(|&i| i32::try_from(i).expect("E <= 1024"))
+        .collect();
+    (ids, w, margin)
+}

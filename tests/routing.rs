@@ -1,0 +1,457 @@
+//! Routing: the CPU reference against hand-worked cases for every rule, configuration errors,
+//! and the kernels against the reference on random and adversarial logits.
+
+mod common;
+
+use approx::assert_relative_eq;
+use half::{bf16, f16};
+use moe_kernels::check::{self, Tolerance};
+use moe_kernels::rng::Rng;
+use moe_kernels::routing::{self, RouterConfig, RouterRule, reference};
+use moe_kernels::{Device, Error, Float};
+
+fn ln(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|x| x.ln()).collect()
+}
+
+fn assert_weights(got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert_relative_eq!(*g, *w, max_relative = 1e-12, epsilon = 1e-15);
+    }
+}
+
+#[test]
+fn softmax_topk_mixtral_and_qwen() {
+    let logits = ln(&[0.1, 0.2, 0.3, 0.4]);
+    let r = reference::route(&logits, 4, &RouterConfig::mixtral(2), None).unwrap();
+    assert_eq!(r.ids, [3, 2]);
+    assert_weights(&r.weights, &[4.0 / 7.0, 3.0 / 7.0]);
+    let r = reference::route(&logits, 4, &RouterConfig::qwen(2, false), None).unwrap();
+    assert_weights(&r.weights, &[0.4, 0.3]);
+}
+
+#[test]
+fn topk_then_softmax_gpt_oss_and_topk_sigmoid_llama4() {
+    let r = reference::route(&[1.0, 3.0, 2.0, 0.0], 4, &RouterConfig::gpt_oss(2), None).unwrap();
+    let e = std::f64::consts::E;
+    assert_eq!(r.ids, [1, 2]);
+    assert_weights(&r.weights, &[e / (e + 1.0), 1.0 / (e + 1.0)]);
+
+    let r = reference::route(&[0.5, -1.0, 2.0], 3, &RouterConfig::llama4(1), None).unwrap();
+    assert_eq!(r.ids, [2]);
+    assert_weights(&r.weights, &[1.0 / (1.0 + (-2.0f64).exp())]);
+}
+
+#[test]
+fn deepseek_v3_drops_the_best_expert_of_a_weak_group() {
+    // Sigmoid(0) = 0.5 everywhere, so the keys are 0.5 + bias:
+    // [0.6, 0.5 | 0.8, 0.7 | 0.0, 1.4 | 1.45, -0.5]; group sums of the top 2: 1.1, 1.5, 1.4, 0.95.
+    // Groups 1 and 2 stay, so expert 6, the best key of all, is out; the top 2 of {2, 3, 4, 5}
+    // are 5 and 2. Weights: 0.5 each, renormalised to 0.5, times 2.5.
+    let bias = [0.1, 0.0, 0.3, 0.2, -0.5, 0.9, 0.95, -1.0];
+    let cfg = RouterConfig::deepseek_v3(2, 4, 2, true, 2.5);
+    let r = reference::route(&[0.0; 8], 8, &cfg, Some(&bias)).unwrap();
+    assert_eq!(r.ids, [5, 2]);
+    assert_weights(&r.weights, &[1.25, 1.25]);
+    // Without renormalisation the weights are the unbiased sigmoids times the scale.
+    let cfg = RouterConfig::deepseek_v3(2, 4, 2, false, 2.5);
+    let r = reference::route(&[0.0; 8], 8, &cfg, Some(&bias)).unwrap();
+    assert_weights(&r.weights, &[1.25, 1.25]);
+    let cfg = RouterConfig::deepseek_v3(3, 4, 2, true, 1.0);
+    let r = reference::route(&[0.0; 8], 8, &cfg, Some(&bias)).unwrap();
+    assert_eq!(r.ids, [5, 2, 3]);
+    assert_weights(&r.weights, &[1.0 / 3.0; 3]);
+}
+
+#[test]
+fn deepseek_v2_group_limited_greedy_scores_groups_by_their_max() {
+    // p over 6 experts in 3 groups of 2: group maxima 0.3, 0.25, 0.2 -> groups 0 and 1 stay.
+    let p = [0.3, 0.05, 0.2, 0.25, 0.0, 0.2];
+    let logits: Vec<f64> = p
+        .iter()
+        .map(|v: &f64| if *v == 0.0 { f64::NEG_INFINITY } else { v.ln() })
+        .collect();
+    let cfg = RouterConfig::deepseek_v2(2, Some((3, 2)), 16.0);
+    let r = reference::route(&logits, 6, &cfg, None).unwrap();
+    assert_eq!(r.ids, [0, 3]);
+    assert_weights(&r.weights, &[0.3 * 16.0, 0.25 * 16.0]);
+    // Greedy ignores the groups: at k = 4 it adds 2 and 5 (tied at 0.2, the lower index first).
+    let r = reference::route(&logits, 6, &RouterConfig::deepseek_v2(4, None, 1.0), None).unwrap();
+    assert_eq!(r.ids, [0, 3, 2, 5]);
+}
+
+#[test]
+fn top_p_stops_once_the_mass_is_reached() {
+    let logits = ln(&[0.5, 0.3, 0.15, 0.05]);
+    let cfg = RouterConfig::new(
+        RouterRule::TopP {
+            p: 0.7,
+            renormalize: false,
+        },
+        3,
+    );
+    let r = reference::route(&logits, 4, &cfg, None).unwrap();
+    assert_eq!(r.ids, [0, 1, -1]);
+    assert_weights(&r.weights, &[0.5, 0.3, 0.0]);
+    let cfg = RouterConfig::new(
+        RouterRule::TopP {
+            p: 0.7,
+            renormalize: true,
+        },
+        3,
+    );
+    let r = reference::route(&logits, 4, &cfg, None).unwrap();
+    assert_weights(&r.weights, &[0.625, 0.375, 0.0]);
+    // p = 1 with a cap of k_max = 2 takes exactly two.
+    let cfg = RouterConfig::new(
+        RouterRule::TopP {
+            p: 1.0,
+            renormalize: false,
+        },
+        2,
+    );
+    assert_eq!(
+        reference::route(&logits, 4, &cfg, None).unwrap().ids,
+        [0, 1]
+    );
+}
+
+#[test]
+fn ties_go_to_the_lower_index_and_nan_ranks_last() {
+    let r = reference::route(&[0.25; 6], 6, &RouterConfig::qwen(3, false), None).unwrap();
+    assert_eq!(r.ids, [0, 1, 2]);
+    assert_weights(&r.weights, &[1.0 / 6.0; 3]);
+    let nan = f64::NAN;
+    let r = reference::route(
+        &[nan, 1.0, nan, 0.0],
+        4,
+        &RouterConfig::qwen(3, false),
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.ids, [1, 3, 0]);
+    let e = std::f64::consts::E;
+    assert_weights(&r.weights, &[e / (e + 1.0), 1.0 / (e + 1.0), 0.0]);
+    // All NaN: valid ids, NaN weights (0/0), as torch.softmax of an all -inf row.
+    let r = reference::route(&[nan; 4], 4, &RouterConfig::mixtral(2), None).unwrap();
+    assert_eq!(r.ids, [0, 1]);
+    assert!(r.weights.iter().all(|w| w.is_nan()));
+}
+
+#[test]
+fn softcap_bounds_the_logits() {
+    let mut cfg = RouterConfig::llama4(1);
+    cfg.softcap = Some(1.0);
+    let r = reference::route(&[100.0, 50.0], 2, &cfg, None).unwrap();
+    assert_eq!(r.ids, [0]);
+    assert_weights(&r.weights, &[1.0 / (1.0 + (-(100f64).tanh()).exp())]);
+}
+
+#[test]
+fn bad_configurations_are_refused_with_their_argument() {
+    let v3 = |k, g, tg| RouterConfig::deepseek_v3(k, g, tg, true, 1.0);
+    let cases: Vec<(RouterConfig, usize, Option<usize>, &str)> = vec![
+        (RouterConfig::mixtral(9), 8, None, "k"),
+        (RouterConfig::mixtral(0), 8, None, "k"),
+        (RouterConfig::mixtral(2), 0, None, "logits"),
+        (RouterConfig::mixtral(2), 2048, None, "logits"),
+        (v3(2, 3, 1), 8, Some(8), "n_group"),
+        (v3(2, 4, 5), 8, Some(8), "topk_group"),
+        (v3(2, 8, 2), 8, Some(8), "n_group"), // one expert per group: no top-2
+        (v3(5, 4, 2), 8, Some(8), "k"),       // only 4 experts in 2 groups of 2
+        (v3(2, 4, 2), 8, Some(7), "bias"),
+        (v3(2, 4, 2), 8, None, "bias"),
+        (RouterConfig::mixtral(2), 8, Some(8), "bias"),
+        (
+            RouterConfig::new(
+                RouterRule::TopP {
+                    p: 0.0,
+                    renormalize: false,
+                },
+                2,
+            ),
+            8,
+            None,
+            "p",
+        ),
+        (
+            RouterConfig::new(
+                RouterRule::TopP {
+                    p: 1.5,
+                    renormalize: false,
+                },
+                2,
+            ),
+            8,
+            None,
+            "p",
+        ),
+        (
+            RouterConfig {
+                scale: f32::NAN,
+                ..RouterConfig::mixtral(2)
+            },
+            8,
+            None,
+            "scale",
+        ),
+        (
+            RouterConfig {
+                softcap: Some(-1.0),
+                ..RouterConfig::mixtral(2)
+            },
+            8,
+            None,
+            "softcap",
+        ),
+    ];
+    for (cfg, e, bias, arg) in cases {
+        match cfg.validate("route", e, bias) {
+            Err(Error::Shape {
+                op: "route",
+                arg: a,
+                ..
+            }) if a == arg => {}
+            other => panic!("{cfg:?} with E={e}: expected an error on `{arg}`, got {other:?}"),
+        }
+    }
+    let e = RouterConfig::mixtral(9)
+        .validate("route", 8, None)
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "route: argument `k`: expected 1..=8 (min(E=8, 32)), got 9"
+    );
+    assert!(reference::route(&[0.0; 7], 2, &RouterConfig::mixtral(1), None).is_err());
+}
+
+/// Every rule, with the shapes a model gives it.
+fn rules(e: usize) -> Vec<(RouterConfig, bool)> {
+    let k = e.min(8);
+    let mut v = vec![
+        (RouterConfig::mixtral(k.min(2)), false),
+        (RouterConfig::qwen(k, false), false),
+        (RouterConfig::qwen(k, true), false),
+        (RouterConfig::gpt_oss(k.min(4)), false),
+        (RouterConfig::llama4(1), false),
+        (
+            RouterConfig::new(
+                RouterRule::TopP {
+                    p: 0.6,
+                    renormalize: true,
+                },
+                k,
+            ),
+            false,
+        ),
+        (
+            RouterConfig {
+                softcap: Some(2.0),
+                ..RouterConfig::qwen(k, true)
+            },
+            false,
+        ),
+        (RouterConfig::deepseek_v2(k, None, 16.0), false),
+    ];
+    for groups in [2usize, 4, 8] {
+        v.push((
+            RouterConfig::deepseek_v3(k, groups, groups / 2, true, 2.5),
+            true,
+        ));
+        v.push((
+            RouterConfig::deepseek_v2(k, Some((groups, groups / 2)), 1.0),
+            false,
+        ));
+    }
+    // Only what fits E: groups must divide it, hold 2 experts each, and offer k.
+    v.retain(|(cfg, needs_bias)| cfg.validate("rules", e, needs_bias.then_some(e)).is_ok());
+    v
+}
+
+/// Checks the kernel's routing of `logits` against the reference: ids equal except where the
+/// reference itself decided within f32 rounding (its margin), weights within f32 tolerance.
+fn check_case<T: Float>(
+    dev: &Device,
+    logits: &[T],
+    e: usize,
+    cfg: &RouterConfig,
+    bias: Option<&[f32]>,
+) {
+    let t = logits.len() / e;
+    let x = dev.upload(logits, &[t, e]).unwrap();
+    let b = bias.map(|b| dev.upload(b, &[e]).unwrap());
+    let mut ids = dev.filled_bytes::<i32>(&[t, cfg.k], 0x7f).unwrap();
+    let mut w = dev.filled_bytes::<f32>(&[t, cfg.k], 0xff).unwrap();
+    let mut counts = dev.filled_bytes::<i32>(&[e], 0x7f).unwrap();
+    routing::route_into(
+        dev,
+        &mut ids,
+        &mut w,
+        Some(&mut counts),
+        &x,
+        cfg,
+        b.as_ref(),
+    )
+    .unwrap();
+    let (got_ids, got_w, got_counts) = (
+        dev.download(&ids).unwrap(),
+        dev.download(&w).unwrap(),
+        dev.download(&counts).unwrap(),
+    );
+
+    let l64: Vec<f64> = logits.iter().map(|v| v.to_f64()).collect();
+    let b64: Option<Vec<f64>> = bias.map(|b| b.iter().map(|&v| f64::from(v)).collect());
+    let want = reference::route(&l64, e, cfg, b64.as_deref()).unwrap();
+
+    let k = cfg.k;
+    let (mut near_ties, mut want_counts) = (0, vec![0i32; e]);
+    let (mut wg, mut ww) = (Vec::new(), Vec::new());
+    for tok in 0..t {
+        let s = tok * k..(tok + 1) * k;
+        for &id in &got_ids[s.clone()] {
+            assert!(
+                (-1..e as i32).contains(&id),
+                "token {tok}: id {id} out of range"
+            );
+        }
+        if got_ids[s.clone()] != want.ids[s.clone()] {
+            assert!(
+                want.margin[tok] < 1e-5,
+                "{cfg:?} E={e} {}: token {tok}: ids {:?}, reference {:?} (margin {:e})",
+                T::DTYPE,
+                &got_ids[s.clone()],
+                &want.ids[s.clone()],
+                want.margin[tok]
+            );
+            near_ties += 1;
+            continue;
+        }
+        wg.extend_from_slice(&got_w[s.clone()]);
+        ww.extend_from_slice(&want.weights[s]);
+    }
+    for &id in want.ids.iter().filter(|&&id| id >= 0) {
+        want_counts[id as usize] += 1;
+    }
+    assert!(
+        near_ties * 100 <= t.max(100),
+        "{near_ties} of {t} tokens decided on near-ties"
+    );
+    if near_ties == 0 {
+        assert_eq!(got_counts, want_counts, "{cfg:?} E={e}: per-expert counts");
+    }
+    let report = check::compare(&wg, &ww, Tolerance::new(1e-6, 3e-5));
+    println!(
+        "route {:?} E={e} T={t} {}: {report}, near-ties {near_ties}",
+        cfg.rule,
+        T::DTYPE
+    );
+    assert!(
+        report.passed(),
+        "{cfg:?} E={e} T={t} {}: weights {report}",
+        T::DTYPE
+    );
+}
+
+fn random_routing<T: Float>(dev: &Device) {
+    let mut rng = Rng::new(0x20f7);
+    for e in [1usize, 8, 60, 96, 128, 256, 1024] {
+        for (cfg, needs_bias) in rules(e) {
+            for t in [0usize, 1, 77] {
+                let logits: Vec<T> = rng.normal_vec(t * e, 2.0);
+                let bias: Vec<f32> = (0..e).map(|_| rng.uniform(-0.1, 0.1) as f32).collect();
+                check_case(dev, &logits, e, &cfg, needs_bias.then_some(&bias[..]));
+            }
+        }
+    }
+}
+
+fn adversarial_routing<T: Float>(dev: &Device) {
+    let e = 60;
+    let huge = if T::DTYPE == moe_kernels::DType::F16 {
+        6.0e4
+    } else {
+        1.0e30
+    };
+    let rows: Vec<Vec<f64>> = vec![
+        vec![0.5; e], // all equal
+        (0..e)
+            .map(|i| if i % 7 == 3 { 2.0 } else { -1.0 })
+            .collect(), // ties at the top
+        (0..e)
+            .map(|i| if i % 2 == 0 { huge } else { -huge })
+            .collect(), // huge magnitudes
+        (0..e)
+            .map(|i| if i == 41 { f64::INFINITY } else { 0.0 })
+            .collect(), // +inf
+        (0..e)
+            .map(|i| if i < 50 { f64::NEG_INFINITY } else { i as f64 })
+            .collect(),
+        (0..e)
+            .map(|i| if i % 3 == 0 { f64::NAN } else { -(i as f64) })
+            .collect(),
+        vec![f64::NAN; e],
+        vec![f64::NEG_INFINITY; e],
+    ];
+    let logits: Vec<T> = rows.iter().flatten().map(|&v| T::from_f64(v)).collect();
+    let bias: Vec<f32> = (0..e).map(|i| (i % 5) as f32 * 0.01).collect();
+    for (cfg, needs_bias) in rules(e) {
+        check_case(dev, &logits, e, &cfg, needs_bias.then_some(&bias[..]));
+    }
+    // K = E.
+    check_case(dev, &logits, e, &RouterConfig::qwen(32, true), None);
+    let small: Vec<T> = logits[..8 * 8].to_vec();
+    check_case(dev, &small, 8, &RouterConfig::mixtral(8), None);
+}
+
+#[test]
+fn gpu_routing_matches_reference() {
+    let Some(dev) = common::gpu("gpu_routing_matches_reference") else {
+        return;
+    };
+    random_routing::<f32>(&dev);
+    random_routing::<bf16>(&dev);
+    random_routing::<f16>(&dev);
+    adversarial_routing::<f32>(&dev);
+    adversarial_routing::<bf16>(&dev);
+    adversarial_routing::<f16>(&dev);
+}
+
+#[test]
+fn gpu_routing_is_deterministic_and_refuses_bad_input() {
+    let Some(dev) = common::gpu("gpu_routing_is_deterministic_and_refuses_bad_input") else {
+        return;
+    };
+    let mut rng = Rng::new(3);
+    let x = dev
+        .upload(&rng.normal_vec::<bf16>(4096 * 256, 1.0), &[4096, 256])
+        .unwrap();
+    let bias = dev.upload(&vec![0.01f32; 256], &[256]).unwrap();
+    let cfg = RouterConfig::deepseek_v3(8, 8, 4, true, 2.5);
+    let (i1, w1) = routing::route(&dev, &x, &cfg, Some(&bias)).unwrap();
+    let (i2, w2) = routing::route(&dev, &x, &cfg, Some(&bias)).unwrap();
+    assert_eq!(dev.download(&i1).unwrap(), dev.download(&i2).unwrap());
+    let (w1, w2) = (dev.download(&w1).unwrap(), dev.download(&w2).unwrap());
+    assert!(w1.iter().zip(&w2).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    let e = routing::route(&dev, &x, &cfg, None).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "bias", .. }), "{e}");
+    let x3 = dev.zeros::<f32>(&[2, 3, 4]).unwrap();
+    let e = routing::route(&dev, &x3, &RouterConfig::mixtral(2), None).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "logits", .. }), "{e}");
+    let x = dev.zeros::<f16>(&[5, 8]).unwrap();
+    let (mut ids, mut w) = (
+        dev.zeros::<i32>(&[5, 3]).unwrap(),
+        dev.zeros::<f32>(&[5, 2]).unwrap(),
+    );
+    let e = routing::route_into(
+        &dev,
+        &mut ids,
+        &mut w,
+        None,
+        &x,
+        &RouterConfig::mixtral(2),
+        None,
+    );
+    assert!(matches!(e, Err(Error::Shape { arg: "ids", .. })), "{e:?}");
+}
