@@ -15,6 +15,22 @@
 //   count as -inf (before the softcap), as do NaN keys and group scores (a NaN bias, -inf + inf).
 //   Ids are always in [0, E) or -1.
 //
+// route_capacity(CapacityParams p)
+//   Capacity factor with token dropping (Switch Transformer, GShard): slot (t, k) keeps expert e
+//   while fewer than C earlier slots, in flat order t * K + k, chose e; later ones get id -1 and
+//   weight 0, and dropped_ids records the expert they wanted. One block per expert scans the
+//   ids with warp ballots, so the result is deterministic.
+//
+// router_lse_{dtype}, router_prob_mean_{dtype}(RouterStatsParams p)
+//   The statistics training code monitors: lse[t] = log sum_e exp(l[t, e]); mean_prob[e] =
+//   mean_t exp(l[t, e] - lse[t]); fraction[e] = counts[e] / T (sums to K); z_loss =
+//   mean_t lse[t]^2. Fixed summation order, no float atomics.
+//
+// router_logits_{x}_{w}(RouterLogitsParams p)
+//   The router projection out[t, e] = x[t, :] . w[e, :] (+ bias[e]), f32 accumulation, rounded
+//   once to w's dtype (bf16 logits for Mixtral-style routers, f32 for DeepSeek's fp32 router).
+//   One warp per (token, expert), 16-byte loads when rows allow.
+//
 // History
 //   v1: one warp per token, K rounds of a warp arg-max over register-resident keys; the group
 //       stage keeps one group score per lane. Loads are 2- or 4-byte and coalesced per warp.
@@ -219,3 +235,163 @@ __device__ __forceinline__ void route_v1(const RouteParams& p) {
 MOE_ROUTE_ALL(f32, float)
 MOE_ROUTE_ALL(bf16, __nv_bfloat16)
 MOE_ROUTE_ALL(f16, __half)
+
+namespace moe {
+
+constexpr int kCapacityThreads = 256;
+
+__device__ __forceinline__ void route_capacity_v1(const CapacityParams& p) {
+    __shared__ int warp_counts[kCapacityThreads / 32];
+    const int e = blockIdx.x;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    int running = 0;  // slots of expert e in earlier chunks; the same in every thread
+    for (int64_t base = 0; base < p.slots; base += kCapacityThreads) {
+        const int64_t i = base + threadIdx.x;
+        const int id = i < p.slots ? p.ids[i] : -1;
+        const bool mine = id == e;
+        const unsigned ballot = __ballot_sync(kFullMask, mine);
+        if (lane == 0) warp_counts[warp] = __popc(ballot);
+        __syncthreads();
+        int before = running + __popc(ballot & ((1u << lane) - 1u));
+        int total = 0;
+#pragma unroll
+        for (int w = 0; w < kCapacityThreads / 32; ++w) {
+            before += w < warp ? warp_counts[w] : 0;
+            total += warp_counts[w];
+        }
+        if (mine) {
+            const bool keep = before < p.capacity;
+            p.ids_out[i] = keep ? e : -1;
+            p.weights_out[i] = keep ? p.weights[i] : 0.f;
+            if (!keep) p.dropped_ids[i] = e;
+        } else if (e == 0 && i < p.slots && (id < 0 || id >= p.experts)) {
+            // No expert block owns this slot (-1, or an id the caller will be told about
+            // elsewhere): block 0 passes it through.
+            p.ids_out[i] = id;
+            p.weights_out[i] = p.weights[i];
+        }
+        running += total;
+        __syncthreads();  // warp_counts is rewritten by the next chunk
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void router_lse_v1(const RouterStatsParams& p) {
+    const int lane = threadIdx.x & 31;
+    const int64_t token = int64_t(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
+    if (token >= p.tokens) return;
+    const T* row = static_cast<const T*>(p.logits) + token * p.experts;
+    OnlineSoftmax st;
+    for (int e = lane; e < p.experts; e += 32) st.add(Float<T>::to_f32(row[e]));
+    warp_merge(st);
+    if (lane == 0) p.lse[token] = st.m + logf(st.s);
+}
+
+constexpr int kStatsWarps = 8;
+
+template <typename T>
+__device__ __forceinline__ void router_prob_mean_v1(const RouterStatsParams& p) {
+    __shared__ float part[kStatsWarps][32];
+    __shared__ float zpart[kStatsWarps * 32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int e = blockIdx.x * 32 + lane;
+    const T* logits = static_cast<const T*>(p.logits);
+    float acc = 0.f;
+    if (e < p.experts) {
+        for (int64_t t = warp; t < p.tokens; t += kStatsWarps)
+            acc += expf(Float<T>::to_f32(logits[t * p.experts + e]) - p.lse[t]);
+    }
+    part[warp][lane] = acc;
+    float z = 0.f;
+    if (blockIdx.x == 0) {
+        for (int64_t t = threadIdx.x; t < p.tokens; t += kStatsWarps * 32) z += p.lse[t] * p.lse[t];
+    }
+    zpart[threadIdx.x] = z;
+    __syncthreads();
+    if (warp == 0 && e < p.experts) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < kStatsWarps; ++w) s += part[w][lane];
+        p.mean_prob[e] = s / float(p.tokens);
+        p.fraction[e] = float(p.counts[e]) / float(p.tokens);
+    }
+    if (blockIdx.x == 0) {
+        for (int stride = kStatsWarps * 16; stride > 0; stride >>= 1) {
+            if (threadIdx.x < stride) zpart[threadIdx.x] += zpart[threadIdx.x + stride];
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) p.z_loss[0] = zpart[0] / float(p.tokens);
+    }
+}
+
+// Eight elements of T from a 16-byte-aligned address, as f32.
+template <typename T>
+__device__ __forceinline__ void load8(const T* ptr, float (&out)[8]) {
+    constexpr int V = kVec16<T>;
+#pragma unroll
+    for (int h = 0; h < 8 / V; ++h) {
+        const Vec16<T> v = load_vec16(ptr + h * V);
+#pragma unroll
+        for (int j = 0; j < V; ++j) out[h * V + j] = Float<T>::to_f32(v.v[j]);
+    }
+}
+
+constexpr int kLogitsWarps = 8;
+
+template <typename TX, typename TW>
+__device__ __forceinline__ void router_logits_v1(const RouterLogitsParams& p) {
+    const int lane = threadIdx.x & 31;
+    const int64_t pair = int64_t(blockIdx.x) * kLogitsWarps + (threadIdx.x >> 5);
+    if (pair >= int64_t(p.tokens) * p.experts) return;
+    const int64_t t = pair / p.experts;
+    const int e = int(pair % p.experts);
+    const TX* x = static_cast<const TX*>(p.x) + t * p.hidden;
+    const TW* w = static_cast<const TW*>(p.w) + int64_t(e) * p.hidden;
+    float acc = 0.f;
+    if (p.vec) {
+        for (int c = lane * 8; c < p.hidden; c += 32 * 8) {
+            float a[8], b[8];
+            load8(x + c, a);
+            load8(w + c, b);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc = fmaf(a[j], b[j], acc);
+        }
+    } else {
+        for (int c = lane; c < p.hidden; c += 32)
+            acc = fmaf(Float<TX>::to_f32(x[c]), Float<TW>::to_f32(w[c]), acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+        if (p.bias != nullptr) acc += Float<TW>::to_f32(static_cast<const TW*>(p.bias)[e]);
+        static_cast<TW*>(p.out)[t * p.experts + e] = Float<TW>::from_f32(acc);
+    }
+}
+
+}  // namespace moe
+
+extern "C" __global__ void __launch_bounds__(moe::kCapacityThreads) route_capacity(const moe::CapacityParams p) {
+    moe::route_capacity_v1(p);
+}
+
+#define MOE_STATS(SUFFIX, T) \
+    extern "C" __global__ void __launch_bounds__(32 * moe::kRouteWarps) router_lse_##SUFFIX(const moe::RouterStatsParams p) { \
+        moe::router_lse_v1<T>(p); \
+    } \
+    extern "C" __global__ void __launch_bounds__(32 * moe::kStatsWarps) router_prob_mean_##SUFFIX(const moe::RouterStatsParams p) { \
+        moe::router_prob_mean_v1<T>(p); \
+    }
+MOE_STATS(f32, float)
+MOE_STATS(bf16, __nv_bfloat16)
+MOE_STATS(f16, __half)
+
+#define MOE_ROUTER_LOGITS(SX, SW, TX, TW) \
+    extern "C" __global__ void __launch_bounds__(32 * moe::kLogitsWarps) router_logits_##SX##_##SW(const moe::RouterLogitsParams p) { \
+        moe::router_logits_v1<TX, TW>(p); \
+    }
+MOE_ROUTER_LOGITS(f32, f32, float, float)
+MOE_ROUTER_LOGITS(bf16, bf16, __nv_bfloat16, __nv_bfloat16)
+MOE_ROUTER_LOGITS(f16, f16, __half, __half)
+MOE_ROUTER_LOGITS(bf16, f32, __nv_bfloat16, float)
+MOE_ROUTER_LOGITS(f16, f32, __half, float)

@@ -65,3 +65,58 @@ pub(crate) mod route_rule {
     pub const SOFTMAX_GROUP_TOPK: i32 = 4;
     pub const TOP_P: i32 = 5;
 }
+
+/// See `CapacityParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CapacityParams {
+    pub ids_out: u64,
+    pub weights_out: u64,
+    pub dropped_ids: u64,
+    pub ids: u64,
+    pub weights: u64,
+    pub slots: i32,
+    pub experts: i32,
+    pub capacity: i32,
+    pub pad_: i32,
+}
+const _: () = assert!(size_of::<CapacityParams>() == 56);
+const _: () = assert!(offset_of!(CapacityParams, slots) == 40);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for CapacityParams {}
+
+/// See `RouterStatsParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RouterStatsParams {
+    pub fraction: u64,
+    pub mean_prob: u64,
+    pub lse: u64,
+    pub z_loss: u64,
+    pub logits: u64,
+    pub counts: u64,
+    pub tokens: i32,
+    pub experts: i32,
+}
+const _: () = assert!(size_of::<RouterStatsParams>() == 56);
+const _: () = assert!(offset_of!(RouterStatsParams, tokens) == 48);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for RouterStatsParams {}
+
+/// See `RouterLogitsParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RouterLogitsParams {
+    pub out: u64,
+    pub x: u64,
+    pub w: u64,
+    pub bias: u64,
+    pub tokens: i32,
+    pub experts: i32,
+    pub hidden: i32,
+    pub vec: i32,
+}
+const _: () = assert!(size_of::<RouterLogitsParams>() == 48);
+const _: () = assert!(offset_of!(RouterLogitsParams, tokens) == 32);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for RouterLogitsParams {}

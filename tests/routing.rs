@@ -455,3 +455,214 @@ fn gpu_routing_is_deterministic_and_refuses_bad_input() {
     );
     assert!(matches!(e, Err(Error::Shape { arg: "ids", .. })), "{e:?}");
 }
+
+#[test]
+fn capacity_drops_later_slots_in_token_order() {
+    // T = 4, K = 2, E = 3, C = 2. Expert 0 is chosen at flat slots 0, 2, 4, 7: 4 and 7 drop;
+    // expert 1 at 1, 5, 6: 6 drops; expert 2 once.
+    let ids = [0, 1, 0, 2, 0, 1, 1, 0];
+    let w: Vec<f64> = (1..=8).map(f64::from).collect();
+    let (out, ow, dropped) = reference::apply_capacity(&ids, &w, 3, 2);
+    assert_eq!(out, [0, 1, 0, 2, -1, 1, -1, -1]);
+    assert_eq!(ow, [1.0, 2.0, 3.0, 4.0, 0.0, 6.0, 0.0, 0.0]);
+    assert_eq!(dropped, [-1, -1, -1, -1, 0, -1, 1, 0]);
+    // -1 slots pass through and are never counted.
+    let (out, _, dropped) = reference::apply_capacity(&[-1, 0, -1, 0], &[0.0; 4], 1, 1);
+    assert_eq!((out, dropped), (vec![-1, 0, -1, -1], vec![-1, -1, -1, 0]));
+    assert_eq!(routing::capacity_for(1.25, 10, 2, 4).unwrap(), 7);
+    assert_eq!(routing::capacity_for(1.0, 0, 2, 4).unwrap(), 0);
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        assert!(routing::capacity_for(bad, 10, 2, 4).is_err());
+    }
+}
+
+#[test]
+fn router_stats_by_hand() {
+    let logits = [0.0, 0.0, 3f64.ln(), 0.0];
+    let (fraction, mean_prob, z) = reference::router_stats(&logits, 2, &[0, 0]);
+    assert_eq!(fraction, [1.0, 0.0]);
+    assert_weights(&mean_prob, &[0.625, 0.375]);
+    let (l2, l4) = (2f64.ln(), 4f64.ln());
+    assert_relative_eq!(z, (l2 * l2 + l4 * l4) / 2.0, max_relative = 1e-14);
+}
+
+#[test]
+fn router_projection_by_hand() {
+    // x = [[1, 2], [0, -1]], w = [[1, 0], [2, 3], [-1, 1]], bias = [0.5, 0, 0].
+    let out = reference::router_logits(
+        &[1.0, 2.0, 0.0, -1.0],
+        &[1.0, 0.0, 2.0, 3.0, -1.0, 1.0],
+        Some(&[0.5, 0.0, 0.0]),
+        2,
+    );
+    assert_eq!(out, [1.5, 8.0, 1.0, 0.5, -3.0, -1.0]);
+}
+
+#[test]
+fn gpu_capacity_and_stats_match_reference() {
+    let Some(dev) = common::gpu("gpu_capacity_and_stats_match_reference") else {
+        return;
+    };
+    let mut rng = Rng::new(0xca9);
+    for (t, e, k, factor) in [
+        (1usize, 8usize, 2usize, 1.0),
+        (1000, 8, 2, 1.0),
+        (777, 60, 4, 0.5),
+        (300, 4, 1, 2.0),
+    ] {
+        // Skewed logits so some experts overflow.
+        let logits: Vec<f32> = (0..t * e)
+            .map(|i| (rng.normal() + if i % e == 0 { 1.5 } else { 0.0 }) as f32)
+            .collect();
+        let x = dev.upload(&logits, &[t, e]).unwrap();
+        let cfg = RouterConfig::qwen(k, true);
+        let mut ids = dev.zeros::<i32>(&[t, k]).unwrap();
+        let mut w = dev.zeros::<f32>(&[t, k]).unwrap();
+        let mut counts = dev.zeros::<i32>(&[e]).unwrap();
+        routing::route_into(&dev, &mut ids, &mut w, Some(&mut counts), &x, &cfg, None).unwrap();
+
+        let c = routing::capacity_for(factor, t, k, e).unwrap();
+        let mut ids2 = dev.filled_bytes::<i32>(&[t, k], 0x7f).unwrap();
+        let mut w2 = dev.filled_bytes::<f32>(&[t, k], 0xff).unwrap();
+        let mut dropped = dev.zeros::<i32>(&[t, k]).unwrap();
+        routing::apply_capacity_into(&dev, &mut ids2, &mut w2, &mut dropped, &ids, &w, e, c)
+            .unwrap();
+        let (ids_h, w_h) = (dev.download(&ids).unwrap(), dev.download(&w).unwrap());
+        let w64: Vec<f64> = w_h.iter().map(|&v| f64::from(v)).collect();
+        let (want_ids, want_w, want_dropped) = reference::apply_capacity(&ids_h, &w64, e, c);
+        assert_eq!(
+            dev.download(&ids2).unwrap(),
+            want_ids,
+            "capacity ids T={t} E={e}"
+        );
+        let got_w: Vec<f64> = dev
+            .download(&w2)
+            .unwrap()
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        assert_eq!(got_w, want_w, "capacity weights T={t} E={e}");
+        assert_eq!(
+            dev.download(&dropped).unwrap(),
+            want_dropped,
+            "dropped T={t} E={e}"
+        );
+
+        let mut stats = routing::RouterStats::new(&dev, e).unwrap();
+        let mut lse = dev.zeros::<f32>(&[t]).unwrap();
+        routing::router_stats_into(&dev, &mut stats, &mut lse, &x, &counts).unwrap();
+        let l64: Vec<f64> = logits.iter().map(|&v| f64::from(v)).collect();
+        let (fraction, mean_prob, z) = reference::router_stats(&l64, e, &ids_h);
+        let tol = Tolerance::new(1e-7, 1e-5);
+        for (name, got, want) in [
+            ("fraction", dev.download(&stats.fraction).unwrap(), fraction),
+            (
+                "mean_prob",
+                dev.download(&stats.mean_prob).unwrap(),
+                mean_prob,
+            ),
+            ("z_loss", dev.download(&stats.z_loss).unwrap(), vec![z]),
+        ] {
+            let r = check::compare(&got, &want, tol);
+            println!("router_stats {name} T={t} E={e}: {r}");
+            assert!(r.passed(), "router_stats {name} T={t} E={e}: {r}");
+        }
+    }
+}
+
+fn projection_case<X: Float, W: Float>(
+    dev: &Device,
+    t: usize,
+    h: usize,
+    e: usize,
+    with_bias: bool,
+) {
+    let mut rng = Rng::new((t * 31 + h * 7 + e) as u64);
+    let x: Vec<X> = rng.normal_vec(t * h, 1.0);
+    let w: Vec<W> = rng.normal_vec(e * h, 0.05);
+    let b: Vec<W> = rng.normal_vec(e, 0.5);
+    let (xd, wd, bd) = (
+        dev.upload(&x, &[t, h]).unwrap(),
+        dev.upload(&w, &[e, h]).unwrap(),
+        dev.upload(&b, &[e]).unwrap(),
+    );
+    let mut out = dev.filled_bytes::<W>(&[t, e], 0xff).unwrap();
+    routing::router_logits_into(dev, &mut out, &xd, &wd, with_bias.then_some(&bd)).unwrap();
+    let f = |v: &[X]| v.iter().map(|a| a.to_f64()).collect::<Vec<_>>();
+    let g = |v: &[W]| v.iter().map(|a| a.to_f64()).collect::<Vec<_>>();
+    let want = reference::router_logits(&f(&x), &g(&w), with_bias.then(|| g(&b)).as_deref(), h);
+    // One rounding to W, plus f32 accumulation over H terms of size ~|x||w|.
+    let tol = Tolerance::new(1e-5 * (h as f64).sqrt(), 2.0 * W::EPSILON);
+    let r = check::compare(&dev.download(&out).unwrap(), &want, tol);
+    println!(
+        "router_logits {}x{} T={t} H={h} E={e}: {r}",
+        X::DTYPE,
+        W::DTYPE
+    );
+    assert!(
+        r.passed(),
+        "router_logits {}x{} T={t} H={h} E={e}: {r}",
+        X::DTYPE,
+        W::DTYPE
+    );
+}
+
+#[test]
+fn gpu_router_projection_and_two_launch_routing() {
+    let Some(dev) = common::gpu("gpu_router_projection_and_two_launch_routing") else {
+        return;
+    };
+    for (t, h, e) in [
+        (1, 2048, 128),
+        (33, 4096, 8),
+        (5, 1000, 60),
+        (64, 7168, 256),
+    ] {
+        projection_case::<f32, f32>(&dev, t, h, e, true);
+        projection_case::<bf16, bf16>(&dev, t, h, e, t % 2 == 1);
+        projection_case::<f16, f16>(&dev, t, h, e, false);
+        projection_case::<bf16, f32>(&dev, t, h, e, false);
+        projection_case::<f16, f32>(&dev, t, h, e, false);
+    }
+    // x -> ids in two launches, consistent with routing the logits it produced.
+    let (t, h, e) = (300, 2048, 256);
+    let mut rng = Rng::new(9);
+    let x = dev
+        .upload(&rng.normal_vec::<bf16>(t * h, 1.0), &[t, h])
+        .unwrap();
+    let w = dev
+        .upload(&rng.normal_vec::<f32>(e * h, 0.03), &[e, h])
+        .unwrap();
+    let bias_h: Vec<f32> = (0..e).map(|_| rng.uniform(-0.05, 0.05) as f32).collect();
+    let bias = dev.upload(&bias_h, &[e]).unwrap();
+    let cfg = RouterConfig::deepseek_v3(8, 8, 4, true, 2.5);
+    let mut logits = dev.zeros::<f32>(&[t, e]).unwrap();
+    let mut ids = dev.zeros::<i32>(&[t, 8]).unwrap();
+    let mut wts = dev.zeros::<f32>(&[t, 8]).unwrap();
+    routing::route_hidden_into(
+        &dev,
+        &mut ids,
+        &mut wts,
+        &mut logits,
+        &x,
+        &w,
+        None,
+        &cfg,
+        Some(&bias),
+    )
+    .unwrap();
+    let l = dev.download(&logits).unwrap();
+    check_case(&dev, &l, e, &cfg, Some(&bias_h));
+    let got = dev.download(&ids).unwrap();
+    let again = routing::route(&dev, &logits, &cfg, Some(&bias)).unwrap().0;
+    assert_eq!(got, dev.download(&again).unwrap());
+
+    let wrong = dev.zeros::<bf16>(&[e, h + 1]).unwrap();
+    let mut out = dev.zeros::<bf16>(&[t, e]).unwrap();
+    let err = routing::router_logits_into(&dev, &mut out, &x, &wrong, None).unwrap_err();
+    assert!(matches!(err, Error::Shape { arg: "w", .. }), "{err}");
+    let w16 = dev.zeros::<f16>(&[e, h]).unwrap();
+    let mut out16 = dev.zeros::<f16>(&[t, e]).unwrap();
+    let err = routing::router_logits_into(&dev, &mut out16, &x, &w16, None).unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+}

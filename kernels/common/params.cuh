@@ -59,4 +59,50 @@ enum RouteRule : int32_t {
     kTopP = 5,
 };
 
+// Capacity limit: slot (t, k) keeps its expert e when fewer than `capacity` earlier slots (in
+// flat token-major order) chose e; otherwise it is dropped. One block per expert.
+struct CapacityParams {
+    int32_t* ids_out;          // [T*K]
+    float* weights_out;        // [T*K]
+    int32_t* dropped_ids;      // [T*K] the expert a dropped slot wanted, -1 elsewhere (host sets -1)
+    const int32_t* ids;        // [T*K]
+    const float* weights;      // [T*K]
+    int32_t slots;             // T*K
+    int32_t experts;           // E = gridDim.x
+    int32_t capacity;          // C >= 0
+    int32_t pad_;
+};
+static_assert(sizeof(CapacityParams) == 56, "mirror in src/params.rs");
+static_assert(offsetof(CapacityParams, slots) == 40, "mirror in src/params.rs");
+
+// Router statistics: the fraction of tokens per expert, the mean router probability per expert,
+// and the z-loss mean(lse^2).
+struct RouterStatsParams {
+    float* fraction;           // [E] counts[e] / T
+    float* mean_prob;          // [E]
+    float* lse;                // [T] workspace: logsumexp of each token's logits
+    float* z_loss;             // [1]
+    const void* logits;        // [T, E]
+    const int32_t* counts;     // [E] tokens per expert (from the routing kernel)
+    int32_t tokens;            // T >= 1
+    int32_t experts;           // E
+};
+static_assert(sizeof(RouterStatsParams) == 56, "mirror in src/params.rs");
+static_assert(offsetof(RouterStatsParams, tokens) == 48, "mirror in src/params.rs");
+
+// Router projection: out[t, e] = sum_h x[t, h] * w[e, h] (+ bias[e]), f32 accumulation, one
+// rounding to the output dtype (that of w).
+struct RouterLogitsParams {
+    void* out;                 // [T, E] in w's dtype
+    const void* x;             // [T, H]
+    const void* w;             // [E, H]
+    const void* bias;          // [E] in w's dtype, or null
+    int32_t tokens;            // T
+    int32_t experts;           // E
+    int32_t hidden;            // H
+    int32_t vec;               // 1: 8-element 16-byte-aligned vector loads (H % 8 == 0); 0: scalar
+};
+static_assert(sizeof(RouterLogitsParams) == 48, "mirror in src/params.rs");
+static_assert(offsetof(RouterLogitsParams, tokens) == 32, "mirror in src/params.rs");
+
 }  // namespace moe

@@ -6,10 +6,16 @@
 //! unused slots of the top-p rule. A row whose logits are all -inf or NaN gets the first K ids
 //! and NaN weights (0/0), as torch.softmax gives.
 
+mod capacity;
 pub mod config;
+mod projection;
 pub mod reference;
+mod stats;
 
+pub use capacity::{apply_capacity_into, capacity_for};
 pub use config::{MAX_EXPERTS, MAX_GROUPS, MAX_K, RouterConfig, RouterRule};
+pub use projection::{route_hidden_into, router_logits_into};
+pub use stats::{RouterStats, router_stats_into};
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 

@@ -201,3 +201,70 @@ fn route_token(row: &[f64], cfg: &RouterConfig, bias: Option<&[f64]>) -> (Vec<i3
         .collect();
     (ids, w, margin)
 }
+
+/// Capacity limit: slot `i` (flat, token-major) keeps its expert while fewer than `capacity`
+/// earlier slots chose that expert; later ones become id -1 with weight 0. Returns the new ids
+/// and weights and, per slot, the expert a dropped slot wanted (-1 elsewhere). Ids outside
+/// `[0, experts)` pass through untouched.
+pub fn apply_capacity(
+    ids: &[i32],
+    weights: &[f64],
+    experts: usize,
+    capacity: usize,
+) -> (Vec<i32>, Vec<f64>, Vec<i32>) {
+    let mut seen = vec![0usize; experts];
+    let (mut out_ids, mut out_w, mut dropped) =
+        (ids.to_vec(), weights.to_vec(), vec![-1; ids.len()]);
+    for (i, &id) in ids.iter().enumerate() {
+        let Some(e) = usize::try_from(id).ok().filter(|&e| e < experts) else {
+            continue;
+        };
+        if seen[e] >= capacity {
+            out_ids[i] = -1;
+            out_w[i] = 0.0;
+            dropped[i] = id;
+        }
+        seen[e] += 1;
+    }
+    (out_ids, out_w, dropped)
+}
+
+/// Router statistics over `logits [T, E]` and the chosen `ids [T, K]`:
+/// (fraction of tokens per expert = count / T, mean softmax probability per expert,
+/// z-loss = mean over tokens of logsumexp(logits)^2).
+pub fn router_stats(logits: &[f64], experts: usize, ids: &[i32]) -> (Vec<f64>, Vec<f64>, f64) {
+    let tokens = logits.len() / experts;
+    let mut fraction = vec![0.0; experts];
+    for &id in ids {
+        if let Some(f) = usize::try_from(id).ok().and_then(|e| fraction.get_mut(e)) {
+            *f += 1.0;
+        }
+    }
+    fraction.iter_mut().for_each(|f| *f /= tokens as f64);
+    let mut mean_prob = vec![0.0; experts];
+    let mut z = 0.0;
+    for row in logits.chunks(experts) {
+        let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + row.iter().map(|&v| (v - m).exp()).sum::<f64>().ln();
+        z += lse * lse;
+        for (p, &v) in mean_prob.iter_mut().zip(row) {
+            *p += (v - lse).exp();
+        }
+    }
+    mean_prob.iter_mut().for_each(|p| *p /= tokens as f64);
+    (fraction, mean_prob, z / tokens as f64)
+}
+
+/// The router projection: `logits[t, e] = sum_h x[t, h] * w[e, h] + bias[e]`, x `[T, H]`,
+/// w `[E, H]`.
+pub fn router_logits(x: &[f64], w: &[f64], bias: Option<&[f64]>, hidden: usize) -> Vec<f64> {
+    let experts = w.len() / hidden.max(1);
+    let mut out = Vec::with_capacity(x.len() / hidden.max(1) * experts);
+    for xr in x.chunks(hidden.max(1)) {
+        for (e, wr) in w.chunks(hidden.max(1)).enumerate() {
+            let dot: f64 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+            out.push(dot + bias.map_or(0.0, |b| b[e]));
+        }
+    }
+    out
+}

@@ -1,0 +1,141 @@
+//! The router projection `logits = x · W_rᵀ (+ b)`, and routing straight from hidden states.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::RouterConfig;
+use crate::device::{Device, Tensor};
+use crate::dtype::{DType, Float};
+use crate::error::{DriverResultExt, Error, Result};
+use crate::kernels::Module;
+use crate::params::RouterLogitsParams;
+
+/// Warps per block of `router_logits_*`, as `kLogitsWarps` in routing.cu.
+const LOGITS_WARPS: usize = 8;
+
+/// `out [T, E] = x [T, H] · w [E, H]ᵀ (+ bias [E])`, accumulated in f32 and rounded once to
+/// `W`'s dtype: bf16 logits for a bf16 router (Mixtral, Qwen, gpt-oss), f32 for DeepSeek's f32
+/// router on bf16 activations. `W` is `X` or f32.
+pub fn router_logits_into<X: Float, W: Float>(
+    dev: &Device,
+    out: &mut Tensor<W>,
+    x: &Tensor<X>,
+    w: &Tensor<W>,
+    bias: Option<&Tensor<W>>,
+) -> Result<()> {
+    const OP: &str = "router_logits";
+    if X::DTYPE != W::DTYPE && W::DTYPE != DType::F32 {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: format!(
+                "x in {} with a router weight in {} (use {} or f32)",
+                X::DTYPE,
+                W::DTYPE,
+                X::DTYPE
+            ),
+        });
+    }
+    if x.rank() != 2 || w.rank() != 2 {
+        let (arg, s) = if x.rank() != 2 {
+            ("x", x.shape())
+        } else {
+            ("w", w.shape())
+        };
+        return Err(Error::shape(OP, arg, "rank 2", format!("{s:?}")));
+    }
+    let (tokens, hidden, experts) = (x.shape()[0], x.shape()[1], w.shape()[0]);
+    if w.shape()[1] != hidden {
+        return Err(Error::shape(
+            OP,
+            "w",
+            format!("[E, H] with H = {hidden} (x's width)"),
+            format!("{:?}", w.shape()),
+        ));
+    }
+    if out.shape() != [tokens, experts] {
+        return Err(Error::shape(
+            OP,
+            "out",
+            format!("[T, E] = [{tokens}, {experts}]"),
+            format!("{:?}", out.shape()),
+        ));
+    }
+    if let Some(b) = bias
+        && b.shape() != [experts]
+    {
+        return Err(Error::shape(
+            OP,
+            "bias",
+            format!("[E] = [{experts}]"),
+            format!("{:?}", b.shape()),
+        ));
+    }
+    x.check_device(OP, "x", dev)?;
+    w.check_device(OP, "w", dev)?;
+    out.check_device(OP, "out", dev)?;
+    if let Some(b) = bias {
+        b.check_device(OP, "bias", dev)?;
+    }
+    if tokens == 0 || experts == 0 {
+        return Ok(());
+    }
+    let blocks: u32 = tokens
+        .checked_mul(experts)
+        .map(|p| p.div_ceil(LOGITS_WARPS))
+        .and_then(|b| u32::try_from(b).ok())
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| {
+            Error::shape(
+                OP,
+                "x",
+                "T * E / 8 below 2^31",
+                format!("T={tokens}, E={experts}"),
+            )
+        })?;
+    let as_i32 = |arg, v: usize| {
+        i32::try_from(v).map_err(|_| Error::shape(OP, arg, "below 2^31", format!("{v}")))
+    };
+    let (x_ptr, w_ptr) = (x.device_ptr(dev), w.device_ptr(dev));
+    let vec = hidden.is_multiple_of(8) && x_ptr.is_multiple_of(16) && w_ptr.is_multiple_of(16);
+    let params = RouterLogitsParams {
+        out: out.device_ptr_mut(dev),
+        x: x_ptr,
+        w: w_ptr,
+        bias: bias.map_or(0, |b| b.device_ptr(dev)),
+        tokens: as_i32("x", tokens)?,
+        experts: as_i32("w", experts)?,
+        hidden: as_i32("x", hidden)?,
+        vec: i32::from(vec),
+    };
+    let name = format!("router_logits_{}_{}", X::DTYPE, W::DTYPE);
+    let func = dev.function(OP, Module::Routing, &name)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (32 * LOGITS_WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: `router_logits_{x}_{w}` takes one RouterLogitsParams (mirrored in src/params.rs),
+    // instantiated for exactly the dtype pairs let through above. x is [T, H], w is [E, H], out
+    // is [T, E], bias is [E] or null (all checked). Warp p handles pair p < T * E: row t = p / E
+    // of x, row e = p % E of w, writing out[t, e]. Vector loads of 8 elements are chosen only
+    // when H % 8 == 0 and both base pointers are 16-byte aligned, so every row start is too.
+    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    Ok(())
+}
+
+/// Routes from hidden states in two launches: the projection into `logits` (workspace `[T, E]`,
+/// in `W`'s dtype) and the fused top-k into `ids` and `weights`.
+#[allow(clippy::too_many_arguments)] // destination first, then inputs, then the configuration
+pub fn route_hidden_into<X: Float, W: Float>(
+    dev: &Device,
+    ids: &mut Tensor<i32>,
+    weights: &mut Tensor<f32>,
+    logits: &mut Tensor<W>,
+    x: &Tensor<X>,
+    router_weight: &Tensor<W>,
+    router_bias: Option<&Tensor<W>>,
+    cfg: &RouterConfig,
+    correction_bias: Option<&Tensor<f32>>,
+) -> Result<()> {
+    router_logits_into(dev, logits, x, router_weight, router_bias)?;
+    super::route_into(dev, ids, weights, None, logits, cfg, correction_bias)
+}
