@@ -11,15 +11,17 @@ pub use images::{ARCHS, NVCC_VERSION, PTXAS_REPORT};
 pub enum Module {
     Activation,
     Routing,
+    Permute,
 }
 
 impl Module {
-    pub const ALL: &'static [Module] = &[Module::Activation, Module::Routing];
+    pub const ALL: &'static [Module] = &[Module::Activation, Module::Routing, Module::Permute];
 
     pub fn name(self) -> &'static str {
         match self {
             Module::Activation => "activation",
             Module::Routing => "routing",
+            Module::Permute => "permute",
         }
     }
 
@@ -28,6 +30,7 @@ impl Module {
         match self {
             Module::Activation => images::ACTIVATION,
             Module::Routing => images::ROUTING,
+            Module::Permute => images::PERMUTE,
         }
     }
 }

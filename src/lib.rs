@@ -29,6 +29,7 @@ pub mod dtype;
 pub mod error;
 pub mod kernels;
 mod params;
+pub mod permute;
 pub mod rng;
 pub mod routing;
 

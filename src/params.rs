@@ -120,3 +120,80 @@ const _: () = assert!(size_of::<RouterLogitsParams>() == 48);
 const _: () = assert!(offset_of!(RouterLogitsParams, tokens) == 32);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for RouterLogitsParams {}
+
+/// See `PlanParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PlanParams {
+    pub counts: u64,
+    pub offsets: u64,
+    pub padded_offsets: u64,
+    pub sorted_slots: u64,
+    pub slot_rows: u64,
+    pub padded_slots: u64,
+    pub slot_padded_rows: u64,
+    pub block_experts: u64,
+    pub chunk_base: u64,
+    pub status: u64,
+    pub ids: u64,
+    pub slots: i32,
+    pub experts: i32,
+    pub experts_total: i32,
+    pub block_m: i32,
+    pub padded_capacity: i32,
+    pub chunks: i32,
+}
+const _: () = assert!(size_of::<PlanParams>() == 112);
+const _: () = assert!(offset_of!(PlanParams, slots) == 88);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for PlanParams {}
+
+/// See `GatherParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GatherParams {
+    pub out: u64,
+    pub x: u64,
+    pub row_slots: u64,
+    pub total_rows: u64,
+    pub status: u64,
+    pub rows: i32,
+    pub hidden: i32,
+    pub k: i32,
+    pub tokens: i32,
+    pub zero_unmapped: i32,
+    pub vec: i32,
+}
+const _: () = assert!(size_of::<GatherParams>() == 64);
+const _: () = assert!(offset_of!(GatherParams, rows) == 40);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for GatherParams {}
+
+/// See `CombineParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CombineParams {
+    pub y: u64,
+    pub expert_out: u64,
+    pub slot_rows: u64,
+    pub ids: u64,
+    pub weights: u64,
+    pub x: u64,
+    pub zc_kinds: u64,
+    pub shared_out: u64,
+    pub shared_gate: u64,
+    pub residual: u64,
+    pub status: u64,
+    pub tokens: i32,
+    pub hidden: i32,
+    pub k: i32,
+    pub rows: i32,
+    pub experts: i32,
+    pub experts_total: i32,
+    pub vec: i32,
+    pub pad_: i32,
+}
+const _: () = assert!(size_of::<CombineParams>() == 120);
+const _: () = assert!(offset_of!(CombineParams, tokens) == 88);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for CombineParams {}

@@ -105,4 +105,73 @@ struct RouterLogitsParams {
 static_assert(sizeof(RouterLogitsParams) == 48, "mirror in src/params.rs");
 static_assert(offsetof(RouterLogitsParams, tokens) == 32, "mirror in src/params.rs");
 
+// The routing plan: expert-major order of the T*K (token, slot) pairs, stable in token order,
+// over the GEMM experts [0, E); slots with id -1 or a zero-computation expert ([E, E_total))
+// stay out of it. See kernels/permute.cu.
+struct PlanParams {
+    int32_t* counts;            // [E] slots per GEMM expert
+    int32_t* offsets;           // [E+1] exclusive prefix of counts; offsets[E] = GEMM rows
+    int32_t* padded_offsets;    // [E+1] the same with each segment rounded up to block_m
+    int32_t* sorted_slots;      // [S] slot t*K+k of each GEMM row; -1 past offsets[E] (host fills)
+    int32_t* slot_rows;         // [S] GEMM row of each slot, -1 for slots outside the GEMM
+    int32_t* padded_slots;      // [P] slot of each padded row, -1 for padding (host fills)
+    int32_t* slot_padded_rows;  // [S] padded row of each slot, -1 outside
+    int32_t* block_experts;     // [P / block_m] expert of each padded block, -1 past the end
+    int32_t* chunk_base;        // [C, E] workspace: per-chunk counts, then per-chunk bases
+    int32_t* status;            // [1] slots whose id is outside [-1, E_total), accumulated
+    const int32_t* ids;         // [S] = topk_ids [T, K]
+    int32_t slots;              // S = T*K
+    int32_t experts;            // E <= 1024
+    int32_t experts_total;      // E_total >= E
+    int32_t block_m;            // segment alignment, >= 1
+    int32_t padded_capacity;    // P, a multiple of block_m, >= S + E*(block_m-1)
+    int32_t chunks;             // C = ceil(S / kPlanChunk)
+};
+static_assert(sizeof(PlanParams) == 112, "mirror in src/params.rs");
+static_assert(offsetof(PlanParams, slots) == 88, "mirror in src/params.rs");
+
+// Gather: out[r, :] = x[slot / K, :] for each row r whose slot row_slots[r] >= 0.
+struct GatherParams {
+    void* out;                  // [R, H]
+    const void* x;              // [T, H]
+    const int32_t* row_slots;   // [R] slot per row, or -1
+    const int32_t* total_rows;  // [1] rows in use (device), or null for all R
+    int32_t* status;            // [1] rows whose slot is >= T*K, accumulated
+    int32_t rows;               // R
+    int32_t hidden;             // H
+    int32_t k;                  // K
+    int32_t tokens;             // T
+    int32_t zero_unmapped;      // 1: rows with slot -1 (below total_rows) are zeroed
+    int32_t vec;                // 1: 16-byte vectors (H * sizeof(T) % 16 == 0, aligned bases)
+};
+static_assert(sizeof(GatherParams) == 64, "mirror in src/params.rs");
+static_assert(offsetof(GatherParams, rows) == 40, "mirror in src/params.rs");
+
+// Combine: y[t] = sum_k w[t,k] * contribution(t, k) (+ gate(t) * shared[t]) (+ residual[t]),
+// in f32, in slot order, rounded once. contribution is the expert's output row for GEMM slots,
+// x[t] for copy experts, 0 for zero experts and -1 slots.
+struct CombineParams {
+    void* y;                    // [T, H]
+    const void* expert_out;     // [R, H] expert output rows
+    const int32_t* slot_rows;   // [T*K] row of each slot in expert_out, -1 if none
+    const int32_t* ids;         // [T*K] expert ids (to find copy experts)
+    const float* weights;       // [T*K], or null: weights already folded into expert_out
+    const void* x;              // [T, H] layer input, for copy experts; null if none
+    const int32_t* zc_kinds;    // [E_total - E]: 0 zero, 1 copy; null: all zero
+    const void* shared_out;     // [T, H] shared-expert output, or null
+    const void* shared_gate;    // [T] shared-expert gate logits (sigmoid applied), or null
+    const void* residual;       // [T, H], or null
+    int32_t* status;            // [1] slots with a row >= R or an id >= E_total, accumulated
+    int32_t tokens;             // T
+    int32_t hidden;             // H
+    int32_t k;                  // K
+    int32_t rows;               // R
+    int32_t experts;            // E
+    int32_t experts_total;      // E_total
+    int32_t vec;                // 1: 16-byte vectors
+    int32_t pad_;
+};
+static_assert(sizeof(CombineParams) == 120, "mirror in src/params.rs");
+static_assert(offsetof(CombineParams, tokens) == 88, "mirror in src/params.rs");
+
 }  // namespace moe

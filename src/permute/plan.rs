@@ -1,0 +1,256 @@
+//! The routing plan on the device.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{Layout, MAX_PLAN_EXPERTS, reference};
+use crate::device::{Device, Tensor};
+use crate::error::{DriverResultExt, Error, Result};
+use crate::kernels::Module;
+use crate::params::PlanParams;
+
+/// Slots per block of plan_count and plan_scatter, as `kPlanChunk` in permute.cu.
+const PLAN_CHUNK: usize = 256;
+const SCAN_THREADS: u32 = 1024;
+
+/// A routing plan with buffers sized once for `max_tokens`; [`Plan::build`] refills it for any
+/// T up to that, so a runtime can capture it in a CUDA graph.
+pub struct Plan {
+    /// `[E]` slots per GEMM expert.
+    pub counts: Tensor<i32>,
+    /// `[E+1]` row offsets of the sorted layout; `offsets[E]` is the number of GEMM rows.
+    pub offsets: Tensor<i32>,
+    /// `[E+1]` row offsets of the padded layout.
+    pub padded_offsets: Tensor<i32>,
+    /// `[S_max]` slot of each sorted row; -1 past `offsets[E]`.
+    pub sorted_slots: Tensor<i32>,
+    /// `[S_max]` sorted row of each slot; -1 outside the GEMM.
+    pub slot_rows: Tensor<i32>,
+    /// `[P_max]` slot of each padded row; -1 for padding.
+    pub padded_slots: Tensor<i32>,
+    /// `[S_max]` padded row of each slot; -1 outside the GEMM.
+    pub slot_padded_rows: Tensor<i32>,
+    /// `[P_max / block_m]` expert of each padded block; -1 past the end.
+    pub block_experts: Tensor<i32>,
+    /// `[1]` ids seen outside `[-1, E_total)` (and rows out of range in gather/combine).
+    pub status: Tensor<i32>,
+    chunk_base: Tensor<i32>,
+    max_tokens: usize,
+    tokens: usize,
+    k: usize,
+    experts: usize,
+    experts_total: usize,
+    block_m: usize,
+}
+
+impl Plan {
+    /// Buffers for up to `max_tokens` tokens of `k` slots over `experts` GEMM experts (ids in
+    /// `[0, experts)`), `experts_total >= experts` counting zero-computation experts, with
+    /// segments padded to `block_m` rows.
+    pub fn new(
+        dev: &Device,
+        max_tokens: usize,
+        k: usize,
+        experts: usize,
+        experts_total: usize,
+        block_m: usize,
+    ) -> Result<Self> {
+        const OP: &str = "Plan::new";
+        if experts == 0 || experts > MAX_PLAN_EXPERTS {
+            return Err(Error::shape(
+                OP,
+                "experts",
+                format!("1..={MAX_PLAN_EXPERTS}"),
+                format!("{experts}"),
+            ));
+        }
+        if experts_total < experts || i32::try_from(experts_total).is_err() {
+            return Err(Error::shape(
+                OP,
+                "experts_total",
+                format!(">= experts ({experts}), below 2^31"),
+                format!("{experts_total}"),
+            ));
+        }
+        if k == 0 {
+            return Err(Error::shape(OP, "k", ">= 1", "0"));
+        }
+        if block_m == 0 || block_m > 4096 {
+            return Err(Error::shape(
+                OP,
+                "block_m",
+                "1..=4096",
+                format!("{block_m}"),
+            ));
+        }
+        let slots = max_tokens
+            .checked_mul(k)
+            .filter(|&s| reference::padded_capacity(s, experts, block_m) < i32::MAX as usize)
+            .ok_or_else(|| {
+                Error::shape(
+                    OP,
+                    "max_tokens",
+                    "T*K + E*block_m below 2^31",
+                    format!("{max_tokens} x {k}"),
+                )
+            })?;
+        let p = reference::padded_capacity(slots, experts, block_m);
+        let chunks = slots.div_ceil(PLAN_CHUNK).max(1);
+        Ok(Plan {
+            counts: dev.zeros(&[experts])?,
+            offsets: dev.zeros(&[experts + 1])?,
+            padded_offsets: dev.zeros(&[experts + 1])?,
+            sorted_slots: dev.zeros(&[slots])?,
+            slot_rows: dev.zeros(&[slots])?,
+            padded_slots: dev.zeros(&[p])?,
+            slot_padded_rows: dev.zeros(&[slots])?,
+            block_experts: dev.zeros(&[p / block_m])?,
+            status: dev.zeros(&[1])?,
+            chunk_base: dev.zeros(&[chunks * experts])?,
+            max_tokens,
+            tokens: 0,
+            k,
+            experts,
+            experts_total,
+            block_m,
+        })
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+    pub fn experts_total(&self) -> usize {
+        self.experts_total
+    }
+    pub fn block_m(&self) -> usize {
+        self.block_m
+    }
+    /// Slots of the current build, S = T·K.
+    pub fn slots(&self) -> usize {
+        self.tokens * self.k
+    }
+    /// Rows a buffer of `layout` needs for the current build (an upper bound of what is used;
+    /// the device holds the exact count in `offsets[E]` / `padded_offsets[E]`).
+    pub fn rows(&self, layout: Layout) -> usize {
+        match layout {
+            Layout::Sorted => self.slots(),
+            Layout::Padded => reference::padded_capacity(self.slots(), self.experts, self.block_m),
+        }
+    }
+    /// The row maps of `layout`: (slot of each row, row of each slot).
+    pub(crate) fn maps(&self, layout: Layout) -> (&Tensor<i32>, &Tensor<i32>) {
+        match layout {
+            Layout::Sorted => (&self.sorted_slots, &self.slot_rows),
+            Layout::Padded => (&self.padded_slots, &self.slot_padded_rows),
+        }
+    }
+
+    /// Builds the plan of `ids [T, K]` on the stream: three launches and four memsets, no host
+    /// synchronisation. Resets `status`.
+    pub fn build(&mut self, dev: &Device, ids: &Tensor<i32>) -> Result<()> {
+        const OP: &str = "Plan::build";
+        if ids.rank() != 2 || ids.shape()[1] != self.k || ids.shape()[0] > self.max_tokens {
+            return Err(Error::shape(
+                OP,
+                "ids",
+                format!("[T, {}] with T <= {}", self.k, self.max_tokens),
+                format!("{:?}", ids.shape()),
+            ));
+        }
+        ids.check_device(OP, "ids", dev)?;
+        self.counts.check_device(OP, "plan", dev)?;
+        self.tokens = ids.shape()[0];
+        let slots = self.slots();
+        let p = reference::padded_capacity(slots, self.experts, self.block_m);
+        let chunks = slots.div_ceil(PLAN_CHUNK);
+        dev.fill_bytes(&mut self.status, 0)?;
+        dev.fill_bytes(&mut self.sorted_slots, 0xff)?;
+        dev.fill_bytes(&mut self.padded_slots, 0xff)?;
+        // All sizes below were bounded by Plan::new (P_max < 2^31).
+        let small = |v: usize| i32::try_from(v).expect("bounded by Plan::new");
+        let params = PlanParams {
+            counts: self.counts.device_ptr_mut(dev),
+            offsets: self.offsets.device_ptr_mut(dev),
+            padded_offsets: self.padded_offsets.device_ptr_mut(dev),
+            sorted_slots: self.sorted_slots.device_ptr_mut(dev),
+            slot_rows: self.slot_rows.device_ptr_mut(dev),
+            padded_slots: self.padded_slots.device_ptr_mut(dev),
+            slot_padded_rows: self.slot_padded_rows.device_ptr_mut(dev),
+            block_experts: self.block_experts.device_ptr_mut(dev),
+            chunk_base: self.chunk_base.device_ptr_mut(dev),
+            status: self.status.device_ptr_mut(dev),
+            ids: ids.device_ptr(dev),
+            slots: small(slots),
+            experts: small(self.experts),
+            experts_total: small(self.experts_total),
+            block_m: small(self.block_m),
+            padded_capacity: small(p),
+            chunks: small(chunks),
+        };
+        let count = dev.function(OP, Module::Permute, "plan_count")?;
+        let scan = dev.function(OP, Module::Permute, "plan_scan")?;
+        let scatter = dev.function(OP, Module::Permute, "plan_scatter")?;
+        let chunk_cfg = LaunchConfig {
+            grid_dim: (small(chunks) as u32, 1, 1),
+            block_dim: (PLAN_CHUNK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let scan_cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (SCAN_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the three kernels take one PlanParams (mirrored in src/params.rs). Every buffer
+        // was sized by Plan::new for S_max >= S slots, P_max >= P padded rows and
+        // C_max >= C chunks over E <= 1024 experts (the shared arrays' size). plan_count: block
+        // c reads ids[256c + i] < S and writes chunk_base[c, 0..E). plan_scan: one block of 1024
+        // threads, thread e < E scans column e over C chunks; it writes offsets[0..=E] and
+        // block_experts[0..P/block_m). plan_scatter: block c writes rows offsets[e] + rank with
+        // rank < counts[e] (so < S) and padded rows < padded_offsets[e+1] <= P. The grids are
+        // C <= 2^31 / 256 blocks and one block. With S = 0 only the scan runs.
+        unsafe {
+            if chunks > 0 {
+                dev.stream()
+                    .launch_builder(&count)
+                    .arg(&params)
+                    .launch(chunk_cfg)
+                    .op(OP)?;
+            }
+            dev.stream()
+                .launch_builder(&scan)
+                .arg(&params)
+                .launch(scan_cfg)
+                .op(OP)?;
+            if chunks > 0 {
+                dev.stream()
+                    .launch_builder(&scatter)
+                    .arg(&params)
+                    .launch(chunk_cfg)
+                    .op(OP)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the stream and turns the device-side count of bad ids or rows into an error.
+    /// Meant for tests and debugging; a forward pass does not call it.
+    pub fn check(&self, dev: &Device) -> Result<()> {
+        let bad = dev.download(&self.status)?[0];
+        if bad != 0 {
+            return Err(Error::DeviceCheck {
+                op: "Plan::build",
+                what: format!(
+                    "{bad} slot(s) had an expert id outside [-1, {}) or a row out of range; they \
+                     were skipped",
+                    self.experts_total
+                ),
+            });
+        }
+        Ok(())
+    }
+}
