@@ -24,6 +24,13 @@
 //   for a copy expert) + sigmoid(gate[t]) * shared[t] + residual[t], in f32, slots in order,
 //   one rounding: deterministic, no atomics. One block per token.
 //
+// plan_masked(MaskedParams p): the masked layout [E, M, H] from the plan; block e fills rows
+//   e*M .. e*M + M and the inverse of its slots; slots past M are counted in status.
+//
+// ep_send(EpSendParams p): one block; thread e finds where expert e's segment starts in the
+//   rank-major order (the counts of experts on lower ranks, and of lower experts on its rank),
+//   then the block copies each segment; thread r sums rank r's send count.
+//
 // History
 //   v1: the three-launch plan, row-per-block gather and token-per-block combine described above.
 
@@ -256,8 +263,62 @@ __device__ __forceinline__ void combine_v1(const CombineParams& p) {
     }
 }
 
+__device__ __forceinline__ void plan_masked_v1(const MaskedParams& p) {
+    const int e = blockIdx.x;
+    const int count = p.counts[e];
+    const int kept = min(count, p.max_rows);
+    const int start = p.offsets[e];
+    if (threadIdx.x == 0) {
+        p.masked_counts[e] = kept;
+        if (count > kept) atomicAdd(p.status, count - kept);
+    }
+    for (int j = threadIdx.x; j < p.max_rows; j += blockDim.x) {
+        const int64_t row = int64_t(e) * p.max_rows + j;
+        const int slot = j < kept ? p.sorted_slots[start + j] : -1;
+        p.masked_slots[row] = slot;
+        if (slot >= 0) p.slot_masked_rows[slot] = int(row);
+    }
+}
+
+constexpr int kEpThreads = 1024;
+
+__device__ __forceinline__ void ep_send_v1(const EpSendParams& p) {
+    __shared__ int seg_start[kPlanMaxExperts];
+    __shared__ int rank_of[kPlanMaxExperts];
+    for (int e = threadIdx.x; e < p.experts; e += blockDim.x) {
+        const int r = p.expert_rank[e];
+        const bool ok = r >= 0 && r < p.ranks;
+        if (!ok) atomicAdd(p.status, 1);
+        rank_of[e] = ok ? r : -1;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < p.experts; e += blockDim.x) {
+        const int r = rank_of[e];
+        int start = 0;
+        for (int o = 0; o < p.experts; ++o) {
+            const int ro = rank_of[o];
+            if (ro >= 0 && r >= 0 && (ro < r || (ro == r && o < e))) start += p.counts[o];
+        }
+        seg_start[e] = start;
+    }
+    for (int r = threadIdx.x; r < p.ranks; r += blockDim.x) {
+        int n = 0;
+        for (int e = 0; e < p.experts; ++e) n += rank_of[e] == r ? p.counts[e] : 0;
+        p.send_counts[r] = n;
+    }
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int e = warp; e < p.experts; e += kEpThreads / 32) {
+        if (rank_of[e] < 0) continue;
+        const int src = p.offsets[e], dst = seg_start[e], n = p.counts[e];
+        for (int j = lane; j < n; j += 32) p.send_slots[dst + j] = p.sorted_slots[src + j];
+    }
+}
+
 }  // namespace moe
 
+extern "C" __global__ void __launch_bounds__(256) plan_masked(const moe::MaskedParams p) { moe::plan_masked_v1(p); }
+extern "C" __global__ void __launch_bounds__(moe::kEpThreads) ep_send(const moe::EpSendParams p) { moe::ep_send_v1(p); }
 extern "C" __global__ void __launch_bounds__(moe::kPlanChunk) plan_count(const moe::PlanParams p) { moe::plan_count_v1(p); }
 extern "C" __global__ void __launch_bounds__(moe::kScanThreads) plan_scan(const moe::PlanParams p) { moe::plan_scan_v1(p); }
 extern "C" __global__ void __launch_bounds__(moe::kPlanChunk) plan_scatter(const moe::PlanParams p) { moe::plan_scatter_v1(p); }

@@ -197,3 +197,41 @@ const _: () = assert!(size_of::<CombineParams>() == 120);
 const _: () = assert!(offset_of!(CombineParams, tokens) == 88);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for CombineParams {}
+
+/// See `MaskedParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MaskedParams {
+    pub masked_slots: u64,
+    pub slot_masked_rows: u64,
+    pub masked_counts: u64,
+    pub status: u64,
+    pub counts: u64,
+    pub offsets: u64,
+    pub sorted_slots: u64,
+    pub experts: i32,
+    pub max_rows: i32,
+}
+const _: () = assert!(size_of::<MaskedParams>() == 64);
+const _: () = assert!(offset_of!(MaskedParams, experts) == 56);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for MaskedParams {}
+
+/// See `EpSendParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EpSendParams {
+    pub send_counts: u64,
+    pub send_slots: u64,
+    pub status: u64,
+    pub expert_rank: u64,
+    pub counts: u64,
+    pub offsets: u64,
+    pub sorted_slots: u64,
+    pub experts: i32,
+    pub ranks: i32,
+}
+const _: () = assert!(size_of::<EpSendParams>() == 64);
+const _: () = assert!(offset_of!(EpSendParams, experts) == 56);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for EpSendParams {}

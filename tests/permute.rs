@@ -180,14 +180,21 @@ fn gather_and_combine<T: Float>(
     let label = format!("{} T={t} K={k} E={e}/{et} H={h}", T::DTYPE);
     let mut rng = Rng::new((t * 7 + h) as u64);
     let ids = routing_ids(&mut rng, t, k, et, true);
-    let mut plan = Plan::new(dev, t, k, e, et, bm).unwrap();
+    // M large enough for every expert: overflow has its own test.
+    let m = t * k;
+    let mut plan = Plan::new(dev, t, k, e, et, bm)
+        .unwrap()
+        .with_masked(dev, m)
+        .unwrap();
     let want_plan = check_plan(dev, &mut plan, &ids, &label);
+    let (masked_slots, masked_rows, _, overflow) = reference::masked(&want_plan, m);
+    assert_eq!(overflow, 0);
     let x: Vec<T> = rng.normal_vec(t * h, 1.0);
     let x64: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
     let xd = dev.upload(&x, &[t, h]).unwrap();
     let idd = dev.upload(&ids, &[t, k]).unwrap();
 
-    for layout in [Layout::Sorted, Layout::Padded] {
+    for layout in [Layout::Sorted, Layout::Padded, Layout::Masked] {
         let rows = plan.rows(layout);
         let mut out = dev.filled_bytes::<T>(&[rows, h], 0xff).unwrap();
         permute::gather_into(dev, &mut out, &xd, &mut plan, layout).unwrap();
@@ -198,6 +205,7 @@ fn gather_and_combine<T: Float>(
                 &want_plan.padded_slots,
                 want_plan.padded_offsets[e] as usize,
             ),
+            Layout::Masked => (&masked_slots, e * m),
         };
         for (r, want) in reference::gather(&x64, h, row_slots, k)
             .iter()
@@ -245,6 +253,7 @@ fn gather_and_combine<T: Float>(
         let slot_rows = match layout {
             Layout::Sorted => &want_plan.slot_rows,
             Layout::Padded => &want_plan.slot_padded_rows,
+            Layout::Masked => &masked_rows,
         };
         let w64: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
         let (sh64, g64, rs64) = (f(&shared), f(&gate), f(&resid));
@@ -325,4 +334,54 @@ fn gpu_permute_refuses_bad_shapes() {
     let mut out = dev.zeros::<bf16>(&[8, 64]).unwrap();
     let e = permute::gather_into(&dev, &mut out, &x, &mut plan, Layout::Sorted).unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "x", .. }), "{e}");
+}
+
+#[test]
+fn masked_and_ep_by_hand() {
+    // Slots 0 -> 2, 1 -> 0, 2 -> 0, 3 -> -1, 4 -> 2, 5 -> 0 over E = 3; M = 2: expert 0 overflows.
+    let p = reference::plan(&[2, 0, 0, -1, 2, 0], 3, 3, 1);
+    let (slots, rows, kept, overflow) = reference::masked(&p, 2);
+    assert_eq!(slots, [1, 2, -1, -1, 0, 4]);
+    assert_eq!(rows, [4, 0, 1, -1, 5, -1]);
+    assert_eq!((kept, overflow), (vec![2, 0, 2], 1));
+    // Experts 0 and 2 on rank 1, expert 1 on rank 0: rank 1 gets expert 0's slots, then 2's.
+    let (counts, order, bad) = reference::ep_send(&p, &[1, 0, 1], 2);
+    assert_eq!((counts, bad), (vec![0, 5], 0));
+    assert_eq!(order, [1, 2, 5, 0, 4, -1]);
+    assert_eq!(reference::ep_send(&p, &[1, 7, -1], 2).2, 2);
+}
+
+#[test]
+fn gpu_masked_overflow_and_ep_send_match_reference() {
+    let Some(dev) = common::gpu("gpu_masked_overflow_and_ep_send_match_reference") else {
+        return;
+    };
+    let mut rng = Rng::new(0xe9);
+    for &(t, k, e, m, ranks) in &[
+        (1usize, 8usize, 256usize, 4usize, 8usize),
+        (700, 2, 8, 150, 2),
+        (333, 8, 60, 40, 7),
+    ] {
+        let ids = routing_ids(&mut rng, t, k, e, true);
+        let mut plan = Plan::new(&dev, t, k, e, e, 64)
+            .unwrap()
+            .with_masked(&dev, m)
+            .unwrap();
+        let want = check_plan(&dev, &mut plan, &ids, "masked");
+        let (slots, rows, kept, overflow) = reference::masked(&want, m);
+        let mk = plan.masked.as_ref().unwrap();
+        assert_eq!(dev.download(&mk.masked_slots).unwrap(), slots);
+        assert_eq!(dev.download(&mk.slot_masked_rows).unwrap(), rows);
+        assert_eq!(dev.download(&mk.masked_counts).unwrap(), kept);
+        assert_eq!(dev.download(&plan.status).unwrap()[0] as usize, overflow);
+
+        let rank_of: Vec<i32> = (0..e).map(|x| ((x * 7 + 3) % ranks) as i32).collect();
+        let rank_d = dev.upload(&rank_of, &[e]).unwrap();
+        let mut counts = dev.filled_bytes::<i32>(&[ranks], 0x7f).unwrap();
+        let mut order = dev.filled_bytes::<i32>(&[t * k], 0x7f).unwrap();
+        permute::ep_send_into(&dev, &mut counts, &mut order, &mut plan, &rank_d).unwrap();
+        let (want_counts, want_order, _) = reference::ep_send(&want, &rank_of, ranks);
+        assert_eq!(dev.download(&counts).unwrap(), want_counts);
+        assert_eq!(dev.download(&order).unwrap(), want_order);
+    }
 }

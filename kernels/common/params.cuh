@@ -174,4 +174,36 @@ struct CombineParams {
 static_assert(sizeof(CombineParams) == 120, "mirror in src/params.rs");
 static_assert(offsetof(CombineParams, tokens) == 88, "mirror in src/params.rs");
 
+// The masked layout [E, M, H] (decode, expert parallelism): expert e's j-th slot sits at row
+// e*M + j for j < min(counts[e], M); slots past M overflow, are left out and counted.
+struct MaskedParams {
+    int32_t* masked_slots;      // [E*M] slot per row, -1 past the expert's count
+    int32_t* slot_masked_rows;  // [S] row of each slot, -1 outside (host fills -1 first)
+    int32_t* masked_counts;     // [E] min(counts[e], M)
+    int32_t* status;            // [1] overflowing slots, accumulated
+    const int32_t* counts;      // [E] from the plan
+    const int32_t* offsets;     // [E+1] from the plan
+    const int32_t* sorted_slots;  // [S] from the plan
+    int32_t experts;            // E = gridDim.x
+    int32_t max_rows;           // M
+};
+static_assert(sizeof(MaskedParams) == 64, "mirror in src/params.rs");
+static_assert(offsetof(MaskedParams, experts) == 56, "mirror in src/params.rs");
+
+// Expert parallelism, the local half: with experts placed on ranks, the per-rank send counts and
+// the slots in the order an all-to-all sends them (rank-major, then expert, then token).
+struct EpSendParams {
+    int32_t* send_counts;       // [R] slots for each rank
+    int32_t* send_slots;        // [S] slots rank-major; -1 past the total (host fills -1 first)
+    int32_t* status;            // [1] experts whose rank is outside [0, R), accumulated
+    const int32_t* expert_rank; // [E]
+    const int32_t* counts;      // [E] from the plan
+    const int32_t* offsets;     // [E+1] from the plan
+    const int32_t* sorted_slots;  // [S] from the plan
+    int32_t experts;            // E <= 1024
+    int32_t ranks;              // R <= 1024
+};
+static_assert(sizeof(EpSendParams) == 64, "mirror in src/params.rs");
+static_assert(offsetof(EpSendParams, experts) == 56, "mirror in src/params.rs");
+
 }  // namespace moe

@@ -19,7 +19,8 @@ fn as_i32(op: &'static str, arg: &'static str, v: usize) -> Result<i32> {
 
 /// `out[r] = x[slot(r) / K]` for the rows of `layout` (`out` is `[plan.rows(layout), H]`).
 /// Rows past the device's row count are not touched; padding rows inside the padded layout are
-/// zeroed, so the GEMM reads finite values there.
+/// zeroed, so the GEMM reads finite values there. In the masked layout, rows past an expert's
+/// count are not touched (a masked GEMM reads `masked_counts`).
 pub fn gather_into<T: Float>(
     dev: &Device,
     out: &mut Tensor<T>,
@@ -51,10 +52,12 @@ pub fn gather_into<T: Float>(
     if rows == 0 || hidden == 0 {
         return Ok(());
     }
-    let (row_slots, _) = plan.maps(layout);
-    let totals = match layout {
-        Layout::Sorted => &plan.offsets,
-        Layout::Padded => &plan.padded_offsets,
+    let (row_slots, _) = plan.maps(OP, layout)?;
+    // offsets[E]: the rows in use, read on the device; the masked layout uses all E*M rows.
+    let total_rows = match layout {
+        Layout::Sorted => plan.offsets.device_ptr(dev) + (plan.experts() * 4) as u64,
+        Layout::Padded => plan.padded_offsets.device_ptr(dev) + (plan.experts() * 4) as u64,
+        Layout::Masked => 0,
     };
     let elem = std::mem::size_of::<T>();
     let (out_ptr, x_ptr) = (out.device_ptr_mut(dev), x.device_ptr(dev));
@@ -65,8 +68,7 @@ pub fn gather_into<T: Float>(
         out: out_ptr,
         x: x_ptr,
         row_slots: row_slots.device_ptr(dev),
-        // offsets[E]: the rows in use, read on the device.
-        total_rows: totals.device_ptr(dev) + (plan.experts() * 4) as u64,
+        total_rows,
         status: plan.status.device_ptr_mut(dev),
         rows: as_i32(OP, "out", rows)?,
         hidden: as_i32(OP, "x", hidden)?,
@@ -83,7 +85,8 @@ pub fn gather_into<T: Float>(
     };
     // SAFETY: `gather_{dtype}` takes one GatherParams (mirrored in src/params.rs). out is
     // [rows, H] and x [T, H] of T (checked); row_slots holds >= rows entries (the plan sized it
-    // for its maximum) and total_rows points at offsets[E] inside the plan's [E+1] tensor. Block
+    // for its maximum) and total_rows is null or points at offsets[E] inside the plan's [E+1]
+    // tensor. Block
     // r writes only row r < rows, and reads x row slot / K only for 0 <= slot < T*K (others
     // are counted in status). Vector copies only when H*size and both bases are 16-byte
     // aligned.
@@ -200,7 +203,7 @@ pub fn combine_into<T: Float>(
     ];
     let vec = (hidden * std::mem::size_of::<T>()).is_multiple_of(16)
         && ptrs.iter().all(|p| p.is_multiple_of(16));
-    let (_, slot_rows) = plan.maps(layout);
+    let (_, slot_rows) = plan.maps(OP, layout)?;
     let params = CombineParams {
         y: y_ptr,
         expert_out: ptrs[1],

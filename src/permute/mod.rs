@@ -9,6 +9,11 @@
 //! - [`Layout::Padded`]: each expert's segment is rounded up to `block_m` rows, so every block of
 //!   `block_m` rows belongs to one expert (`block_experts`) — DeepGEMM's "contiguous" layout.
 //!   Padding rows have slot -1.
+//! - [`Layout::Masked`]: `[E, M]` rows with per-expert counts, as decode and expert-parallel
+//!   runtimes use (DeepGEMM's "masked" layout); see [`Masked`].
+//!
+//! For expert parallelism, [`ep_send_into`] gives the per-rank send counts and the slot order of
+//! an all-to-all exchange (the exchange itself is not part of this crate yet).
 //!
 //! Slots with id -1 (unused top-p slots, dropped tokens) and zero-computation experts
 //! (`E <= id < E_total`) are left out of the GEMM rows; the combine gives the latter their
@@ -17,17 +22,21 @@
 //! waits for the host; the forward path never calls it.
 
 mod apply;
+mod ep;
 mod plan;
 pub mod reference;
 
 pub use apply::{CombineInputs, combine_into, gather_into};
-pub use plan::Plan;
+pub use ep::ep_send_into;
+pub use plan::{Masked, Plan};
 
 /// Which row layout a gather writes or a combine reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
     Sorted,
     Padded,
+    /// `[E, M]` rows, for plans made with [`Plan::with_masked`].
+    Masked,
 }
 
 /// The largest E the plan kernels hold in shared memory.

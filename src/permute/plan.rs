@@ -6,11 +6,25 @@ use super::{Layout, MAX_PLAN_EXPERTS, reference};
 use crate::device::{Device, Tensor};
 use crate::error::{DriverResultExt, Error, Result};
 use crate::kernels::Module;
-use crate::params::PlanParams;
+use crate::params::{MaskedParams, PlanParams};
 
 /// Slots per block of plan_count and plan_scatter, as `kPlanChunk` in permute.cu.
 const PLAN_CHUNK: usize = 256;
 const SCAN_THREADS: u32 = 1024;
+
+/// The masked layout `[E, M, H]`: expert e's j-th slot at row `e*M + j` for
+/// `j < masked_counts[e] = min(counts[e], M)`. Slots past M are left out and counted in the plan's
+/// status (an error from [`Plan::check`]).
+pub struct Masked {
+    /// M, the rows each expert has.
+    pub max_rows: usize,
+    /// `[E*M]` slot per row; -1 past the expert's count.
+    pub masked_slots: Tensor<i32>,
+    /// `[S_max]` masked row of each slot; -1 outside.
+    pub slot_masked_rows: Tensor<i32>,
+    /// `[E]` rows in use per expert.
+    pub masked_counts: Tensor<i32>,
+}
 
 /// A routing plan with buffers sized once for `max_tokens`; [`Plan::build`] refills it for any
 /// T up to that, so a runtime can capture it in a CUDA graph.
@@ -33,6 +47,8 @@ pub struct Plan {
     pub block_experts: Tensor<i32>,
     /// `[1]` ids seen outside `[-1, E_total)` (and rows out of range in gather/combine).
     pub status: Tensor<i32>,
+    /// The masked layout, when [`Plan::with_masked`] asked for it.
+    pub masked: Option<Masked>,
     chunk_base: Tensor<i32>,
     max_tokens: usize,
     tokens: usize,
@@ -105,6 +121,7 @@ impl Plan {
             slot_padded_rows: dev.zeros(&[slots])?,
             block_experts: dev.zeros(&[p / block_m])?,
             status: dev.zeros(&[1])?,
+            masked: None,
             chunk_base: dev.zeros(&[chunks * experts])?,
             max_tokens,
             tokens: 0,
@@ -113,6 +130,29 @@ impl Plan {
             experts_total,
             block_m,
         })
+    }
+
+    /// Also builds the masked layout with `max_rows` (M) rows per expert.
+    pub fn with_masked(mut self, dev: &Device, max_rows: usize) -> Result<Self> {
+        let rows = self
+            .experts
+            .checked_mul(max_rows)
+            .filter(|&r| r < i32::MAX as usize && max_rows >= 1)
+            .ok_or_else(|| {
+                Error::shape(
+                    "Plan::with_masked",
+                    "max_rows",
+                    "1.. with E*M below 2^31",
+                    format!("{max_rows}"),
+                )
+            })?;
+        self.masked = Some(Masked {
+            max_rows,
+            masked_slots: dev.zeros(&[rows])?,
+            slot_masked_rows: dev.zeros(&[self.sorted_slots.numel()])?,
+            masked_counts: dev.zeros(&[self.experts])?,
+        });
+        Ok(self)
     }
 
     pub fn tokens(&self) -> usize {
@@ -140,14 +180,33 @@ impl Plan {
         match layout {
             Layout::Sorted => self.slots(),
             Layout::Padded => reference::padded_capacity(self.slots(), self.experts, self.block_m),
+            Layout::Masked => self
+                .masked
+                .as_ref()
+                .map_or(0, |m| self.experts * m.max_rows),
         }
     }
     /// The row maps of `layout`: (slot of each row, row of each slot).
-    pub(crate) fn maps(&self, layout: Layout) -> (&Tensor<i32>, &Tensor<i32>) {
-        match layout {
+    pub(crate) fn maps(
+        &self,
+        op: &'static str,
+        layout: Layout,
+    ) -> Result<(&Tensor<i32>, &Tensor<i32>)> {
+        Ok(match layout {
             Layout::Sorted => (&self.sorted_slots, &self.slot_rows),
             Layout::Padded => (&self.padded_slots, &self.slot_padded_rows),
-        }
+            Layout::Masked => {
+                let m = self.masked.as_ref().ok_or_else(|| {
+                    Error::shape(
+                        op,
+                        "layout",
+                        "a plan made with Plan::with_masked",
+                        "a plan without the masked layout",
+                    )
+                })?;
+                (&m.masked_slots, &m.slot_masked_rows)
+            }
+        })
     }
 
     /// Builds the plan of `ids [T, K]` on the stream: three launches and four memsets, no host
@@ -234,6 +293,38 @@ impl Plan {
                     .op(OP)?;
             }
         }
+        self.build_masked(dev)
+    }
+
+    fn build_masked(&mut self, dev: &Device) -> Result<()> {
+        const OP: &str = "Plan::build";
+        let Some(m) = self.masked.as_mut() else {
+            return Ok(());
+        };
+        dev.fill_bytes(&mut m.slot_masked_rows, 0xff)?;
+        let params = MaskedParams {
+            masked_slots: m.masked_slots.device_ptr_mut(dev),
+            slot_masked_rows: m.slot_masked_rows.device_ptr_mut(dev),
+            masked_counts: m.masked_counts.device_ptr_mut(dev),
+            status: self.status.device_ptr_mut(dev),
+            counts: self.counts.device_ptr(dev),
+            offsets: self.offsets.device_ptr(dev),
+            sorted_slots: self.sorted_slots.device_ptr(dev),
+            experts: i32::try_from(self.experts).expect("bounded by Plan::new"),
+            max_rows: i32::try_from(m.max_rows).expect("bounded by Plan::with_masked"),
+        };
+        let func = dev.function(OP, Module::Permute, "plan_masked")?;
+        let cfg = LaunchConfig {
+            grid_dim: (params.experts as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `plan_masked` takes one MaskedParams (mirrored in src/params.rs). Block e < E
+        // writes rows e*M .. e*M + M of masked_slots ([E*M]) and masked_counts[e]; it reads
+        // sorted_slots[offsets[e] + j] for j < min(counts[e], M), inside the plan's rows, and
+        // writes slot_masked_rows[slot] for those slots s < S <= S_max. It runs after the plan's
+        // kernels on the same stream.
+        unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
         Ok(())
     }
 

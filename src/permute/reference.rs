@@ -154,3 +154,47 @@ pub fn combine(
     }
     y
 }
+
+/// The masked layout with `max_rows` (M) rows per expert: (masked_slots [E*M],
+/// slot_masked_rows [S], masked_counts [E], overflowing slots).
+pub fn masked(plan: &PlanRef, max_rows: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>, usize) {
+    let experts = plan.counts.len();
+    let mut slots = vec![-1; experts * max_rows];
+    let mut rows = vec![-1; plan.slot_rows.len()];
+    let mut kept = vec![0; experts];
+    let mut overflow = 0;
+    for e in 0..experts {
+        let seg = &plan.sorted_slots[plan.offsets[e] as usize..plan.offsets[e + 1] as usize];
+        kept[e] = seg.len().min(max_rows) as i32;
+        overflow += seg.len().saturating_sub(max_rows);
+        for (j, &s) in seg.iter().take(max_rows).enumerate() {
+            slots[e * max_rows + j] = s;
+            rows[s as usize] = (e * max_rows + j) as i32;
+        }
+    }
+    (slots, rows, kept, overflow)
+}
+
+/// Expert parallelism: (send_counts [R], send_slots [S] rank-major then expert then token, -1
+/// past the total, experts with a rank outside [0, R)).
+pub fn ep_send(plan: &PlanRef, expert_rank: &[i32], ranks: usize) -> (Vec<i32>, Vec<i32>, usize) {
+    let mut counts = vec![0; ranks];
+    let mut order = Vec::new();
+    for (r, count) in counts.iter_mut().enumerate() {
+        for (e, _) in expert_rank
+            .iter()
+            .enumerate()
+            .filter(|(_, rr)| **rr == r as i32)
+        {
+            let seg = &plan.sorted_slots[plan.offsets[e] as usize..plan.offsets[e + 1] as usize];
+            *count += seg.len() as i32;
+            order.extend_from_slice(seg);
+        }
+    }
+    order.resize(plan.sorted_slots.len(), -1);
+    let bad = expert_rank
+        .iter()
+        .filter(|&&r| r < 0 || r as usize >= ranks)
+        .count();
+    (counts, order, bad)
+}
