@@ -285,6 +285,7 @@ __device__ __forceinline__ void router_lse_v1(const RouterStatsParams& p) {
     OnlineSoftmax st;
     for (int e = lane; e < p.experts; e += 32) st.add(Float<T>::to_f32(row[e]));
     warp_merge(st);
+    // An all -inf row: st.s = 0 and lse = -inf + log(0) = -inf, as torch.logsumexp.
     if (lane == 0) p.lse[token] = st.m + logf(st.s);
 }
 

@@ -54,7 +54,7 @@ __device__ __forceinline__ void warp_merge(OnlineSoftmax& st) {
 }
 
 // Merges the state of every thread of the block; all threads get the result. blockDim.x must be
-// a multiple of 32 and at most 1024.
+// a multiple of 32 and at most 1024, and every thread of the block must call it.
 __device__ __forceinline__ void block_merge(OnlineSoftmax& st) {
     __shared__ float sm_m[32];
     __shared__ float sm_s[32];
@@ -75,6 +75,7 @@ __device__ __forceinline__ void block_merge(OnlineSoftmax& st) {
     }
     warp_merge(all);
     st = all;
+    __syncthreads();  // sm_m / sm_s may be reused by a second call
 }
 
 }  // namespace moe

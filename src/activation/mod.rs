@@ -11,6 +11,9 @@ use crate::error::{DriverResultExt, Error, Result};
 use crate::kernels::Module;
 use crate::params::SoftmaxParams;
 
+/// The widest row [`softmax`] takes.
+pub const MAX_COLS: i32 = 1 << 30;
+
 /// Softmax over the last dimension of `x`, computed in f32 and stored in `T`.
 ///
 /// NaN or +inf anywhere in a row makes the whole row NaN, and a row of only -inf is NaN, as
@@ -46,14 +49,19 @@ pub fn softmax_into<T: Float>(dev: &Device, out: &mut Tensor<T>, x: &Tensor<T>) 
             format!("{rows} rows"),
         )
     })?;
-    let cols_i32: i32 = cols.try_into().map_err(|_| {
-        Error::shape(
-            OP,
-            "x",
-            format!("a last dimension of at most {}", i32::MAX),
-            format!("{cols}"),
-        )
-    })?;
+    // The kernel's column counters are 32-bit and step past cols by up to a block of vectors.
+    let cols_i32: i32 = cols
+        .try_into()
+        .ok()
+        .filter(|&c: &i32| c <= MAX_COLS)
+        .ok_or_else(|| {
+            Error::shape(
+                OP,
+                "x",
+                format!("a last dimension of at most {MAX_COLS}"),
+                format!("{cols}"),
+            )
+        })?;
 
     let elem = std::mem::size_of::<T>();
     let vec_elems = 16 / elem;

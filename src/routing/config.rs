@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 /// How a router turns one token's logits `l[0..E]` into K ids and weights.
 ///
 /// Selection is always a top-k with ties broken toward the lower expert index. NaN logits are
-/// treated as -inf: they get probability 0 and are chosen only after every other expert.
+/// treated as -inf (before any softcap): they are chosen only after every other expert.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RouterRule {
     /// p = softmax(l) over all E in f32; the k largest p; optionally w = p / sum(p_k).

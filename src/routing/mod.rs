@@ -1,10 +1,11 @@
 //! Routing family: gating logits `[T, E]` to top-k expert ids `[T, K]` (i32) and weights
 //! `[T, K]` (f32), by the rule of each model's transformers implementation ([`RouterConfig`]).
 //!
-//! Ties break toward the lower expert index. NaN logits count as -inf: they get probability 0
-//! and are chosen only after every other expert, so ids are always in `[0, E)`, or -1 in the
-//! unused slots of the top-p rule. A row whose logits are all -inf or NaN gets the first K ids
-//! and NaN weights (0/0), as torch.softmax gives.
+//! Ties break toward the lower expert index. NaN logits count as -inf (before the softcap, which
+//! then maps them to -cap): they are chosen only after every other expert, so ids are always in
+//! `[0, E)`, or -1 in the unused slots of the top-p rule. A row whose logits are all -inf or NaN
+//! gets the first K ids, and weights that follow the rule's arithmetic: NaN (0/0) for the
+//! softmax rules, as torch.softmax gives, 0 for the sigmoid rules.
 
 mod capacity;
 pub mod config;

@@ -94,6 +94,10 @@ pub fn router_logits_into<X: Float, W: Float>(
     let as_i32 = |arg, v: usize| {
         i32::try_from(v).map_err(|_| Error::shape(OP, arg, "below 2^31", format!("{v}")))
     };
+    // The kernel's column counter is 32-bit and steps past H by up to 256.
+    if hidden > 1 << 30 {
+        return Err(Error::shape(OP, "x", "H at most 2^30", format!("{hidden}")));
+    }
     let (x_ptr, w_ptr) = (x.device_ptr(dev), w.device_ptr(dev));
     let vec = hidden.is_multiple_of(8) && x_ptr.is_multiple_of(16) && w_ptr.is_multiple_of(16);
     let params = RouterLogitsParams {

@@ -64,7 +64,13 @@ fn sigmoid(x: f64) -> f64 {
 /// Sorts `items` by descending key, ties toward the lower index; returns the order.
 fn ranked(keys: &[f64], items: impl Iterator<Item = usize>) -> Vec<usize> {
     let mut order: Vec<usize> = items.collect();
-    order.sort_by(|&a, &b| keys[b].total_cmp(&keys[a]).then(a.cmp(&b)));
+    // Keys are never NaN (nan_last); partial_cmp takes -0.0 == +0.0 as the kernel does.
+    order.sort_by(|&a, &b| {
+        keys[b]
+            .partial_cmp(&keys[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
     order
 }
 
@@ -245,7 +251,12 @@ pub fn router_stats(logits: &[f64], experts: usize, ids: &[i32]) -> (Vec<f64>, V
     let mut z = 0.0;
     for row in logits.chunks(experts) {
         let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let lse = m + row.iter().map(|&v| (v - m).exp()).sum::<f64>().ln();
+        // An all -inf row has lse = -inf, as torch.logsumexp gives.
+        let lse = if m == f64::NEG_INFINITY {
+            m
+        } else {
+            m + row.iter().map(|&v| (v - m).exp()).sum::<f64>().ln()
+        };
         z += lse * lse;
         for (p, &v) in mean_prob.iter_mut().zip(row) {
             *p += (v - lse).exp();
@@ -257,11 +268,17 @@ pub fn router_stats(logits: &[f64], experts: usize, ids: &[i32]) -> (Vec<f64>, V
 
 /// The router projection: `logits[t, e] = sum_h x[t, h] * w[e, h] + bias[e]`, x `[T, H]`,
 /// w `[E, H]`.
-pub fn router_logits(x: &[f64], w: &[f64], bias: Option<&[f64]>, hidden: usize) -> Vec<f64> {
-    let experts = w.len() / hidden.max(1);
-    let mut out = Vec::with_capacity(x.len() / hidden.max(1) * experts);
-    for xr in x.chunks(hidden.max(1)) {
-        for (e, wr) in w.chunks(hidden.max(1)).enumerate() {
+pub fn router_logits(
+    x: &[f64],
+    w: &[f64],
+    bias: Option<&[f64]>,
+    (tokens, experts, hidden): (usize, usize, usize),
+) -> Vec<f64> {
+    let mut out = Vec::with_capacity(tokens * experts);
+    for t in 0..tokens {
+        let xr = &x[t * hidden..(t + 1) * hidden];
+        for e in 0..experts {
+            let wr = &w[e * hidden..(e + 1) * hidden];
             let dot: f64 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
             out.push(dot + bias.map_or(0.0, |b| b[e]));
         }

@@ -8,6 +8,9 @@ use crate::error::{DriverResultExt, Error, Result};
 use crate::kernels::Module;
 use crate::params::RouterStatsParams;
 
+/// Warps per block of `router_prob_mean_*`, as `kStatsWarps` in routing.cu.
+const STATS_WARPS: u32 = 8;
+
 /// Router statistics, on the device.
 pub struct RouterStats {
     /// `[E]` tokens routed to each expert / T (sums to K).
@@ -97,7 +100,7 @@ pub fn router_stats_into<T: Float>(
     };
     let mean_cfg = LaunchConfig {
         grid_dim: (as_i32(experts.div_ceil(32))? as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (32 * STATS_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: both kernels take one RouterStatsParams (mirrored in src/params.rs). logits is
