@@ -63,7 +63,7 @@ fi
 if [ "$bench" = 1 ]; then
     for b in benches/*; do
         run "bench-$(basename "$b")" env MOE_REQUIRE_GPU=1 CRITERION_HOME="$logdir/criterion" "$b" --bench \
-            --warm-up-time 0.5 --measurement-time 2 --noplot
+            --warm-up-time 0.3 --measurement-time 1 --noplot
     done
 fi
 
