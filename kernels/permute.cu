@@ -20,9 +20,10 @@
 //
 // gather_{dtype}(GatherParams p): out[r] = x[row_slots[r] / K]; one block per row, 16-byte copies.
 //
-// combine_{dtype}(CombineParams p): y[t] = sum_k w[t,k] * (expert_out[slot_rows[t*K+k]] or x[t]
-//   for a copy expert) + sigmoid(gate[t]) * shared[t] + residual[t], in f32, slots in order,
-//   one rounding: deterministic, no atomics. One block per token.
+// combine_{dtype}(CombineParams p): y[t] = sum_k w[t,k] * c(t,k) + sigmoid(gate[t]) * shared[t]
+//   + residual[t], in f32, slots in order, one rounding: deterministic, no atomics. c is the
+//   expert's output row, x[t] for a copy expert, a1 x[t] + a2 v_z for a constant expert z
+//   ((a1, a2) = softmax(W_z x[t]), MoE++), 0 for a zero expert. One block per token.
 //
 // plan_masked(MaskedParams p): the masked layout [E, M, H] from the plan; block e fills rows
 //   e*M .. e*M + M and the inverse of its slots; slots past M are counted in status.
@@ -203,6 +204,16 @@ __device__ __forceinline__ void axpy(float (&acc)[N], float w, const T* row, boo
 constexpr int kCombineThreads = 256;
 
 // Each thread owns 8 consecutive columns per step; the last step may be partial (scalar then).
+// The kind of zero-computation expert `id`: 1 copy, 2 constant, 0 zero (also for a copy or
+// constant expert whose inputs were not given), -1 for any other id.
+__device__ __forceinline__ int zc_kind(const CombineParams& p, int id) {
+    if (id < p.experts || id >= p.experts_total) return -1;
+    const int kind = p.zc_kinds != nullptr ? p.zc_kinds[id - p.experts] : 0;
+    if (kind == 1 && p.x != nullptr) return 1;
+    if (kind == 2 && p.x != nullptr && p.const_w != nullptr && p.const_v != nullptr) return 2;
+    return 0;
+}
+
 template <typename T>
 __device__ __forceinline__ void combine_v1(const CombineParams& p) {
     constexpr int N = 8;
@@ -210,6 +221,31 @@ __device__ __forceinline__ void combine_v1(const CombineParams& p) {
     const int K = p.k;
     const float gate = p.shared_gate != nullptr
         ? 1.f / (1.f + expf(-Float<T>::to_f32(static_cast<const T*>(p.shared_gate)[t]))) : 0.f;
+    const T* xt = p.x != nullptr ? static_cast<const T*>(p.x) + t * p.hidden : nullptr;
+
+    // Constant experts (MoE++): (a1, a2) = softmax(W_z x[t]), two block-wide dot products per
+    // slot; the branch is uniform across the block (it depends on t and k only).
+    __shared__ float alpha[32][2];
+    for (int k = 0; k < K; ++k) {
+        const int id = p.ids[t * K + k];
+        if (p.slot_rows[t * K + k] >= 0 || zc_kind(p, id) != 2) continue;
+        const T* w = static_cast<const T*>(p.const_w) + int64_t(id - p.experts) * 2 * p.hidden;
+        float d0 = 0.f, d1 = 0.f;
+        for (int c = threadIdx.x; c < p.hidden; c += blockDim.x) {
+            const float xv = Float<T>::to_f32(xt[c]);
+            d0 = fmaf(xv, Float<T>::to_f32(w[c]), d0);
+            d1 = fmaf(xv, Float<T>::to_f32(w[p.hidden + c]), d1);
+        }
+        d0 = block_sum(d0);
+        d1 = block_sum(d1);
+        const float m = fmaxf(d0, d1);
+        const float e0 = expf(d0 - m), e1 = expf(d1 - m);
+        if (threadIdx.x == 0) {
+            alpha[k][0] = e0 / (e0 + e1);
+            alpha[k][1] = e1 / (e0 + e1);
+        }
+    }
+    __syncthreads();
     for (int c0 = threadIdx.x * N; c0 < p.hidden; c0 += kCombineThreads * N) {
         const int n = min(N, p.hidden - c0);
         const bool vec = p.vec && n == N;
@@ -226,9 +262,14 @@ __device__ __forceinline__ void combine_v1(const CombineParams& p) {
                 else if (threadIdx.x == 0 && c0 == 0) atomicAdd(p.status, 1);  // once per slot
             } else {
                 const int id = p.ids[s];
-                if (id >= p.experts && id < p.experts_total) {
-                    if (p.zc_kinds != nullptr && p.zc_kinds[id - p.experts] == 1 && p.x != nullptr)
-                        src = static_cast<const T*>(p.x) + t * p.hidden;  // copy expert
+                const int kind = zc_kind(p, id);
+                if (kind == 1) {
+                    src = xt;  // copy expert
+                } else if (kind == 2) {
+                    const T* v = static_cast<const T*>(p.const_v) + int64_t(id - p.experts) * p.hidden;
+                    const float a1 = w * alpha[k][0], a2 = w * alpha[k][1];
+                    for (int j = 0; j < n; ++j)
+                        acc[j] += a1 * Float<T>::to_f32(xt[c0 + j]) + a2 * Float<T>::to_f32(v[c0 + j]);
                 } else if (id < -1 || id >= p.experts_total) {
                     if (threadIdx.x == 0 && c0 == 0) atomicAdd(p.status, 1);
                 }

@@ -180,6 +180,8 @@ pub(crate) struct CombineParams {
     pub weights: u64,
     pub x: u64,
     pub zc_kinds: u64,
+    pub const_w: u64,
+    pub const_v: u64,
     pub shared_out: u64,
     pub shared_gate: u64,
     pub residual: u64,
@@ -193,8 +195,8 @@ pub(crate) struct CombineParams {
     pub vec: i32,
     pub pad_: i32,
 }
-const _: () = assert!(size_of::<CombineParams>() == 120);
-const _: () = assert!(offset_of!(CombineParams, tokens) == 88);
+const _: () = assert!(size_of::<CombineParams>() == 136);
+const _: () = assert!(offset_of!(CombineParams, tokens) == 104);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for CombineParams {}
 

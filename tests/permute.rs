@@ -49,10 +49,40 @@ fn combine_by_hand() {
             shared: Some(&[1.0, 1.0, 3.0, 3.0]),
             shared_gate: Some(&[0.0, 0.0]),
             residual: Some(&[0.0, 0.5, 0.0, 0.0]),
+            ..Default::default()
         },
     );
     // 0.5*[10,20] + 0.25*[4,8] + 0.5*[1,1] + [0,0.5] = [6.5, 13.0]; 2*[1,2] + 0.5*[3,3].
     assert_eq!(y, [6.5, 13.0, 3.5, 5.5]);
+}
+
+#[test]
+fn constant_expert_by_hand() {
+    // One token, x = [1, 2], K = 1 on constant expert 1 (E = 1 GEMM expert) with weight 0.5.
+    // W = [[1, 0], [0, 0]]: logits (1, 0), so a1 = e/(e+1), a2 = 1/(e+1); v = [10, 20].
+    let e = std::f64::consts::E;
+    let (a1, a2) = (e / (e + 1.0), 1.0 / (e + 1.0));
+    let y = reference::combine(
+        &[],
+        2,
+        &[-1],
+        &[1],
+        Some(&[0.5]),
+        1,
+        1,
+        CombineExtras {
+            x: Some(&[1.0, 2.0]),
+            zc_kinds: Some(&[2]),
+            const_w: Some(&[1.0, 0.0, 0.0, 0.0]),
+            const_v: Some(&[10.0, 20.0]),
+            ..Default::default()
+        },
+    );
+    let want = [0.5 * (a1 + 10.0 * a2), 0.5 * (2.0 * a1 + 20.0 * a2)];
+    assert!(
+        (y[0] - want[0]).abs() < 1e-14 && (y[1] - want[1]).abs() < 1e-14,
+        "{y:?}"
+    );
 }
 
 #[test]
@@ -230,7 +260,9 @@ fn gather_and_combine<T: Float>(
         let shared: Vec<T> = rng.normal_vec(t * h, 0.5);
         let gate: Vec<T> = rng.normal_vec(t, 2.0);
         let resid: Vec<T> = rng.normal_vec(t * h, 1.0);
-        let kinds: Vec<i32> = (0..et - e).map(|z| (z % 2) as i32).collect();
+        let kinds: Vec<i32> = (0..et - e).map(|z| (z % 3) as i32).collect();
+        let const_w: Vec<T> = rng.normal_vec((et - e) * 2 * h, 0.02);
+        let const_v: Vec<T> = rng.normal_vec((et - e) * h, 1.0);
         let d = |v: &[T], shape: &[usize]| dev.upload(v, shape).unwrap();
         let (eo, sh, g, rs) = (
             d(&expert_out, &[rows, h]),
@@ -240,10 +272,13 @@ fn gather_and_combine<T: Float>(
         );
         let wd = dev.upload(&w, &[t, k]).unwrap();
         let kd = dev.upload(&kinds, &[et - e]).unwrap();
+        let (cw, cv) = (d(&const_w, &[et - e, 2, h]), d(&const_v, &[et - e, h]));
         let inputs = CombineInputs {
             weights: Some(&wd),
             x: Some(&xd),
             zc_kinds: Some(&kd),
+            const_w: Some(&cw),
+            const_v: Some(&cv),
             shared_out: Some(&sh),
             shared_gate: Some(&g),
             residual: Some(&rs),
@@ -270,6 +305,8 @@ fn gather_and_combine<T: Float>(
             CombineExtras {
                 x: Some(&x64),
                 zc_kinds: Some(&kinds),
+                const_w: Some(&f(&const_w)),
+                const_v: Some(&f(&const_v)),
                 shared: Some(&sh64),
                 shared_gate: Some(&g64),
                 residual: Some(&rs64),

@@ -149,7 +149,8 @@ static_assert(offsetof(GatherParams, rows) == 40, "mirror in src/params.rs");
 
 // Combine: y[t] = sum_k w[t,k] * contribution(t, k) (+ gate(t) * shared[t]) (+ residual[t]),
 // in f32, in slot order, rounded once. contribution is the expert's output row for GEMM slots,
-// x[t] for copy experts, 0 for zero experts and -1 slots.
+// x[t] for copy experts, a1 x[t] + a2 v_z for constant expert z ((a1, a2) = softmax(W_z x[t]),
+// MoE++), 0 for zero experts and -1 slots.
 struct CombineParams {
     void* y;                    // [T, H]
     const void* expert_out;     // [R, H] expert output rows
@@ -157,7 +158,9 @@ struct CombineParams {
     const int32_t* ids;         // [T*K] expert ids (to find copy experts)
     const float* weights;       // [T*K], or null: weights already folded into expert_out
     const void* x;              // [T, H] layer input, for copy experts; null if none
-    const int32_t* zc_kinds;    // [E_total - E]: 0 zero, 1 copy; null: all zero
+    const int32_t* zc_kinds;    // [E_total - E]: 0 zero, 1 copy, 2 constant; null: all zero
+    const void* const_w;        // [E_total - E, 2, H] constant experts' mixing weights, or null
+    const void* const_v;        // [E_total - E, H] constant experts' vectors, or null
     const void* shared_out;     // [T, H] shared-expert output, or null
     const void* shared_gate;    // [T] shared-expert gate logits (sigmoid applied), or null
     const void* residual;       // [T, H], or null
@@ -171,8 +174,8 @@ struct CombineParams {
     int32_t vec;                // 1: 16-byte vectors
     int32_t pad_;
 };
-static_assert(sizeof(CombineParams) == 120, "mirror in src/params.rs");
-static_assert(offsetof(CombineParams, tokens) == 88, "mirror in src/params.rs");
+static_assert(sizeof(CombineParams) == 136, "mirror in src/params.rs");
+static_assert(offsetof(CombineParams, tokens) == 104, "mirror in src/params.rs");
 
 // The masked layout [E, M, H] (decode, expert parallelism): expert e's j-th slot sits at row
 // e*M + j for j < min(counts[e], M); slots past M overflow, are left out and counted.

@@ -78,4 +78,19 @@ __device__ __forceinline__ void block_merge(OnlineSoftmax& st) {
     __syncthreads();  // sm_m / sm_s may be reused by a second call
 }
 
+// Sum over the block; every thread gets the result. blockDim.x a multiple of 32, at most 1024;
+// every thread of the block must call it. Fixed order, so the result is reproducible.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float sm[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    v = warp_reduce(v, [](float a, float b) { return a + b; });
+    if (lane == 0) sm[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < int(blockDim.x >> 5); ++w) total += sm[w];
+    __syncthreads();  // sm may be reused by the next call
+    return total;
+}
+
 }  // namespace moe

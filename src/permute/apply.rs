@@ -101,8 +101,14 @@ pub struct CombineInputs<'a, T> {
     pub weights: Option<&'a Tensor<f32>>,
     /// `[T, H]` the layer input, read by copy experts.
     pub x: Option<&'a Tensor<T>>,
-    /// `[E_total - E]` kind of each zero-computation expert: 0 zero, 1 copy.
+    /// `[E_total - E]` kind of each zero-computation expert: 0 zero, 1 copy, 2 constant. A copy
+    /// or constant expert whose inputs are not given acts as a zero expert.
     pub zc_kinds: Option<&'a Tensor<i32>>,
+    /// `[E_total - E, 2, H]` each constant expert's mixing weights W_z: (a1, a2) =
+    /// softmax(W_z x[t]) (MoE++).
+    pub const_w: Option<&'a Tensor<T>>,
+    /// `[E_total - E, H]` each constant expert's vector v_z; it contributes a1 x[t] + a2 v_z.
+    pub const_v: Option<&'a Tensor<T>>,
     /// `[T, H]` shared-expert output, added after the routed experts.
     pub shared_out: Option<&'a Tensor<T>>,
     /// `[T]` shared-expert gate logits (Qwen2-MoE); the combine applies the sigmoid.
@@ -112,7 +118,8 @@ pub struct CombineInputs<'a, T> {
 }
 
 /// `y[t] = Σ_k w[t,k] · c(t,k) (+ σ(gate[t]) · shared[t]) (+ residual[t])`, where c is the
-/// expert's output row for a GEMM slot, `x[t]` for a copy expert and 0 otherwise. Summed in f32
+/// expert's output row for a GEMM slot, `x[t]` for a copy expert, `a1 x[t] + a2 v_z` for a
+/// constant expert z, and 0 otherwise. Summed in f32
 /// in slot order and rounded once: repeated runs are bit-identical.
 pub fn combine_into<T: Float>(
     dev: &Device,
@@ -179,12 +186,15 @@ pub fn combine_into<T: Float>(
             ));
         }
     }
+    let zc = plan.experts_total() - plan.experts();
     if let Some(z) = inputs.zc_kinds {
-        want(
-            "zc_kinds",
-            z.shape(),
-            &[plan.experts_total() - plan.experts()],
-        )?;
+        want("zc_kinds", z.shape(), &[zc])?;
+    }
+    if let Some(w) = inputs.const_w {
+        want("const_w", w.shape(), &[zc, 2, hidden])?;
+    }
+    if let Some(v) = inputs.const_v {
+        want("const_v", v.shape(), &[zc, hidden])?;
     }
     y.check_device(OP, "y", dev)?;
     expert_out.check_device(OP, "expert_out", dev)?;
@@ -212,6 +222,8 @@ pub fn combine_into<T: Float>(
         weights: inputs.weights.map_or(0, |w| w.device_ptr(dev)),
         x: ptrs[2],
         zc_kinds: inputs.zc_kinds.map_or(0, |z| z.device_ptr(dev)),
+        const_w: ptr(inputs.const_w),
+        const_v: ptr(inputs.const_v),
         shared_out: ptrs[3],
         shared_gate: ptr(inputs.shared_gate),
         residual: ptrs[4],
@@ -233,7 +245,9 @@ pub fn combine_into<T: Float>(
     };
     // SAFETY: `combine_{dtype}` takes one CombineParams (mirrored in src/params.rs). y, x,
     // shared_out and residual are [T, H], ids and weights [T, K], shared_gate [T], zc_kinds
-    // [E_total - E], expert_out [rows, H] (all checked above); slot_rows covers T*K slots.
+    // [Z = E_total - E], const_w [Z, 2, H], const_v [Z, H], expert_out [rows, H] (all checked
+    // above); slot_rows covers T*K slots; K <= 32 (Plan::new), the size of the kernel's
+    // per-slot shared array.
     // Block t reads only token t's slots and rows; a row >= rows or an id outside [-1, E_total)
     // is counted in status and skipped. Vector access only when H*size and every base are
     // 16-byte aligned.

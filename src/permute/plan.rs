@@ -87,8 +87,9 @@ impl Plan {
                 format!("{experts_total}"),
             ));
         }
-        if k == 0 {
-            return Err(Error::shape(OP, "k", ">= 1", "0"));
+        if k == 0 || k > crate::routing::MAX_K {
+            let want = format!("1..={}", crate::routing::MAX_K);
+            return Err(Error::shape(OP, "k", want, format!("{k}")));
         }
         if block_m == 0 || block_m > 4096 {
             return Err(Error::shape(

@@ -92,8 +92,12 @@ pub fn gather(x: &[f64], hidden: usize, row_slots: &[i32], k: usize) -> Vec<Opti
 pub struct CombineExtras<'a> {
     /// `[T, H]` the layer input, read by copy experts.
     pub x: Option<&'a [f64]>,
-    /// `[E_total - E]`: 0 zero expert, 1 copy expert.
+    /// `[E_total - E]`: 0 zero expert, 1 copy expert, 2 constant expert.
     pub zc_kinds: Option<&'a [i32]>,
+    /// `[E_total - E, 2, H]` constant experts' mixing weights W_z.
+    pub const_w: Option<&'a [f64]>,
+    /// `[E_total - E, H]` constant experts' vectors v_z.
+    pub const_v: Option<&'a [f64]>,
     /// `[T, H]` shared-expert output.
     pub shared: Option<&'a [f64]>,
     /// `[T]` shared-expert gate logits; the combine applies the sigmoid.
@@ -103,7 +107,8 @@ pub struct CombineExtras<'a> {
 }
 
 /// `y[t] = sum_k w[t,k] * c(t,k) + sigmoid(gate[t]) * shared[t] + residual[t]` where c is the
-/// expert output row `expert_out[slot_rows[t*K+k]]`, x[t] for a copy expert, 0 otherwise.
+/// expert output row `expert_out[slot_rows[t*K+k]]`, x[t] for a copy expert,
+/// `a1 x[t] + a2 v_z` with `(a1, a2) = softmax(W_z x[t])` for constant expert z, 0 otherwise.
 /// `weights = None` means 1 (already folded into the rows).
 #[allow(clippy::too_many_arguments)] // mirrors the op's arguments one for one
 pub fn combine(
@@ -129,8 +134,25 @@ pub fn combine(
                     .ok()
                     .and_then(|e| e.checked_sub(experts));
                 let kind = zc.and_then(|z| extras.zc_kinds.and_then(|kinds| kinds.get(z)));
-                match (kind, extras.x) {
-                    (Some(1), Some(x)) => Some(&x[t * hidden..(t + 1) * hidden]),
+                match (kind, extras.x, extras.const_w, extras.const_v) {
+                    (Some(1), Some(x), _, _) => Some(&x[t * hidden..(t + 1) * hidden]),
+                    (Some(2), Some(x), Some(cw), Some(cv)) => {
+                        let z = zc.expect("a kind was found for it");
+                        let xt = &x[t * hidden..(t + 1) * hidden];
+                        let dot = |r: usize| -> f64 {
+                            let wr = &cw[(2 * z + r) * hidden..(2 * z + r + 1) * hidden];
+                            xt.iter().zip(wr).map(|(a, b)| a * b).sum()
+                        };
+                        let (d0, d1) = (dot(0), dot(1));
+                        let m = d0.max(d1);
+                        let (e0, e1) = ((d0 - m).exp(), (d1 - m).exp());
+                        let (a1, a2) = (e0 / (e0 + e1), e1 / (e0 + e1));
+                        let v = &cv[z * hidden..(z + 1) * hidden];
+                        for ((y, xv), vv) in yt.iter_mut().zip(xt).zip(v) {
+                            *y += w * (a1 * xv + a2 * vv);
+                        }
+                        None
+                    }
                     _ => None,
                 }
             };
