@@ -17,6 +17,8 @@
 //! | family | op | kernel | status |
 //! |--------|----|--------|--------|
 //! | activation | [`activation::softmax`] | `softmax_{f32,bf16,f16}` (v1) | see GPU_LOG.md |
+//! | activation | [`activation::gated_act_into`] (SwiGLU, GeGLU tanh/erf, gpt-oss) | `gated_act_{dtype}` (v1) | see GPU_LOG.md |
+//! | activation | [`activation::act_into`] (ReLU, GELU, SiLU) | `act_{dtype}` (v1) | see GPU_LOG.md |
 //! | routing | [`routing::route`], [`routing::route_into`] | `route_{dtype}_e{32..1024}` (v1) | see GPU_LOG.md |
 //! | routing | [`routing::apply_capacity_into`] | `route_capacity` (v1) | see GPU_LOG.md |
 //! | routing | [`routing::router_stats_into`] | `router_lse_{dtype}`, `router_prob_mean_{dtype}` (v1) | see GPU_LOG.md |

@@ -237,3 +237,38 @@ const _: () = assert!(size_of::<EpSendParams>() == 64);
 const _: () = assert!(offset_of!(EpSendParams, experts) == 56);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for EpSendParams {}
+
+/// See `GatedActParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GatedActParams {
+    pub out: u64,
+    pub inp: u64,
+    pub rows: i32,
+    pub inter: i32,
+    pub layout: i32,
+    pub act: i32,
+    pub vec: i32,
+    pub alpha: f32,
+    pub limit: f32,
+    pub pad_: i32,
+}
+const _: () = assert!(size_of::<GatedActParams>() == 48);
+const _: () = assert!(offset_of!(GatedActParams, rows) == 16);
+const _: () = assert!(offset_of!(GatedActParams, alpha) == 36);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for GatedActParams {}
+
+/// See `ActParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ActParams {
+    pub out: u64,
+    pub inp: u64,
+    pub n: i64,
+    pub act: i32,
+    pub vec: i32,
+}
+const _: () = assert!(size_of::<ActParams>() == 32);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for ActParams {}

@@ -204,3 +204,151 @@ fn gpu_softmax_refuses_bad_shapes() {
         "{e}"
     );
 }
+
+use moe_kernels::activation::{Act, GateLayout, GatedAct};
+
+#[test]
+fn activation_references_by_hand() {
+    let e = std::f64::consts::E;
+    assert_eq!(reference::silu(0.0), 0.0);
+    assert_relative_eq!(
+        reference::silu(1.0),
+        1.0 / (1.0 + 1.0 / e),
+        max_relative = 1e-15
+    );
+    // Phi(1) = 0.8413447460685429 (standard normal CDF).
+    assert_relative_eq!(
+        reference::gelu_erf(1.0),
+        0.8413447460685429,
+        max_relative = 1e-14
+    );
+    assert_relative_eq!(
+        reference::gelu_tanh(1.0),
+        0.8411919906082768,
+        max_relative = 1e-14
+    );
+    // gpt-oss clamps the gate above at 7 and the up projection to [-7, 7].
+    let s = reference::sigmoid(1.702 * 7.0);
+    assert_relative_eq!(
+        reference::gpt_oss_swiglu(10.0, -10.0, 1.702, 7.0),
+        -6.0 * 7.0 * s,
+        max_relative = 1e-15
+    );
+    assert_relative_eq!(
+        reference::gpt_oss_swiglu(-2.0, 0.5, 1.702, 7.0),
+        1.5 * -2.0 * reference::sigmoid(-3.404),
+        max_relative = 1e-15
+    );
+    assert!(reference::gpt_oss_swiglu(f64::NAN, 1.0, 1.702, 7.0).is_nan());
+    assert!(reference::gpt_oss_swiglu(1.0, f64::NAN, 1.702, 7.0).is_nan());
+    assert_eq!(reference::relu(-1.0), 0.0);
+    assert!(reference::relu(f64::NAN).is_nan());
+    assert_eq!(GatedAct::Silu.eval(1.0, 3.0), 3.0 * reference::silu(1.0));
+}
+
+fn gated_case<T: Float>(
+    dev: &Device,
+    rows: usize,
+    inter: usize,
+    act: GatedAct,
+    layout: GateLayout,
+) {
+    let mut rng = Rng::new((rows * 131 + inter) as u64);
+    let mut x: Vec<T> = rng.normal_vec(rows * 2 * inter, 3.0);
+    // Non-finite and clamped values in the first row.
+    for (i, v) in [f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 9.0, -9.0, 50.0]
+        .iter()
+        .enumerate()
+    {
+        if i < x.len() {
+            x[i] = T::from_f64(*v);
+        }
+    }
+    let xd = dev.upload(&x, &[rows, 2 * inter]).unwrap();
+    let mut out = dev.filled_bytes::<T>(&[rows, inter], 0xff).unwrap();
+    activation::gated_act_into(dev, &mut out, &xd, act, layout).unwrap();
+    let got = dev.download(&out).unwrap();
+    let mut want = Vec::with_capacity(rows * inter);
+    for r in x.chunks(2 * inter) {
+        for i in 0..inter {
+            let (g, u) = match layout {
+                GateLayout::GateFirst => (r[i], r[inter + i]),
+                GateLayout::UpFirst => (r[inter + i], r[i]),
+                GateLayout::Interleaved => (r[2 * i], r[2 * i + 1]),
+            };
+            want.push(act.eval(g.to_f64(), u.to_f64()));
+        }
+    }
+    // One rounding to T plus a few f32 ulps of exp/tanh/erf.
+    let tol = Tolerance::new(1e-6, 2.0 * T::EPSILON + 1e-6);
+    let report = check::compare(&got, &want, tol);
+    println!(
+        "gated {act:?} {layout:?} {} [{rows}, {inter}]: {report}",
+        T::DTYPE
+    );
+    assert!(
+        report.passed(),
+        "gated {act:?} {layout:?} {} [{rows}, {inter}]: {report}",
+        T::DTYPE
+    );
+}
+
+fn act_case<T: Float>(dev: &Device, n: usize, act: Act) {
+    let mut rng = Rng::new(n as u64);
+    let mut x: Vec<T> = rng.normal_vec(n, 3.0);
+    x[0] = T::from_f64(f64::NAN);
+    x[1] = T::from_f64(f64::INFINITY);
+    let xd = dev.upload(&x, &[n]).unwrap();
+    let mut out = dev.filled_bytes::<T>(&[n], 0xff).unwrap();
+    activation::act_into(dev, &mut out, &xd, act).unwrap();
+    let want: Vec<f64> = x.iter().map(|v| act.eval(v.to_f64())).collect();
+    let report = check::compare(
+        &dev.download(&out).unwrap(),
+        &want,
+        Tolerance::new(1e-6, 2.0 * T::EPSILON + 1e-6),
+    );
+    println!("act {act:?} {} [{n}]: {report}", T::DTYPE);
+    assert!(report.passed(), "act {act:?} {} [{n}]: {report}", T::DTYPE);
+}
+
+fn activations<T: Float>(dev: &Device) {
+    let acts = [
+        GatedAct::Silu,
+        GatedAct::GeluTanh,
+        GatedAct::GeluErf,
+        GatedAct::GPT_OSS,
+    ];
+    let layouts = [
+        GateLayout::GateFirst,
+        GateLayout::UpFirst,
+        GateLayout::Interleaved,
+    ];
+    for act in acts {
+        for layout in layouts {
+            // 7 is not a multiple of any vector width; 768 (Qwen3) and 2880 (gpt-oss) are.
+            for (rows, inter) in [(1, 7), (3, 768), (17, 2880)] {
+                gated_case::<T>(dev, rows, inter, act, layout);
+            }
+        }
+    }
+    for act in [Act::Relu, Act::GeluTanh, Act::GeluErf, Act::Silu] {
+        for n in [2, 1001, 65536] {
+            act_case::<T>(dev, n, act);
+        }
+    }
+}
+
+#[test]
+fn gpu_activations_match_reference() {
+    let Some(dev) = common::gpu("gpu_activations_match_reference") else {
+        return;
+    };
+    activations::<f32>(&dev);
+    activations::<bf16>(&dev);
+    activations::<f16>(&dev);
+    let x = dev.zeros::<bf16>(&[2, 7]).unwrap();
+    let mut out = dev.zeros::<bf16>(&[2, 3]).unwrap();
+    let e = activation::gated_act_into(&dev, &mut out, &x, GatedAct::Silu, GateLayout::GateFirst)
+        .unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "x", .. }), "{e}");
+}

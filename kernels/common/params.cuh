@@ -209,4 +209,37 @@ struct EpSendParams {
 static_assert(sizeof(EpSendParams) == 64, "mirror in src/params.rs");
 static_assert(offsetof(EpSendParams, experts) == 56, "mirror in src/params.rs");
 
+// Gated activation: out[r, i] = act(gate[r, i]) * up[r, i], the gate/up pair read from one row of
+// 2I values in the layout the checkpoint uses.
+struct GatedActParams {
+    void* out;                  // [rows, I]
+    const void* in;             // [rows, 2I]
+    int32_t rows;               // = gridDim.x
+    int32_t inter;              // I
+    int32_t layout;             // GateLayout
+    int32_t act;                // GatedAct
+    int32_t vec;                // 1: 16-byte vectors (split layouts, I * size % 16 == 0)
+    float alpha;                // gpt-oss swiglu: sigmoid(alpha * g)
+    float limit;                // gpt-oss swiglu: gate <= limit, |up| <= limit
+    int32_t pad_;
+};
+static_assert(sizeof(GatedActParams) == 48, "mirror in src/params.rs");
+static_assert(offsetof(GatedActParams, rows) == 16, "mirror in src/params.rs");
+static_assert(offsetof(GatedActParams, alpha) == 36, "mirror in src/params.rs");
+
+enum GateLayout : int32_t { kGateFirst = 0, kUpFirst = 1, kInterleaved = 2 };
+enum GatedAct : int32_t { kSiluMul = 0, kGeluTanhMul = 1, kGeluErfMul = 2, kGptOssSwiglu = 3 };
+
+// Elementwise activation: out[i] = act(in[i]).
+struct ActParams {
+    void* out;                  // [n]
+    const void* in;             // [n]
+    int64_t n;
+    int32_t act;                // Act
+    int32_t vec;                // 1: 16-byte vectors
+};
+static_assert(sizeof(ActParams) == 32, "mirror in src/params.rs");
+
+enum Act : int32_t { kRelu = 0, kGeluTanh = 1, kGeluErf = 2, kSilu = 3 };
+
 }  // namespace moe

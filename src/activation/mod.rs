@@ -1,6 +1,9 @@
-//! Activation family: row softmax (the gated activations join it next).
+//! Activation family: row softmax, gated activations on a gate/up pair, elementwise activations.
 
+mod gated;
 pub mod reference;
+
+pub use gated::{Act, GateLayout, GatedAct, act_into, gated_act_into};
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 

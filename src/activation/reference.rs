@@ -23,3 +23,34 @@ pub fn softmax(x: &[f64], cols: usize) -> Vec<f64> {
     }
     y
 }
+
+pub fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+pub fn silu(x: f64) -> f64 {
+    x * sigmoid(x)
+}
+
+/// GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+pub fn gelu_tanh(x: f64) -> f64 {
+    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+}
+
+/// GELU, exact: 0.5 x (1 + erf(x / sqrt(2))).
+pub fn gelu_erf(x: f64) -> f64 {
+    0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
+}
+
+/// gpt-oss's clamped SwiGLU: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'),
+/// g' = min(g, limit).
+pub fn gpt_oss_swiglu(g: f64, u: f64, alpha: f64, limit: f64) -> f64 {
+    // torch.clamp keeps NaN; f64::min would drop it.
+    let g = if g > limit { limit } else { g };
+    let u = u.clamp(-limit, limit);
+    (u + 1.0) * g * sigmoid(alpha * g)
+}
+
+pub fn relu(x: f64) -> f64 {
+    if x > 0.0 || x.is_nan() { x } else { 0.0 }
+}
