@@ -12,16 +12,23 @@ pub enum Module {
     Activation,
     Routing,
     Permute,
+    GroupedGemm,
 }
 
 impl Module {
-    pub const ALL: &'static [Module] = &[Module::Activation, Module::Routing, Module::Permute];
+    pub const ALL: &'static [Module] = &[
+        Module::Activation,
+        Module::Routing,
+        Module::Permute,
+        Module::GroupedGemm,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Module::Activation => "activation",
             Module::Routing => "routing",
             Module::Permute => "permute",
+            Module::GroupedGemm => "grouped_gemm",
         }
     }
 
@@ -31,6 +38,7 @@ impl Module {
             Module::Activation => images::ACTIVATION,
             Module::Routing => images::ROUTING,
             Module::Permute => images::PERMUTE,
+            Module::GroupedGemm => images::GROUPED_GEMM,
         }
     }
 }

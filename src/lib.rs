@@ -33,6 +33,7 @@ pub mod check;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod gemm;
 pub mod kernels;
 mod params;
 pub mod permute;

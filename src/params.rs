@@ -272,3 +272,33 @@ pub(crate) struct ActParams {
 const _: () = assert!(size_of::<ActParams>() == 32);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for ActParams {}
+
+/// See `GroupedGemmParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GroupedGemmParams {
+    pub out: u64,
+    pub a: u64,
+    pub w: u64,
+    pub bias: u64,
+    pub block_experts: u64,
+    pub row_slots: u64,
+    pub slot_weights: u64,
+    pub rows: i32,
+    pub n: i32,
+    pub kdim: i32,
+    pub experts: i32,
+    pub plan_block_m: i32,
+    pub gated: i32,
+    pub layout: i32,
+    pub act: i32,
+    pub alpha: f32,
+    pub limit: f32,
+    pub scale_input: i32,
+    pub pad_: i32,
+}
+const _: () = assert!(size_of::<GroupedGemmParams>() == 104);
+const _: () = assert!(offset_of!(GroupedGemmParams, rows) == 56);
+const _: () = assert!(offset_of!(GroupedGemmParams, alpha) == 88);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for GroupedGemmParams {}

@@ -37,7 +37,45 @@ pub enum GatedAct {
     GptOss { alpha: f32, limit: f32 },
 }
 
+impl GateLayout {
+    /// `GateLayout` in params.cuh.
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            GateLayout::GateFirst => 0,
+            GateLayout::UpFirst => 1,
+            GateLayout::Interleaved => 2,
+        }
+    }
+}
+
 impl GatedAct {
+    /// `GatedAct` in params.cuh, with alpha and limit (0 where unused).
+    pub(crate) fn code(self) -> (i32, f32, f32) {
+        match self {
+            GatedAct::Silu => (0, 0.0, 0.0),
+            GatedAct::GeluTanh => (1, 0.0, 0.0),
+            GatedAct::GeluErf => (2, 0.0, 0.0),
+            GatedAct::GptOss { alpha, limit } => (3, alpha, limit),
+        }
+    }
+
+    /// gpt-oss's alpha and limit must be finite, the limit positive.
+    pub(crate) fn check(self, op: &'static str) -> Result<()> {
+        match self {
+            GatedAct::GptOss { alpha, limit }
+                if !(alpha.is_finite() && limit.is_finite() && limit > 0.0) =>
+            {
+                Err(Error::shape(
+                    op,
+                    "act",
+                    "finite alpha and limit > 0",
+                    format!("{self:?}"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub const GPT_OSS: GatedAct = GatedAct::GptOss {
         alpha: 1.702,
         limit: 7.0,
@@ -66,6 +104,16 @@ pub enum Act {
 }
 
 impl Act {
+    /// `Act` in params.cuh.
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            Act::Relu => 0,
+            Act::GeluTanh => 1,
+            Act::GeluErf => 2,
+            Act::Silu => 3,
+        }
+    }
+
     pub fn eval(self, x: f64) -> f64 {
         match self {
             Act::Relu => reference::relu(x),
@@ -105,16 +153,7 @@ pub fn gated_act_into<T: Float>(
             format!("{:?}", out.shape()),
         ));
     }
-    if let GatedAct::GptOss { alpha, limit } = act
-        && !(alpha.is_finite() && limit.is_finite() && limit > 0.0)
-    {
-        return Err(Error::shape(
-            OP,
-            "act",
-            "finite alpha and limit > 0",
-            format!("{act:?}"),
-        ));
-    }
+    act.check(OP)?;
     x.check_device(OP, "x", dev)?;
     out.check_device(OP, "out", dev)?;
     if rows == 0 || inter == 0 {
@@ -138,23 +177,14 @@ pub fn gated_act_into<T: Float>(
         && (inter * std::mem::size_of::<T>()).is_multiple_of(16)
         && out_ptr.is_multiple_of(16)
         && in_ptr.is_multiple_of(16);
-    let (act_id, alpha, limit) = match act {
-        GatedAct::Silu => (0, 0.0, 0.0),
-        GatedAct::GeluTanh => (1, 0.0, 0.0),
-        GatedAct::GeluErf => (2, 0.0, 0.0),
-        GatedAct::GptOss { alpha, limit } => (3, alpha, limit),
-    };
+    let (act_id, alpha, limit) = act.code();
     let params = GatedActParams {
         out: out_ptr,
         inp: in_ptr,
         rows: i32::try_from(rows)
             .map_err(|_| Error::shape(OP, "x", "fewer than 2^31 rows", format!("{rows}")))?,
         inter: size(inter, "x")?,
-        layout: match layout {
-            GateLayout::GateFirst => 0,
-            GateLayout::UpFirst => 1,
-            GateLayout::Interleaved => 2,
-        },
+        layout: layout.code(),
         act: act_id,
         vec: i32::from(vec),
         alpha,
@@ -208,12 +238,7 @@ pub fn act_into<T: Float>(
         inp: in_ptr,
         n: i64::try_from(n)
             .map_err(|_| Error::shape(OP, "x", "fewer than 2^63 elements", format!("{n}")))?,
-        act: match act {
-            Act::Relu => 0,
-            Act::GeluTanh => 1,
-            Act::GeluErf => 2,
-            Act::Silu => 3,
-        },
+        act: act.code(),
         vec: i32::from(out_ptr.is_multiple_of(16) && in_ptr.is_multiple_of(16)),
     };
     let func = dev.function(OP, Module::Activation, &format!("act_{}", T::DTYPE))?;
