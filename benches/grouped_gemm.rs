@@ -1,0 +1,108 @@
+//! grouped_gemm/{gate_up,down}: the v1 grouped GEMM on three models' expert shapes, beside the
+//! card's dense bf16 rate (measured by the peer script) and its copy bandwidth (ceiling/copy).
+//!
+//! Throughput is in elements = FLOPs (2 * rows * N * Kd over the rows the routing fills), so
+//! criterion's "elem/s" reads as FLOP/s. Weights are filled on the device with a constant
+//! pattern: tensor-core time does not depend on the values, and random weights of DeepSeek-V3's
+//! size would take minutes to draw on the host. Weight sets of every model exceed the L2.
+
+mod common;
+
+use criterion::{Criterion, Throughput};
+use half::bf16;
+use moe_kernels::activation::{GateLayout, GatedAct};
+use moe_kernels::gemm::{self, Epilogue, GemmOptions};
+use moe_kernels::permute::{Layout, Plan};
+use moe_kernels::rng::Rng;
+use moe_kernels::{Device, Tensor};
+
+struct Model {
+    name: &'static str,
+    h: usize,
+    i: usize,
+    e: usize,
+    k: usize,
+}
+
+const MODELS: [Model; 3] = [
+    Model {
+        name: "mixtral-8x7b",
+        h: 4096,
+        i: 14336,
+        e: 8,
+        k: 2,
+    },
+    Model {
+        name: "qwen3-30b-a3b",
+        h: 2048,
+        i: 768,
+        e: 128,
+        k: 8,
+    },
+    Model {
+        name: "deepseek-v3",
+        h: 7168,
+        i: 2048,
+        e: 256,
+        k: 8,
+    },
+];
+
+fn bench_model(c: &mut Criterion, dev: &Device, m: &Model) {
+    // 0x3c3c is bf16 0.0115: finite, and the same for every element.
+    let w1: Tensor<bf16> = dev.filled_bytes(&[m.e, 2 * m.i, m.h], 0x3c).unwrap();
+    let w2: Tensor<bf16> = dev.filled_bytes(&[m.e, m.h, m.i], 0x3c).unwrap();
+    let mut rng = Rng::new(3);
+    for t in [1usize, 16, 128, 1024, 4096, 16384] {
+        let ids: Vec<i32> = (0..t * m.k).map(|_| rng.below(m.e as u64) as i32).collect();
+        let mut plan = Plan::new(dev, t, m.k, m.e, m.e, 64).unwrap();
+        plan.build(dev, &dev.upload(&ids, &[t, m.k]).unwrap())
+            .unwrap();
+        let rows = plan.rows(Layout::Padded);
+        let used = t * m.k; // rows the routing fills; padding is overhead, not work
+        let a1: Tensor<bf16> = dev.filled_bytes(&[rows, m.h], 0x3c).unwrap();
+        let mut h1: Tensor<bf16> = dev.zeros(&[rows, m.i]).unwrap();
+        let mut out: Tensor<bf16> = dev.zeros(&[rows, m.h]).unwrap();
+        let swiglu = Epilogue::Gated {
+            act: GatedAct::Silu,
+            layout: GateLayout::GateFirst,
+        };
+
+        let mut g = c.benchmark_group("grouped_gemm/gate_up");
+        g.throughput(Throughput::Elements((2 * used * 2 * m.i * m.h) as u64));
+        g.bench_function(format!("bf16/{}/T{t}", m.name), |b| {
+            b.iter_custom(|iters| {
+                common::time_iters(dev, iters, |_| {
+                    let opts = GemmOptions {
+                        epilogue: swiglu,
+                        ..Default::default()
+                    };
+                    gemm::grouped_gemm_into(dev, &mut h1, &a1, &w1, &plan, opts)
+                })
+            })
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("grouped_gemm/down");
+        g.throughput(Throughput::Elements((2 * used * m.h * m.i) as u64));
+        g.bench_function(format!("bf16/{}/T{t}", m.name), |b| {
+            b.iter_custom(|iters| {
+                common::time_iters(dev, iters, |_| {
+                    gemm::grouped_gemm_into(dev, &mut out, &h1, &w2, &plan, GemmOptions::default())
+                })
+            })
+        });
+        g.finish();
+    }
+}
+
+fn main() {
+    let Some(dev) = common::gpu("grouped_gemm") else {
+        return;
+    };
+    let mut c = Criterion::default().configure_from_args();
+    for m in &MODELS {
+        bench_model(&mut c, &dev, m);
+    }
+    c.final_summary();
+}
