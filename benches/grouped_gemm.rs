@@ -2,7 +2,8 @@
 //! card's dense bf16 rate (measured by the peer script) and its copy bandwidth (ceiling/copy).
 //!
 //! Throughput is in elements = FLOPs (2 * rows * N * Kd over the rows the routing fills), so
-//! criterion's "elem/s" reads as FLOP/s. Weights are filled on the device with a constant
+//! criterion's "elem/s" reads as FLOP/s. The decode groups (grouped_gemv/*, T = 1 and 16) count
+//! bytes instead: the weights of the experts the routing activates, the bound of decode. Weights are filled on the device with a constant
 //! pattern: tensor-core time does not depend on the values, and random weights of DeepSeek-V3's
 //! size would take minutes to draw on the host. Weight sets of every model exceed the L2.
 
@@ -93,6 +94,47 @@ fn bench_model(c: &mut Criterion, dev: &Device, m: &Model) {
             })
         });
         g.finish();
+
+        if t <= 16 {
+            let mut active: Vec<i32> = ids.clone();
+            active.sort_unstable();
+            active.dedup();
+            let expert_bytes = |n: usize, kd: usize| (active.len() * n * kd * 2) as u64;
+            let a1s: Tensor<bf16> = dev.filled_bytes(&[t * m.k, m.h], 0x3c).unwrap();
+            let mut h1s: Tensor<bf16> = dev.zeros(&[t * m.k, m.i]).unwrap();
+            let mut outs: Tensor<bf16> = dev.zeros(&[t * m.k, m.h]).unwrap();
+            let mut g = c.benchmark_group("grouped_gemv/gate_up");
+            g.throughput(Throughput::Bytes(expert_bytes(2 * m.i, m.h)));
+            g.bench_function(format!("bf16/{}/T{t}", m.name), |b| {
+                b.iter_custom(|iters| {
+                    common::time_iters(dev, iters, |_| {
+                        let opts = GemmOptions {
+                            epilogue: swiglu,
+                            ..Default::default()
+                        };
+                        gemm::grouped_gemv_into(dev, &mut h1s, &a1s, &w1, &plan, opts)
+                    })
+                })
+            });
+            g.finish();
+            let mut g = c.benchmark_group("grouped_gemv/down");
+            g.throughput(Throughput::Bytes(expert_bytes(m.h, m.i)));
+            g.bench_function(format!("bf16/{}/T{t}", m.name), |b| {
+                b.iter_custom(|iters| {
+                    common::time_iters(dev, iters, |_| {
+                        gemm::grouped_gemv_into(
+                            dev,
+                            &mut outs,
+                            &h1s,
+                            &w2,
+                            &plan,
+                            GemmOptions::default(),
+                        )
+                    })
+                })
+            });
+            g.finish();
+        }
     }
 }
 

@@ -22,6 +22,7 @@
 #include "act.cuh"
 #include "dtype.cuh"
 #include "params.cuh"
+#include "reduce.cuh"
 
 namespace moe {
 
@@ -70,6 +71,31 @@ __device__ __forceinline__ int weight_row(const GroupedGemmParams& p, int j, int
         case kUpFirst: return mat == 0 ? I + j : j;
         default: return 2 * j + mat;  // kInterleaved
     }
+}
+
+// The routing weight of row r (0 for padding), or 1 without row scaling.
+__device__ __forceinline__ float row_scale(const GroupedGemmParams& p, int64_t r) {
+    if (p.slot_weights == nullptr) return 1.f;
+    const int slot = p.row_slots[r];
+    return slot >= 0 ? p.slot_weights[slot] : 0.f;
+}
+
+// The epilogue of output column j of expert e from its accumulators: v (gate or plain) and u
+// (up, gated only), in the order the file header gives.
+template <typename T>
+__device__ __forceinline__ float epilogue(const GroupedGemmParams& p, int e, int j, float v, float u, float scale) {
+    if (p.scale_input) {
+        v *= scale;
+        u *= scale;
+    }
+    if (p.bias != nullptr) {
+        const T* bias = static_cast<const T*>(p.bias) + int64_t(e) * p.n;
+        v += Float<T>::to_f32(bias[weight_row(p, j, 0)]);
+        if (p.gated) u += Float<T>::to_f32(bias[weight_row(p, j, 1)]);
+    }
+    if (p.gated) v = gated(p.act, v, u, p.alpha, p.limit);
+    else if (p.act >= 0) v = act1(p.act, v);
+    return p.scale_input ? v : v * scale;
 }
 
 template <typename T, typename TO>
@@ -147,7 +173,6 @@ __device__ __forceinline__ void grouped_gemm_v1(const GroupedGemmParams& p) {
         __syncthreads();
     }
 
-    const T* bias = p.bias != nullptr ? static_cast<const T*>(p.bias) + int64_t(e) * p.n : nullptr;
     TO* out = static_cast<TO*>(p.out);
     const int g = lane >> 2, tig = lane & 3;
 #pragma unroll
@@ -155,29 +180,72 @@ __device__ __forceinline__ void grouped_gemm_v1(const GroupedGemmParams& p) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int64_t r = m0 + wm + mi * 16 + g + half * 8;
-            float scale = 1.f;
-            if (p.slot_weights != nullptr) {
-                const int slot = p.row_slots[r];
-                scale = slot >= 0 ? p.slot_weights[slot] : 0.f;
-            }
+            const float scale = row_scale(p, r);
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) {
 #pragma unroll
                 for (int q = 0; q < 2; ++q) {
                     const int j = n0 + wn + ni * 8 + 2 * tig + q;
                     if (j >= n_out) continue;
-                    float v = acc[0][mi][ni][half * 2 + q];
-                    float u = acc[1][mi][ni][half * 2 + q];
-                    if (p.scale_input) { v *= scale; u *= scale; }
-                    if (bias != nullptr) {
-                        v += Float<T>::to_f32(bias[weight_row(p, j, 0)]);
-                        if (p.gated) u += Float<T>::to_f32(bias[weight_row(p, j, 1)]);
-                    }
-                    if (p.gated) v = gated(p.act, v, u, p.alpha, p.limit);
-                    else if (p.act >= 0) v = act1(p.act, v);
-                    if (!p.scale_input) v *= scale;
+                    const float v = epilogue<T>(p, e, j, acc[0][mi][ni][half * 2 + q], acc[1][mi][ni][half * 2 + q], scale);
                     out[r * n_out + j] = Float<TO>::from_f32(v);
                 }
+            }
+        }
+    }
+}
+
+
+constexpr int kGemvWarps = 8;   // output columns per block, one per warp
+constexpr int kGemvRows = 8;    // rows of an expert held in registers at once
+
+// Decode: few rows per expert, so the weights dominate. Block (x, e) computes output columns
+// 8x .. 8x + 8 of expert e, one per warp; the warp streams that column's weight row (and the up
+// row, gated) once per chunk of 8 rows with 16-byte loads, multiplying it with each row of the
+// chunk (rows of A are few and stay in L1/L2), then reduces across the warp.
+template <typename T, typename TO>
+__device__ __forceinline__ void grouped_gemv_v1(const GroupedGemmParams& p) {
+    const int e = blockIdx.y;
+    const int r0 = p.offsets[e];
+    const int count = p.offsets[e + 1] - r0;
+    const int n_out = p.gated ? p.n / 2 : p.n;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int j = blockIdx.x * kGemvWarps + warp;
+    if (count <= 0 || j >= n_out) return;  // no barrier in this kernel: warps may leave alone
+    const T* A = static_cast<const T*>(p.a);
+    const T* W = static_cast<const T*>(p.w) + int64_t(e) * p.n * p.kdim;
+    const T* wg = W + int64_t(weight_row(p, j, 0)) * p.kdim;
+    const T* wu = W + int64_t(weight_row(p, j, p.gated ? 1 : 0)) * p.kdim;
+    TO* out = static_cast<TO*>(p.out);
+    for (int c0 = 0; c0 < count; c0 += kGemvRows) {
+        const int rows = min(kGemvRows, count - c0);
+        float accg[kGemvRows], accu[kGemvRows];
+#pragma unroll
+        for (int i = 0; i < kGemvRows; ++i) accg[i] = accu[i] = 0.f;
+        for (int k = lane * 8; k < p.kdim; k += 32 * 8) {
+            float fg[8], fu[8];
+            load8(wg + k, fg);
+            if (p.gated) load8(wu + k, fu);
+#pragma unroll
+            for (int i = 0; i < kGemvRows; ++i) {
+                if (i >= rows) break;
+                float fa[8];
+                load8(A + int64_t(r0 + c0 + i) * p.kdim + k, fa);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) {
+                    accg[i] = fmaf(fa[q], fg[q], accg[i]);
+                    if (p.gated) accu[i] = fmaf(fa[q], fu[q], accu[i]);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < kGemvRows; ++i) {
+            if (i >= rows) break;
+            const float g = warp_sum(accg[i]);
+            const float u = p.gated ? warp_sum(accu[i]) : 0.f;
+            if (lane == 0) {
+                const int64_t r = r0 + c0 + i;
+                out[r * n_out + j] = Float<TO>::from_f32(epilogue<T>(p, e, j, g, u, row_scale(p, r)));
             }
         }
     }
@@ -188,6 +256,9 @@ __device__ __forceinline__ void grouped_gemm_v1(const GroupedGemmParams& p) {
 #define MOE_GROUPED_GEMM(SIN, SOUT, TIN, TOUT) \
     extern "C" __global__ void __launch_bounds__(moe::kGemmThreads) grouped_gemm_##SIN##_##SOUT(const moe::GroupedGemmParams p) { \
         moe::grouped_gemm_v1<TIN, TOUT>(p); \
+    } \
+    extern "C" __global__ void __launch_bounds__(32 * moe::kGemvWarps) grouped_gemv_##SIN##_##SOUT(const moe::GroupedGemmParams p) { \
+        moe::grouped_gemv_v1<TIN, TOUT>(p); \
     }
 MOE_GROUPED_GEMM(bf16, bf16, __nv_bfloat16, __nv_bfloat16)
 MOE_GROUPED_GEMM(bf16, f32, __nv_bfloat16, float)

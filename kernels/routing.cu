@@ -61,14 +61,6 @@ __device__ __forceinline__ Cand warp_argmax(Cand c) {
     return c;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-    return warp_reduce(v, [](float a, float b) { return a + b; });
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    return warp_reduce(v, [](float a, float b) { return fmaxf(a, b); });
-}
-
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
 
 template <typename T, int VPT>
@@ -324,18 +316,6 @@ __device__ __forceinline__ void router_prob_mean_v1(const RouterStatsParams& p) 
             __syncthreads();
         }
         if (threadIdx.x == 0) p.z_loss[0] = zpart[0] / float(p.tokens);
-    }
-}
-
-// Eight elements of T from a 16-byte-aligned address, as f32.
-template <typename T>
-__device__ __forceinline__ void load8(const T* ptr, float (&out)[8]) {
-    constexpr int V = kVec16<T>;
-#pragma unroll
-    for (int h = 0; h < 8 / V; ++h) {
-        const Vec16<T> v = load_vec16(ptr + h * V);
-#pragma unroll
-        for (int j = 0; j < V; ++j) out[h * V + j] = Float<T>::to_f32(v.v[j]);
     }
 }
 

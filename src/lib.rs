@@ -27,7 +27,8 @@
 //! | permute | [`permute::gather_into`] | `gather_{dtype}` (v1) | see GPU_LOG.md |
 //! | permute | [`permute::combine_into`] | `combine_{dtype}` (v1) | see GPU_LOG.md |
 //! | permute | [`permute::ep_send_into`] | `ep_send` (v1) | see GPU_LOG.md |
-//! | gemm | [`gemm::grouped_gemm_into`] | `grouped_gemm_{bf16,f16}_{same,f32}` (v1) | see GPU_LOG.md |
+//! | gemm | [`gemm::grouped_gemm_into`] (prefill) | `grouped_gemm_{bf16,f16}_{same,f32}` (v1) | see GPU_LOG.md |
+//! | gemm | [`gemm::grouped_gemv_into`] (decode) | `grouped_gemv_{bf16,f16}_{same,f32}` (v1) | see GPU_LOG.md |
 
 pub mod activation;
 pub mod check;

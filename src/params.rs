@@ -282,6 +282,7 @@ pub(crate) struct GroupedGemmParams {
     pub w: u64,
     pub bias: u64,
     pub block_experts: u64,
+    pub offsets: u64,
     pub row_slots: u64,
     pub slot_weights: u64,
     pub rows: i32,
@@ -297,8 +298,8 @@ pub(crate) struct GroupedGemmParams {
     pub scale_input: i32,
     pub pad_: i32,
 }
-const _: () = assert!(size_of::<GroupedGemmParams>() == 104);
-const _: () = assert!(offset_of!(GroupedGemmParams, rows) == 56);
-const _: () = assert!(offset_of!(GroupedGemmParams, alpha) == 88);
+const _: () = assert!(size_of::<GroupedGemmParams>() == 112);
+const _: () = assert!(offset_of!(GroupedGemmParams, rows) == 64);
+const _: () = assert!(offset_of!(GroupedGemmParams, alpha) == 96);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for GroupedGemmParams {}

@@ -88,11 +88,19 @@ struct Case {
     scale: Option<ScaleAt>,
     /// All slots on this expert (the others get no rows).
     one_expert: Option<i32>,
+    /// The decode GEMV over sorted rows instead of the GEMM over padded rows.
+    gemv: bool,
 }
 
 fn run_case<T: Float, TO: Float>(dev: &Device, c: &Case) {
+    let layout = if c.gemv {
+        Layout::Sorted
+    } else {
+        Layout::Padded
+    };
     let label = format!(
-        "{}->{} T={} K={} E={} Kd={} N={} {:?} bias={} scale={:?}",
+        "{} {}->{} T={} K={} E={} Kd={} N={} {:?} bias={} scale={:?}",
+        if c.gemv { "gemv" } else { "gemm" },
         T::DTYPE,
         TO::DTYPE,
         c.t,
@@ -126,10 +134,11 @@ fn run_case<T: Float, TO: Float>(dev: &Device, c: &Case) {
     let mut plan = Plan::new(dev, c.t, c.k, c.e, c.e, c.block_m).unwrap();
     let idd = dev.upload(&ids, &[c.t, c.k]).unwrap();
     plan.build(dev, &idd).unwrap();
-    let rows = plan.rows(Layout::Padded);
+    let rows = plan.rows(layout);
     let xd = dev.upload(&x, &[c.t, c.kd]).unwrap();
-    let mut a = dev.filled_bytes::<T>(&[rows, c.kd], 0xff).unwrap();
-    permute::gather_into(dev, &mut a, &xd, &mut plan, Layout::Padded).unwrap();
+    // Sorted rows past the routed count are never read; keep them finite all the same.
+    let mut a = dev.zeros::<T>(&[rows, c.kd]).unwrap();
+    permute::gather_into(dev, &mut a, &xd, &mut plan, layout).unwrap();
     let wd = dev.upload(&w, &[c.e, c.n, c.kd]).unwrap();
     let bd = dev.upload(&bias, &[c.e, c.n]).unwrap();
     let rw = dev.upload(&weights, &[c.t, c.k]).unwrap();
@@ -144,7 +153,11 @@ fn run_case<T: Float, TO: Float>(dev: &Device, c: &Case) {
         epilogue: c.epilogue,
         row_weights: c.scale.map(|at| (&rw, at)),
     };
-    gemm::grouped_gemm_into(dev, &mut out, &a, &wd, &plan, opts).unwrap();
+    if c.gemv {
+        gemm::grouped_gemv_into(dev, &mut out, &a, &wd, &plan, opts).unwrap();
+    } else {
+        gemm::grouped_gemm_into(dev, &mut out, &a, &wd, &plan, opts).unwrap();
+    }
     let got = dev.download(&out).unwrap();
     plan.check(dev).unwrap();
 
@@ -156,9 +169,21 @@ fn run_case<T: Float, TO: Float>(dev: &Device, c: &Case) {
         .iter()
         .map(|v| v.to_f64())
         .collect();
-    let row_experts: Vec<i32> = (0..rows).map(|r| p.block_experts[r / c.block_m]).collect();
-    let row_scale: Vec<f64> = p
-        .padded_slots
+    // The expert of each row: from the padded blocks, or from the sorted offsets.
+    let row_experts: Vec<i32> = (0..rows)
+        .map(|r| match layout {
+            Layout::Padded => p.block_experts[r / c.block_m],
+            _ => (0..c.e)
+                .find(|&e| (p.offsets[e]..p.offsets[e + 1]).contains(&(r as i32)))
+                .map_or(-1, |e| e as i32),
+        })
+        .collect();
+    let row_slots = if c.gemv {
+        &p.sorted_slots
+    } else {
+        &p.padded_slots
+    };
+    let row_scale: Vec<f64> = row_slots
         .iter()
         .map(|&s| usize::try_from(s).map_or(0.0, |s| f64::from(weights[s])))
         .collect();
@@ -205,6 +230,7 @@ fn case(t: usize, k: usize, e: usize, kd: usize, n: usize, epilogue: Epilogue) -
         bias: false,
         scale: None,
         one_expert: None,
+        gemv: false,
     }
 }
 
@@ -276,6 +302,47 @@ fn gpu_grouped_gemm_matches_reference() {
     );
     run_case::<bf16, bf16>(&dev, &case(9, 1, 1, 64, 2 * 64, swiglu));
     run_case::<bf16, bf16>(&dev, &case(1, 8, 256, 7168 / 4, 2 * 256, swiglu));
+}
+
+#[test]
+fn gpu_grouped_gemv_matches_reference() {
+    let Some(dev) = common::gpu("gpu_grouped_gemv_matches_reference") else {
+        return;
+    };
+    let swiglu = Epilogue::Gated {
+        act: GatedAct::Silu,
+        layout: GateLayout::GateFirst,
+    };
+    let gpt_oss = Epilogue::Gated {
+        act: GatedAct::GPT_OSS,
+        layout: GateLayout::Interleaved,
+    };
+    let gemv = |c: Case| Case { gemv: true, ..c };
+    // Decode shapes: Mixtral's gate/up at T = 1 and 16 (more than 8 rows per expert, so the
+    // row chunks loop), Qwen3's down projection with the routing weight on the output.
+    run_case::<bf16, bf16>(&dev, &gemv(case(1, 2, 8, 4096, 2 * 512, swiglu)));
+    run_case::<bf16, f32>(&dev, &gemv(case(16, 2, 8, 1024, 2 * 256, swiglu)));
+    run_case::<bf16, bf16>(
+        &dev,
+        &gemv(Case {
+            scale: Some(ScaleAt::Output),
+            ..case(4, 8, 128, 768, 2048, Epilogue::None)
+        }),
+    );
+    run_case::<f16, f16>(
+        &dev,
+        &gemv(Case {
+            bias: true,
+            ..case(3, 4, 16, 40, 2 * 100, gpt_oss)
+        }),
+    );
+    run_case::<bf16, bf16>(
+        &dev,
+        &gemv(Case {
+            one_expert: Some(2),
+            ..case(20, 1, 4, 64, 72, Epilogue::Act(Act::GeluErf))
+        }),
+    );
 }
 
 #[test]

@@ -49,4 +49,16 @@ __device__ __forceinline__ void store_vec16(T* p, const Vec16<T>& r) {
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&r);
 }
 
+// Eight elements of T from a 16-byte-aligned address, as f32.
+template <typename T>
+__device__ __forceinline__ void load8(const T* ptr, float (&out)[8]) {
+    constexpr int V = kVec16<T>;
+#pragma unroll
+    for (int h = 0; h < 8 / V; ++h) {
+        const Vec16<T> v = load_vec16(ptr + h * V);
+#pragma unroll
+        for (int j = 0; j < V; ++j) out[h * V + j] = Float<T>::to_f32(v.v[j]);
+    }
+}
+
 }  // namespace moe

@@ -243,13 +243,15 @@ static_assert(sizeof(ActParams) == 32, "mirror in src/params.rs");
 enum Act : int32_t { kRelu = 0, kGeluTanh = 1, kGeluErf = 2, kSilu = 3 };
 
 // Grouped expert GEMM over the padded ("contiguous") layout: for every block of rows that
-// belongs to expert e (block_experts), out[r, :] = epilogue(a[r, :] . w[e]^T).
+// belongs to expert e (block_experts), out[r, :] = epilogue(a[r, :] . w[e]^T). The decode GEMV
+// takes the same struct over the sorted layout, finding each expert's rows from offsets.
 struct GroupedGemmParams {
     void* out;                    // [P, N_out], N_out = N (plain) or N / 2 (gated)
     const void* a;                // [P, Kd] rows in the plan's padded order
     const void* w;                // [E, N, Kd] out x in, as checkpoints store Linear weights
     const void* bias;             // [E, N] in the input dtype, or null
-    const int32_t* block_experts; // [P / plan_block_m] expert of each plan block, -1 to skip
+    const int32_t* block_experts; // GEMM: [P / plan_block_m] expert of each plan block, -1 skips
+    const int32_t* offsets;       // GEMV: [E+1] row range of each expert (sorted layout)
     const int32_t* row_slots;     // [P] slot of each row (-1 padding), for row scaling, or null
     const float* slot_weights;    // [S] routing weight of each slot, or null: no row scaling
     int32_t rows;                 // P, a multiple of plan_block_m
@@ -265,8 +267,8 @@ struct GroupedGemmParams {
     int32_t scale_input;          // 1: the row weight scales the input (before bias and act)
     int32_t pad_;
 };
-static_assert(sizeof(GroupedGemmParams) == 104, "mirror in src/params.rs");
-static_assert(offsetof(GroupedGemmParams, rows) == 56, "mirror in src/params.rs");
-static_assert(offsetof(GroupedGemmParams, alpha) == 88, "mirror in src/params.rs");
+static_assert(sizeof(GroupedGemmParams) == 112, "mirror in src/params.rs");
+static_assert(offsetof(GroupedGemmParams, rows) == 64, "mirror in src/params.rs");
+static_assert(offsetof(GroupedGemmParams, alpha) == 96, "mirror in src/params.rs");
 
 }  // namespace moe

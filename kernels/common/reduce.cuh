@@ -14,6 +14,14 @@ __device__ __forceinline__ float warp_reduce(float v, Op op) {
     return v;
 }
 
+__device__ __forceinline__ float warp_sum(float v) {
+    return warp_reduce(v, [](float a, float b) { return a + b; });
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    return warp_reduce(v, [](float a, float b) { return fmaxf(a, b); });
+}
+
 // Running softmax state over a set of values: the maximum `m` and the sum of exp(x - m).
 //
 // NaN and infinity follow torch.softmax: a NaN anywhere, or a +inf, makes `s` NaN (so the whole
