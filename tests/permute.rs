@@ -196,8 +196,32 @@ fn gpu_plan_matches_reference_bit_for_bit() {
     check_plan(&dev, &mut plan, &ids, "rebuilt for T=5");
     // Bad ids are counted, skipped, and reported by check().
     let mut plan = Plan::new(&dev, 4, 2, 4, 6, 8).unwrap();
-    check_plan(&dev, &mut plan, &[0, 9, -5, 5, 4, 1, 3, 6], "bad ids");
+    let bad = [0, 9, -5, 5, 4, 1, 3, 6];
+    check_plan(&dev, &mut plan, &bad, "bad ids");
     assert!(matches!(plan.check(&dev), Err(Error::DeviceCheck { .. })));
+    // Ids 9, -5 and 6 are bad (E_total = 6). The combine skips the same three slots and counts
+    // them again: status totals skip events.
+    let ids = dev.upload(&bad, &[4, 2]).unwrap();
+    let rows = dev
+        .upload(
+            &vec![1.0f32; plan.rows(Layout::Sorted) * 8],
+            &[plan.rows(Layout::Sorted), 8],
+        )
+        .unwrap();
+    let mut y = dev.zeros::<f32>(&[4, 8]).unwrap();
+    permute::combine_into(
+        &dev,
+        &mut y,
+        &rows,
+        &mut plan,
+        Layout::Sorted,
+        &ids,
+        CombineInputs::default(),
+    )
+    .unwrap();
+    assert_eq!(dev.download(&plan.status).unwrap()[0], 6);
+    // Token 0: slot 0 -> expert 0 (a row of ones), slot 1 -> bad id 9: skipped.
+    assert_eq!(dev.download(&y).unwrap()[..8], [1.0; 8]);
 }
 
 fn gather_and_combine<T: Float>(
@@ -212,8 +236,14 @@ fn gather_and_combine<T: Float>(
     let label = format!("{} T={t} K={k} E={e}/{et} H={h}", T::DTYPE);
     let mut rng = Rng::new((t * 7 + h) as u64);
     let ids = routing_ids(&mut rng, t, k, et, true);
-    // M large enough for every expert: overflow has its own test.
-    let m = t * k;
+    // M = the largest expert's count: nothing overflows (overflow has its own test), and the
+    // masked buffers stay E x M rather than E x T*K.
+    let m = reference::plan(&ids, e, et, bm)
+        .counts
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+        .max(1) as usize;
     let mut plan = Plan::new(dev, t, k, e, et, bm)
         .unwrap()
         .with_masked(dev, m)
@@ -247,10 +277,12 @@ fn gather_and_combine<T: Float>(
             let row: Vec<f64> = got[r * h..(r + 1) * h].iter().map(|v| v.to_f64()).collect();
             match want {
                 Some(w) => assert_eq!(&row, w, "{label} {layout:?}: row {r}"),
-                None => assert!(
+                // Padding is zeroed; masked rows past an expert's count are left alone.
+                None if layout == Layout::Padded => assert!(
                     row.iter().all(|&v| v == 0.0),
                     "{label} {layout:?}: padding row {r} not zeroed"
                 ),
+                None => {}
             }
         }
 
@@ -421,5 +453,17 @@ fn gpu_masked_overflow_and_ep_send_match_reference() {
         let (want_counts, want_order, _) = reference::ep_send(&want, &rank_of, ranks);
         assert_eq!(dev.download(&counts).unwrap(), want_counts);
         assert_eq!(dev.download(&order).unwrap(), want_order);
+
+        // Expert 0 on a rank that does not exist: it sends nothing, and status counts it.
+        let mut bad_rank = rank_of.clone();
+        bad_rank[0] = ranks as i32;
+        let before = dev.download(&plan.status).unwrap()[0];
+        let rank_d = dev.upload(&bad_rank, &[e]).unwrap();
+        permute::ep_send_into(&dev, &mut counts, &mut order, &mut plan, &rank_d).unwrap();
+        let (want_counts, want_order, bad) = reference::ep_send(&want, &bad_rank, ranks);
+        assert_eq!(bad, 1);
+        assert_eq!(dev.download(&counts).unwrap(), want_counts);
+        assert_eq!(dev.download(&order).unwrap(), want_order);
+        assert_eq!(dev.download(&plan.status).unwrap()[0], before + 1);
     }
 }

@@ -45,7 +45,10 @@ pub struct Plan {
     pub slot_padded_rows: Tensor<i32>,
     /// `[P_max / block_m]` expert of each padded block; -1 past the end.
     pub block_experts: Tensor<i32>,
-    /// `[1]` ids seen outside `[-1, E_total)` (and rows out of range in gather/combine).
+    /// `[1]` entries skipped because they were out of range: ids outside `[-1, E_total)` in the
+    /// plan, masked-layout overflow, and rows, ids or ranks out of range in gather, combine and
+    /// ep_send. Every op that skips an entry counts it, so one bad id read by the plan and the
+    /// combine counts twice. Reset by [`Plan::build`].
     pub status: Tensor<i32>,
     /// The masked layout, when [`Plan::with_masked`] asked for it.
     pub masked: Option<Masked>,
