@@ -272,6 +272,9 @@ fn compile_one(
         .arg("-O3")
         .arg("-std=c++17")
         .arg("-lineinfo")
+        // The driver inflates compressed images at load time; every test, bench and CLI binary
+        // embeds all of them, so this keeps each binary small.
+        .arg("-Xfatbin=-compress-all")
         .arg("--keep")
         .arg("--keep-dir")
         .arg(&keep_dir)

@@ -49,4 +49,10 @@ cp scripts/gpu-check.sh "$out/"
     echo "nvcc: $(.cuda-toolchain/nvidia/cu13/bin/nvcc --version | grep release)"
 } >"$out/BUNDLE_INFO"
 du -sh "$out"
+# The GPU machine takes at most 64 MiB with the working tree; leave room for it.
+size_kib=$(du -sk "$out" | cut -f1)
+if [ "$size_kib" -gt $((56 * 1024)) ]; then
+    echo "gpu-bundle: $out is ${size_kib} KiB, over the 56 MiB budget" >&2
+    exit 1
+fi
 ls -l "$out" "$out/tests" "$out/benches"
