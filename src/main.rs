@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+mod demo;
+
 use clap::{Parser, Subcommand};
 use half::{bf16, f16};
 use moe_kernels::check;
@@ -115,6 +117,37 @@ fn demo() -> Result<(), Error> {
         failed += softmax_case::<bf16>(&dev, rows, cols)?;
         failed += softmax_case::<f16>(&dev, rows, cols)?;
     }
+    println!();
+    println!(
+        "MoE layer, Qwen3-30B-A3B shape (H={}, I={}, E={}, K={}), seeded random bf16 weights:",
+        demo::H,
+        demo::I,
+        demo::E,
+        demo::K
+    );
+    let layer = demo::Layer::random(1, demo::H, demo::I, demo::E);
+    let weights = demo::DeviceLayer::upload(&dev, &layer)?;
+    println!(
+        "{:>6} {:>5} {:>12} {:>12} {:>10}  result",
+        "T", "path", "device us", "max |err|", "rms(y)"
+    );
+    for t in [1, 16, 256, 4096] {
+        let o = demo::gpu_case(&dev, &layer, &weights, t)?;
+        println!(
+            "{:>6} {:>5} {:>12.1} {:>12.3e} {:>10.3e}  {}",
+            o.tokens,
+            o.path,
+            o.micros,
+            o.max_err,
+            o.scale,
+            if o.passed {
+                "ok (4 sampled tokens vs f64)"
+            } else {
+                "FAIL"
+            }
+        );
+        failed += usize::from(!o.passed);
+    }
     if failed > 0 {
         return Err(Error::DeviceCheck {
             op: "demo",
@@ -156,5 +189,30 @@ fn cpu_demo() -> Result<(), Error> {
         y.iter().map(|v| format!("{v:.4}")).collect::<Vec<_>>()
     );
     println!("  sum(y) = {:.15}", y.iter().sum::<f64>());
+
+    // A small MoE block through the references alone: routing, experts, weighted sum.
+    let (h, i, e, k, t) = (64, 32, 8, 2, 4);
+    let layer = demo::Layer::random(1, h, i, e);
+    let cfg = moe_kernels::routing::RouterConfig::mixtral(k);
+    println!("\nCPU reference MoE block (H={h}, I={i}, E={e}, K={k}, Mixtral routing), T={t}:");
+    for tok in 0..t {
+        let xt: Vec<f64> = (0..h).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let logits: Vec<f64> = (0..e)
+            .map(|ex| {
+                layer.router[ex * h..(ex + 1) * h]
+                    .iter()
+                    .zip(&xt)
+                    .map(|(w, v)| w.to_f64() * v)
+                    .sum()
+            })
+            .collect();
+        let r = moe_kernels::routing::reference::route(&logits, e, &cfg, None)?;
+        let y = demo::reference_token(&layer, &xt, &r.ids, &r.weights, h, i);
+        let rms = (y.iter().map(|v| v * v).sum::<f64>() / h as f64).sqrt();
+        println!(
+            "  token {tok}: experts {:?} weights {:.3?} rms(y) {rms:.4e}",
+            r.ids, r.weights
+        );
+    }
     Ok(())
 }
