@@ -25,14 +25,6 @@ impl DType {
             DType::U8 => "u8",
         }
     }
-
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 | DType::I32 | DType::U32 => 4,
-            DType::BF16 | DType::F16 => 2,
-            DType::U8 => 1,
-        }
-    }
 }
 
 impl std::fmt::Display for DType {
