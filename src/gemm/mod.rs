@@ -1,9 +1,10 @@
 //! Grouped expert GEMM: every expert multiplies its own rows by its weight, `C_e = A_e · W_eᵀ`,
 //! with the epilogue fused (bias, gated or plain activation, routing-weight row scaling).
 //!
-//! The rows come in the plan's padded layout ([`crate::permute::Layout::Padded`]): every block of
-//! `block_m` rows belongs to one expert, whose id the plan keeps on the device, so segment sizes
-//! are never read by the host and the call can be captured in a CUDA graph. Blocks past the
+//! Which rows belong to which expert is read from the plan on the device, never by the host, so
+//! the calls can be captured in a CUDA graph: the GEMM takes the padded layout
+//! ([`crate::permute::Layout::Padded`]), where every block of `block_m` rows belongs to one
+//! expert; the GEMV takes the sorted layout and each expert's row range. Blocks past the
 //! device's row count, and experts without rows, cost nothing.
 //!
 //! Two regimes, two kernels:
