@@ -88,6 +88,24 @@ impl<T: Elem> Tensor<T> {
         }
     }
 
+    /// The two dims of a rank-2 tensor; `names` (e.g. "[T, E]") says what they are in the error.
+    pub(crate) fn dims2(
+        &self,
+        op: &'static str,
+        arg: &'static str,
+        names: &str,
+    ) -> Result<(usize, usize)> {
+        match *self.shape.as_slice() {
+            [a, b] => Ok((a, b)),
+            _ => Err(Error::shape(
+                op,
+                arg,
+                format!("rank 2 {names}"),
+                format!("{:?}", self.shape),
+            )),
+        }
+    }
+
     /// Refuses a tensor that lives in another CUDA context than `dev`.
     pub(crate) fn check_device(
         &self,

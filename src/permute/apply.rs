@@ -132,15 +132,7 @@ pub fn combine_into<T: Float>(
 ) -> Result<()> {
     const OP: &str = "combine";
     let (t, k) = (plan.tokens(), plan.k());
-    if expert_out.rank() != 2 {
-        return Err(Error::shape(
-            OP,
-            "expert_out",
-            "rank 2 [rows, H]",
-            format!("{:?}", expert_out.shape()),
-        ));
-    }
-    let (rows, hidden) = (expert_out.shape()[0], expert_out.shape()[1]);
+    let (rows, hidden) = expert_out.dims2(OP, "expert_out", "[rows, H]")?;
     let want = |arg: &'static str, got: &[usize], want: &[usize]| {
         if got == want {
             Ok(())

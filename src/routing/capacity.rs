@@ -52,14 +52,7 @@ pub fn apply_capacity_into(
     capacity: usize,
 ) -> Result<()> {
     const OP: &str = "apply_capacity";
-    if ids.rank() != 2 {
-        return Err(Error::shape(
-            OP,
-            "ids",
-            "rank 2 [T, K]",
-            format!("{:?}", ids.shape()),
-        ));
-    }
+    ids.dims2(OP, "ids", "[T, K]")?;
     for (arg, shape) in [
         ("weights", weights.shape()),
         ("ids_out", ids_out.shape()),

@@ -36,6 +36,24 @@ pub enum RouterRule {
     TopP { p: f32, renormalize: bool },
 }
 
+impl RouterRule {
+    /// `(n_group, topk_group)` of the group-limited rules.
+    pub fn groups(&self) -> Option<(usize, usize)> {
+        match *self {
+            RouterRule::SigmoidGroupTopK {
+                n_group,
+                topk_group,
+                ..
+            }
+            | RouterRule::SoftmaxGroupTopK {
+                n_group,
+                topk_group,
+            } => Some((n_group, topk_group)),
+            _ => None,
+        }
+    }
+}
+
 /// A router: its rule, K, and the scalars every rule shares.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RouterConfig {
@@ -160,55 +178,46 @@ impl RouterConfig {
         {
             return bad("softcap", "a finite value > 0".into(), format!("{cap}"));
         }
-        match self.rule {
-            RouterRule::SigmoidGroupTopK {
-                n_group,
-                topk_group,
-                ..
+        if let Some((n_group, topk_group)) = self.rule.groups() {
+            if n_group == 0 || n_group > MAX_GROUPS || !experts.is_multiple_of(n_group) {
+                return bad(
+                    "n_group",
+                    format!("a divisor of E={experts} in 1..={MAX_GROUPS}"),
+                    format!("{n_group}"),
+                );
             }
-            | RouterRule::SoftmaxGroupTopK {
-                n_group,
-                topk_group,
-            } => {
-                if n_group == 0 || n_group > MAX_GROUPS || !experts.is_multiple_of(n_group) {
-                    return bad(
-                        "n_group",
-                        format!("a divisor of E={experts} in 1..={MAX_GROUPS}"),
-                        format!("{n_group}"),
-                    );
-                }
-                if topk_group == 0 || topk_group > n_group {
-                    return bad(
-                        "topk_group",
-                        format!("1..=n_group ({n_group})"),
-                        format!("{topk_group}"),
-                    );
-                }
-                let per_group = experts / n_group;
-                if matches!(self.rule, RouterRule::SigmoidGroupTopK { .. }) && per_group < 2 {
-                    return bad(
-                        "n_group",
-                        format!(
-                            "at least 2 experts per group (the group score sums its top 2); E={experts}"
-                        ),
-                        format!("{n_group} groups of {per_group}"),
-                    );
-                }
-                if self.k > topk_group * per_group {
-                    return bad(
-                        "k",
-                        format!(
-                            "at most topk_group * E/n_group = {}",
-                            topk_group * per_group
-                        ),
-                        format!("{}", self.k),
-                    );
-                }
+            if topk_group == 0 || topk_group > n_group {
+                return bad(
+                    "topk_group",
+                    format!("1..=n_group ({n_group})"),
+                    format!("{topk_group}"),
+                );
             }
-            RouterRule::TopP { p, .. } if !(p > 0.0 && p <= 1.0) => {
-                return bad("p", "a value in (0, 1]".into(), format!("{p}"));
+            let per_group = experts / n_group;
+            if matches!(self.rule, RouterRule::SigmoidGroupTopK { .. }) && per_group < 2 {
+                return bad(
+                    "n_group",
+                    format!(
+                        "at least 2 experts per group (the group score sums its top 2); E={experts}"
+                    ),
+                    format!("{n_group} groups of {per_group}"),
+                );
             }
-            _ => {}
+            if self.k > topk_group * per_group {
+                return bad(
+                    "k",
+                    format!(
+                        "at most topk_group * E/n_group = {}",
+                        topk_group * per_group
+                    ),
+                    format!("{}", self.k),
+                );
+            }
+        }
+        if let RouterRule::TopP { p, .. } = self.rule
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return bad("p", "a value in (0, 1]".into(), format!("{p}"));
         }
         match (self.needs_bias(), bias_len) {
             (true, None) => bad(

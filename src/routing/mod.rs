@@ -57,15 +57,7 @@ pub fn route_into<T: Float>(
     bias: Option<&Tensor<f32>>,
 ) -> Result<()> {
     const OP: &str = "route";
-    if logits.rank() != 2 {
-        return Err(Error::shape(
-            OP,
-            "logits",
-            "rank 2 [T, E]",
-            format!("{:?}", logits.shape()),
-        ));
-    }
-    let (tokens, experts) = (logits.shape()[0], logits.shape()[1]);
+    let (tokens, experts) = logits.dims2(OP, "logits", "[T, E]")?;
     cfg.validate(OP, experts, bias.map(|b| b.numel()))?;
     let k = cfg.k;
     for (arg, shape) in [("ids", ids.shape()), ("weights", weights.shape())] {
@@ -126,35 +118,17 @@ pub fn route_into<T: Float>(
         return Ok(());
     }
 
-    let (rule, n_group, topk_group, renormalize, top_p) = match cfg.rule {
-        RouterRule::SoftmaxTopK { renormalize } => {
-            (route_rule::SOFTMAX_TOPK, 1, 1, renormalize, 1.0)
+    let (rule, renormalize, top_p) = match cfg.rule {
+        RouterRule::SoftmaxTopK { renormalize } => (route_rule::SOFTMAX_TOPK, renormalize, 1.0),
+        RouterRule::TopKSoftmax => (route_rule::TOPK_SOFTMAX, false, 1.0),
+        RouterRule::TopKSigmoid => (route_rule::TOPK_SIGMOID, false, 1.0),
+        RouterRule::SigmoidGroupTopK { renormalize, .. } => {
+            (route_rule::SIGMOID_GROUP_TOPK, renormalize, 1.0)
         }
-        RouterRule::TopKSoftmax => (route_rule::TOPK_SOFTMAX, 1, 1, false, 1.0),
-        RouterRule::TopKSigmoid => (route_rule::TOPK_SIGMOID, 1, 1, false, 1.0),
-        RouterRule::SigmoidGroupTopK {
-            n_group,
-            topk_group,
-            renormalize,
-        } => (
-            route_rule::SIGMOID_GROUP_TOPK,
-            n_group,
-            topk_group,
-            renormalize,
-            1.0,
-        ),
-        RouterRule::SoftmaxGroupTopK {
-            n_group,
-            topk_group,
-        } => (
-            route_rule::SOFTMAX_GROUP_TOPK,
-            n_group,
-            topk_group,
-            false,
-            1.0,
-        ),
-        RouterRule::TopP { p, renormalize } => (route_rule::TOP_P, 1, 1, renormalize, p),
+        RouterRule::SoftmaxGroupTopK { .. } => (route_rule::SOFTMAX_GROUP_TOPK, false, 1.0),
+        RouterRule::TopP { p, renormalize } => (route_rule::TOP_P, renormalize, p),
     };
+    let (n_group, topk_group) = cfg.rule.groups().unwrap_or((1, 1));
     // All of these were bounded by validate(): E <= 1024, K <= 32, groups <= 32.
     let small = |v: usize| i32::try_from(v).expect("bounded by RouterConfig::validate");
     let params = RouteParams {

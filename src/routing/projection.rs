@@ -34,15 +34,8 @@ pub fn router_logits_into<X: Float, W: Float>(
             ),
         });
     }
-    if x.rank() != 2 || w.rank() != 2 {
-        let (arg, s) = if x.rank() != 2 {
-            ("x", x.shape())
-        } else {
-            ("w", w.shape())
-        };
-        return Err(Error::shape(OP, arg, "rank 2", format!("{s:?}")));
-    }
-    let (tokens, hidden, experts) = (x.shape()[0], x.shape()[1], w.shape()[0]);
+    let (tokens, hidden) = x.dims2(OP, "x", "[T, H]")?;
+    let (experts, _) = w.dims2(OP, "w", "[E, H]")?;
     if w.shape()[1] != hidden {
         return Err(Error::shape(
             OP,

@@ -119,16 +119,8 @@ fn route_token(row: &[f64], cfg: &RouterConfig, bias: Option<&[f64]>) -> (Vec<i3
 
     // Group-limited choice: keep the experts of the best `topk_group` groups.
     let mut margin = f64::INFINITY;
-    let candidates: Vec<usize> = match cfg.rule {
-        RouterRule::SigmoidGroupTopK {
-            n_group,
-            topk_group,
-            ..
-        }
-        | RouterRule::SoftmaxGroupTopK {
-            n_group,
-            topk_group,
-        } => {
+    let candidates: Vec<usize> = match cfg.rule.groups() {
+        Some((n_group, topk_group)) => {
             let size = e / n_group;
             let top2 = matches!(cfg.rule, RouterRule::SigmoidGroupTopK { .. });
             let gscore: Vec<f64> = (0..n_group)
@@ -150,7 +142,7 @@ fn route_token(row: &[f64], cfg: &RouterConfig, bias: Option<&[f64]>) -> (Vec<i3
             keep.sort_unstable();
             keep
         }
-        _ => (0..e).collect(),
+        None => (0..e).collect(),
     };
 
     let order = ranked(&key, candidates.into_iter());

@@ -31,15 +31,7 @@ pub fn router_stats_into<T: Float>(
     counts: &Tensor<i32>,
 ) -> Result<()> {
     const OP: &str = "router_stats";
-    if logits.rank() != 2 {
-        return Err(Error::shape(
-            OP,
-            "logits",
-            "rank 2 [T, E]",
-            format!("{:?}", logits.shape()),
-        ));
-    }
-    let (tokens, experts) = (logits.shape()[0], logits.shape()[1]);
+    let (tokens, experts) = logits.dims2(OP, "logits", "[T, E]")?;
     if tokens == 0 || experts == 0 {
         return Err(Error::shape(
             OP,
