@@ -303,3 +303,19 @@ const _: () = assert!(offset_of!(GroupedGemmParams, rows) == 64);
 const _: () = assert!(offset_of!(GroupedGemmParams, alpha) == 96);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for GroupedGemmParams {}
+
+/// See `FillParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FillParams {
+    pub out: u64,
+    pub n: i64,
+    pub seed: u64,
+    pub lo: f32,
+    pub hi: f32,
+}
+const _: () = assert!(size_of::<FillParams>() == 32);
+const _: () = assert!(offset_of!(FillParams, lo) == 24);
+
+// SAFETY: plain old data with the C layout the kernel declares; passed by value.
+unsafe impl DeviceRepr for FillParams {}

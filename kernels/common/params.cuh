@@ -271,4 +271,16 @@ static_assert(sizeof(GroupedGemmParams) == 112, "mirror in src/params.rs");
 static_assert(offsetof(GroupedGemmParams, rows) == 64, "mirror in src/params.rs");
 static_assert(offsetof(GroupedGemmParams, alpha) == 96, "mirror in src/params.rs");
 
+// Seeded uniform fill: out[i] = lo + (hi - lo) * u(seed, i), u a hash of the index in [0, 1),
+// rounded once to the dtype. Benches and the bench command fill weights of real shapes this way.
+struct FillParams {
+    void* out;                    // [n]
+    int64_t n;
+    uint64_t seed;
+    float lo;
+    float hi;
+};
+static_assert(sizeof(FillParams) == 32, "mirror in src/params.rs");
+static_assert(offsetof(FillParams, lo) == 24, "mirror in src/params.rs");
+
 }  // namespace moe

@@ -4,6 +4,7 @@
 //! waiting, so a runtime can capture a sequence of ops in a CUDA graph. Only the explicit host
 //! transfers ([`Device::download`] and friends) synchronise.
 
+mod fill;
 mod tensor;
 mod timer;
 
@@ -14,6 +15,7 @@ use cudarc::driver::sys::{self, CUdevice_attribute as Attr};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 
+pub use fill::uniform_at;
 pub use tensor::Tensor;
 pub use timer::GpuTimer;
 
@@ -132,14 +134,14 @@ impl Device {
             ));
         }
         self.stream
-            .memcpy_htod(data, dst.buf_mut())
+            .memcpy_htod(data, &mut dst.view_mut())
             .op("Device::upload_into")
     }
 
     /// Copies a tensor back to the host; waits for the stream.
     pub fn download<T: Elem>(&self, t: &Tensor<T>) -> Result<Vec<T>> {
         t.check_device("Device::download", "tensor", self)?;
-        self.stream.clone_dtoh(t.buf()).op("Device::download")
+        self.stream.clone_dtoh(&t.view()).op("Device::download")
     }
 
     /// A new zero-filled tensor.

@@ -6,9 +6,13 @@ use super::Device;
 use crate::dtype::{DType, Elem};
 use crate::error::{Error, Result};
 
+/// The shape may cover fewer elements than the buffer holds: a workspace allocated once for a
+/// maximum token count is re-shaped in place with [`Tensor::set_shape`] for each smaller batch,
+/// and every op sees only the leading `numel()` elements.
 pub struct Tensor<T> {
     buf: CudaSlice<T>,
     shape: Vec<usize>,
+    numel: usize,
 }
 
 impl<T> std::fmt::Debug for Tensor<T> {
@@ -36,8 +40,9 @@ pub(crate) fn numel(op: &'static str, shape: &[usize]) -> Result<usize> {
 
 impl<T: Elem> Tensor<T> {
     pub(crate) fn from_parts(buf: CudaSlice<T>, shape: Vec<usize>) -> Self {
-        debug_assert_eq!(buf.len(), shape.iter().product::<usize>());
-        Tensor { buf, shape }
+        let numel = shape.iter().product::<usize>();
+        debug_assert_eq!(buf.len(), numel);
+        Tensor { buf, shape, numel }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -49,6 +54,11 @@ impl<T: Elem> Tensor<T> {
     }
 
     pub fn numel(&self) -> usize {
+        self.numel
+    }
+
+    /// Elements the buffer holds: the most any shape given to [`Tensor::set_shape`] may cover.
+    pub fn capacity(&self) -> usize {
         self.buf.len()
     }
 
@@ -56,13 +66,44 @@ impl<T: Elem> Tensor<T> {
         T::DTYPE
     }
 
-    /// The underlying buffer, for callers that launch their own kernels on it.
+    /// The underlying buffer, for callers that launch their own kernels on it. It may be longer
+    /// than the shape (see [`Tensor::set_shape`]).
     pub fn buf(&self) -> &CudaSlice<T> {
         &self.buf
     }
 
     pub fn buf_mut(&mut self) -> &mut CudaSlice<T> {
         &mut self.buf
+    }
+
+    /// The elements the shape covers.
+    pub(crate) fn view(&self) -> cudarc::driver::CudaView<'_, T> {
+        self.buf.slice(..self.numel)
+    }
+
+    pub(crate) fn view_mut(&mut self) -> cudarc::driver::CudaViewMut<'_, T> {
+        self.buf.slice_mut(..self.numel)
+    }
+
+    /// Gives the tensor another shape in place, over the leading elements of its buffer: any
+    /// shape of at most [`Tensor::capacity`] elements. Nothing is copied or cleared, so a
+    /// workspace sized once serves every smaller batch.
+    pub fn set_shape(&mut self, shape: &[usize]) -> Result<()> {
+        let n = numel("Tensor::set_shape", shape)?;
+        if n > self.capacity() {
+            return Err(Error::shape(
+                "Tensor::set_shape",
+                "shape",
+                format!(
+                    "at most {} elements (the buffer's capacity)",
+                    self.capacity()
+                ),
+                format!("{shape:?} ({n} elements)"),
+            ));
+        }
+        self.shape = shape.to_vec();
+        self.numel = n;
+        Ok(())
     }
 
     /// The same buffer under another shape with the same element count.
@@ -77,6 +118,7 @@ impl<T: Elem> Tensor<T> {
             ));
         }
         self.shape = shape.to_vec();
+        self.numel = n;
         Ok(self)
     }
 
