@@ -42,6 +42,16 @@ pub enum Error {
     #[error("{op}: device-side check failed: {what}")]
     DeviceCheck { op: &'static str, what: String },
 
+    /// A model folder or tensor file is missing, unreadable or not what the loader needs. `what`
+    /// names the tensor, key or part of the file.
+    #[error("{file}: {what}: expected {expected}, got {got}")]
+    Checkpoint {
+        file: String,
+        what: String,
+        expected: String,
+        got: String,
+    },
+
     /// An error from the CUDA driver.
     #[error("CUDA driver error in {op}: {source}")]
     Driver {
@@ -61,6 +71,22 @@ impl Error {
         Error::Shape {
             op,
             arg,
+            expected: expected.into(),
+            got: got.into(),
+        }
+    }
+}
+
+impl Error {
+    pub(crate) fn checkpoint(
+        file: impl std::fmt::Display,
+        what: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+    ) -> Self {
+        Error::Checkpoint {
+            file: file.to_string(),
+            what: what.into(),
             expected: expected.into(),
             got: got.into(),
         }

@@ -37,6 +37,8 @@ pub mod dtype;
 pub mod error;
 pub mod gemm;
 pub mod kernels;
+pub mod layer;
+pub mod model;
 mod params;
 pub mod permute;
 pub mod rng;

@@ -1,0 +1,597 @@
+//! The MoE block on the GPU: weights on the device, a workspace sized once, and a forward made
+//! only of kernel launches and memsets on the device's stream.
+
+use super::{LayerWeights, MoeConfig, ZeroExpert};
+use crate::activation::GateLayout;
+use crate::device::{Device, Tensor};
+use crate::dtype::{DType, Float};
+use crate::error::{Error, Result};
+use crate::gemm::{self, Epilogue, GemmOptions, ScaleAt};
+use crate::permute::{self, CombineInputs, Layout, Plan, reference::padded_capacity};
+use crate::routing;
+
+/// Which expert GEMM a forward uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// The GEMV (sorted layout) up to [`MoeLayer::DECODE_TOKENS`] tokens, the GEMM above.
+    Auto,
+    /// The decode GEMV over the sorted layout.
+    Gemv,
+    /// The tensor-core GEMM over the padded layout.
+    Gemm,
+}
+
+/// The router's weights: in the model dtype, or f32 when the model routes in f32.
+pub enum RouterWeights<T> {
+    Model {
+        w: Tensor<T>,
+        bias: Option<Tensor<T>>,
+    },
+    F32 {
+        w: Tensor<f32>,
+        bias: Option<Tensor<f32>>,
+    },
+}
+
+/// A block's weights on the device, in the layout of the module documentation (shared-expert
+/// tensors carry a leading expert dimension of 1, as the grouped kernels take them).
+pub struct DeviceWeights<T> {
+    pub router: RouterWeights<T>,
+    pub correction_bias: Option<Tensor<f32>>,
+    /// `[E, 2I, H]`.
+    pub gate_up: Tensor<T>,
+    pub gate_up_bias: Option<Tensor<T>>,
+    /// `[E, H, I]`.
+    pub down: Tensor<T>,
+    pub down_bias: Option<Tensor<T>>,
+    /// `[1, 2Is, H]`.
+    pub shared_gate_up: Option<Tensor<T>>,
+    /// `[1, H, Is]`.
+    pub shared_down: Option<Tensor<T>>,
+    /// `[1, H]`.
+    pub shared_gate: Option<Tensor<T>>,
+    pub const_w: Option<Tensor<T>>,
+    pub const_v: Option<Tensor<T>>,
+}
+
+/// The stages of a forward, in order; [`MoeLayer::forward_marked`] reports the end of each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Router projection and top-k.
+    Route,
+    /// The routing plan.
+    Plan,
+    /// Gather and the gate/up GEMM with the fused activation.
+    Gemm1,
+    /// The down GEMM (routing weights folded in where possible).
+    Gemm2,
+    /// The shared expert's two GEMMs and gate (models that have one).
+    Shared,
+    /// Weighted sum back into token order.
+    Combine,
+}
+
+/// The shared expert's buffers: its own one-expert plan puts the tokens in order.
+struct SharedWs<T> {
+    plan: Plan,
+    zero_ids: Tensor<i32>,
+    a: Tensor<T>,
+    h: Tensor<T>,
+    out: Tensor<T>,
+    gate_logits: Tensor<T>,
+}
+
+/// One MoE block on the device, in compute dtype `T` (bf16 or f16).
+pub struct MoeLayer<T: Float> {
+    cfg: MoeConfig,
+    max_tokens: usize,
+    path: Path,
+    w: DeviceWeights<T>,
+    zc_kinds: Option<Tensor<i32>>,
+    // Workspace, sized for max_tokens.
+    logits: Tensor<T>,
+    logits_f32: Tensor<f32>,
+    ids: Tensor<i32>,
+    weights: Tensor<f32>,
+    plan: Plan,
+    a: Tensor<T>,
+    hmid: Tensor<T>,
+    out: Tensor<T>,
+    shared: Option<SharedWs<T>>,
+}
+
+fn to_model<S: Float, T: Float>(v: &[S]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x.to_f32())).collect()
+}
+
+impl<T: Float> MoeLayer<T> {
+    /// Up to this many tokens, [`Path::Auto`] takes the GEMV.
+    pub const DECODE_TOKENS: usize = 16;
+    /// The plan's block height: the GEMM's tile rows.
+    const BLOCK_M: usize = gemm::BLOCK_M;
+
+    /// Uploads `w` (rounded to `T`) and allocates the workspace for up to `max_tokens` tokens.
+    pub fn new<S: Float>(
+        dev: &Device,
+        cfg: &MoeConfig,
+        w: &LayerWeights<S>,
+        max_tokens: usize,
+    ) -> Result<Self> {
+        w.check("MoeLayer::new", cfg)?;
+        let (h, i, e, et) = (
+            cfg.hidden,
+            cfg.intermediate,
+            cfg.experts,
+            cfg.experts_total(),
+        );
+        let z = cfg.zero_experts.len();
+        let is = cfg.shared.map_or(0, |s| s.intermediate);
+        let up = |v: &[S], shape: &[usize]| dev.upload(&to_model::<S, T>(v), shape);
+        let opt =
+            |v: &Option<Vec<S>>, shape: &[usize]| v.as_deref().map(|v| up(v, shape)).transpose();
+        let router = if cfg.router_f32 {
+            RouterWeights::F32 {
+                w: dev.upload(&w.router, &[et, h])?,
+                bias: w
+                    .router_bias
+                    .as_deref()
+                    .map(|b| dev.upload(b, &[et]))
+                    .transpose()?,
+            }
+        } else {
+            RouterWeights::Model {
+                w: dev.upload(&to_model::<f32, T>(&w.router), &[et, h])?,
+                bias: w
+                    .router_bias
+                    .as_deref()
+                    .map(|b| dev.upload(&to_model::<f32, T>(b), &[et]))
+                    .transpose()?,
+            }
+        };
+        let weights = DeviceWeights {
+            router,
+            correction_bias: w
+                .correction_bias
+                .as_deref()
+                .map(|b| dev.upload(b, &[et]))
+                .transpose()?,
+            gate_up: up(&w.gate_up, &[e, 2 * i, h])?,
+            gate_up_bias: opt(&w.gate_up_bias, &[e, 2 * i])?,
+            down: up(&w.down, &[e, h, i])?,
+            down_bias: opt(&w.down_bias, &[e, h])?,
+            shared_gate_up: opt(&w.shared_gate_up, &[1, 2 * is, h])?,
+            shared_down: opt(&w.shared_down, &[1, h, is])?,
+            shared_gate: opt(&w.shared_gate, &[1, h])?,
+            const_w: opt(&w.const_w, &[z, 2, h])?,
+            const_v: opt(&w.const_v, &[z, h])?,
+        };
+        Self::from_device(dev, cfg, weights, max_tokens)
+    }
+
+    /// A block of `cfg`'s shapes with weights drawn on the device, uniform with the variance of
+    /// a 1/sqrt(fan-in) init: for benches of real model sizes, where drawing billions of values
+    /// on the host would dominate.
+    pub fn random(dev: &Device, cfg: &MoeConfig, max_tokens: usize, seed: u64) -> Result<Self> {
+        cfg.validate("MoeLayer::random")?;
+        let (h, i, e, et) = (
+            cfg.hidden,
+            cfg.intermediate,
+            cfg.experts,
+            cfg.experts_total(),
+        );
+        let z = cfg.zero_experts.len();
+        let mut n = 0u64;
+        let mut draw = |shape: &[usize], fan_in: usize| -> Result<Tensor<T>> {
+            let mut t = dev.zeros::<T>(shape)?;
+            let a = (3.0 / fan_in as f64).sqrt() as f32;
+            n += 1;
+            dev.fill_uniform(&mut t, seed.wrapping_add(n << 32), -a, a)?;
+            Ok(t)
+        };
+        let router = if cfg.router_f32 {
+            let mut w = dev.zeros::<f32>(&[et, h])?;
+            let a = (3.0 / h as f64).sqrt() as f32;
+            dev.fill_uniform(&mut w, seed, -a, a)?;
+            RouterWeights::F32 {
+                w,
+                bias: cfg.router_bias.then(|| dev.zeros(&[et])).transpose()?,
+            }
+        } else {
+            RouterWeights::Model {
+                w: draw(&[et, h], h)?,
+                bias: cfg.router_bias.then(|| dev.zeros(&[et])).transpose()?,
+            }
+        };
+        let gate_up = draw(&[e, 2 * i, h], h)?;
+        let down = draw(&[e, h, i], i)?;
+        let gate_up_bias = cfg.expert_bias.then(|| draw(&[e, 2 * i], h)).transpose()?;
+        let down_bias = cfg.expert_bias.then(|| draw(&[e, h], i)).transpose()?;
+        let (shared_gate_up, shared_down, shared_gate) = match cfg.shared {
+            Some(s) => (
+                Some(draw(&[1, 2 * s.intermediate, h], h)?),
+                Some(draw(&[1, h, s.intermediate], s.intermediate)?),
+                s.gated.then(|| draw(&[1, h], h)).transpose()?,
+            ),
+            None => (None, None, None),
+        };
+        let constants = cfg.zero_experts.contains(&ZeroExpert::Constant);
+        let const_w = constants.then(|| draw(&[z, 2, h], h)).transpose()?;
+        let const_v = constants.then(|| draw(&[z, h], 1)).transpose()?;
+        let correction_bias = cfg.correction_bias.then(|| dev.zeros(&[et])).transpose()?;
+        let weights = DeviceWeights {
+            router,
+            correction_bias,
+            gate_up,
+            gate_up_bias,
+            down,
+            down_bias,
+            shared_gate_up,
+            shared_down,
+            shared_gate,
+            const_w,
+            const_v,
+        };
+        Self::from_device(dev, cfg, weights, max_tokens)
+    }
+
+    /// A block over weights already on the device; checks their shapes against `cfg` and
+    /// allocates the workspace for up to `max_tokens` tokens.
+    pub fn from_device(
+        dev: &Device,
+        cfg: &MoeConfig,
+        w: DeviceWeights<T>,
+        max_tokens: usize,
+    ) -> Result<Self> {
+        const OP: &str = "MoeLayer::from_device";
+        if !matches!(T::DTYPE, DType::BF16 | DType::F16) {
+            return Err(Error::Unsupported {
+                op: OP,
+                what: format!("compute dtype {} (bf16 or f16)", T::DTYPE),
+            });
+        }
+        cfg.validate(OP)?;
+        check_weights(OP, cfg, &w)?;
+        let (h, i, e, et, k) = (
+            cfg.hidden,
+            cfg.intermediate,
+            cfg.experts,
+            cfg.experts_total(),
+            cfg.k(),
+        );
+        let codes: Vec<i32> = cfg.zero_experts.iter().map(|z| z.code()).collect();
+        let shared = match cfg.shared {
+            None => None,
+            Some(s) => {
+                let rows = padded_capacity(max_tokens, 1, Self::BLOCK_M);
+                Some(SharedWs {
+                    plan: Plan::new(dev, max_tokens, 1, 1, 1, Self::BLOCK_M)?,
+                    zero_ids: dev.zeros(&[max_tokens, 1])?,
+                    a: dev.zeros(&[rows, h])?,
+                    h: dev.zeros(&[rows, s.intermediate])?,
+                    out: dev.zeros(&[rows, h])?,
+                    gate_logits: dev.zeros(&[max_tokens, 1])?,
+                })
+            }
+        };
+        let slots = max_tokens.checked_mul(k).ok_or_else(|| {
+            Error::shape(
+                OP,
+                "max_tokens",
+                "T*K within usize",
+                format!("{max_tokens}"),
+            )
+        })?;
+        let plan = Plan::new(dev, max_tokens, k, e, et, Self::BLOCK_M)?;
+        let rows = slots.max(padded_capacity(slots, e, Self::BLOCK_M));
+        let f32_router = matches!(w.router, RouterWeights::F32 { .. });
+        Ok(MoeLayer {
+            cfg: cfg.clone(),
+            max_tokens,
+            path: Path::Auto,
+            w,
+            zc_kinds: (!codes.is_empty())
+                .then(|| dev.upload(&codes, &[codes.len()]))
+                .transpose()?,
+            logits: dev.zeros(&[if f32_router { 0 } else { max_tokens }, et])?,
+            logits_f32: dev.zeros(&[if f32_router { max_tokens } else { 0 }, et])?,
+            ids: dev.zeros(&[max_tokens, k])?,
+            weights: dev.zeros(&[max_tokens, k])?,
+            plan,
+            a: dev.zeros(&[rows, h])?,
+            hmid: dev.zeros(&[rows, i])?,
+            out: dev.zeros(&[rows, h])?,
+            shared,
+        })
+    }
+
+    pub fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Chooses the expert GEMM of later forwards.
+    pub fn set_path(&mut self, path: Path) {
+        self.path = path;
+    }
+
+    /// The routing of the last forward: ids and weights `[T, K]` in selection order.
+    pub fn routing(&self) -> (&Tensor<i32>, &Tensor<f32>) {
+        (&self.ids, &self.weights)
+    }
+
+    /// The routing plan of the last forward (its `status` counts ids out of range).
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// `y [T, H] = block(x [T, H])` for `T <= max_tokens`: router projection, routing, plan,
+    /// gather, the two expert GEMMs with their fused epilogues, the shared expert, and the
+    /// combine. Launches and memsets only: no allocation, no host synchronisation.
+    pub fn forward_into(&mut self, dev: &Device, y: &mut Tensor<T>, x: &Tensor<T>) -> Result<()> {
+        self.forward_marked(dev, y, x, &mut |_| Ok(()))
+    }
+
+    /// [`MoeLayer::forward_into`], calling `mark(stage)` after each stage is enqueued: a bench
+    /// records an event there to time the stages.
+    pub fn forward_marked(
+        &mut self,
+        dev: &Device,
+        y: &mut Tensor<T>,
+        x: &Tensor<T>,
+        mark: &mut dyn FnMut(Stage) -> Result<()>,
+    ) -> Result<()> {
+        const OP: &str = "MoeLayer::forward";
+        let (h, et, k) = (self.cfg.hidden, self.cfg.experts_total(), self.cfg.k());
+        let (t, xh) = x.dims2(OP, "x", "[T, H]")?;
+        if xh != h || t > self.max_tokens {
+            return Err(Error::shape(
+                OP,
+                "x",
+                format!("[T, {h}] with T <= {}", self.max_tokens),
+                format!("{:?}", x.shape()),
+            ));
+        }
+        if y.shape() != [t, h] {
+            return Err(Error::shape(
+                OP,
+                "y",
+                format!("[{t}, {h}]"),
+                format!("{:?}", y.shape()),
+            ));
+        }
+        x.check_device(OP, "x", dev)?;
+        y.check_device(OP, "y", dev)?;
+        if t == 0 {
+            return Ok(());
+        }
+        let gemv = match self.path {
+            Path::Auto => t <= Self::DECODE_TOKENS,
+            Path::Gemv => true,
+            Path::Gemm => false,
+        };
+        let layout = if gemv { Layout::Sorted } else { Layout::Padded };
+        let cfg = &self.cfg;
+        let w = &self.w;
+
+        // Route.
+        self.ids.set_shape(&[t, k])?;
+        self.weights.set_shape(&[t, k])?;
+        let corr = w.correction_bias.as_ref();
+        match &w.router {
+            RouterWeights::Model { w: rw, bias } => {
+                self.logits.set_shape(&[t, et])?;
+                routing::route_hidden_into(
+                    dev,
+                    &mut self.ids,
+                    &mut self.weights,
+                    &mut self.logits,
+                    x,
+                    rw,
+                    bias.as_ref(),
+                    &cfg.router,
+                    corr,
+                )?;
+            }
+            RouterWeights::F32 { w: rw, bias } => {
+                self.logits_f32.set_shape(&[t, et])?;
+                routing::route_hidden_into(
+                    dev,
+                    &mut self.ids,
+                    &mut self.weights,
+                    &mut self.logits_f32,
+                    x,
+                    rw,
+                    bias.as_ref(),
+                    &cfg.router,
+                    corr,
+                )?;
+            }
+        }
+        mark(Stage::Route)?;
+
+        self.plan.build(dev, &self.ids)?;
+        mark(Stage::Plan)?;
+
+        let gemm = |out: &mut Tensor<T>, a: &Tensor<T>, wt: &Tensor<T>, plan: &Plan, o| {
+            if gemv {
+                gemm::grouped_gemv_into(dev, out, a, wt, plan, o)
+            } else {
+                gemm::grouped_gemm_into(dev, out, a, wt, plan, o)
+            }
+        };
+        let rows = self.plan.rows(layout);
+        self.a.set_shape(&[rows, h])?;
+        self.hmid.set_shape(&[rows, cfg.intermediate])?;
+        self.out.set_shape(&[rows, h])?;
+        permute::gather_into(dev, &mut self.a, x, &mut self.plan, layout)?;
+        let up = GemmOptions {
+            bias: w.gate_up_bias.as_ref(),
+            epilogue: Epilogue::Gated {
+                act: cfg.act,
+                layout: cfg.gate_layout,
+            },
+            row_weights: (cfg.weight_at == ScaleAt::Input)
+                .then_some((&self.weights, ScaleAt::Input)),
+        };
+        gemm(&mut self.hmid, &self.a, &w.gate_up, &self.plan, up)?;
+        mark(Stage::Gemm1)?;
+
+        // The routing weight goes into the down GEMM's epilogue unless zero-computation experts
+        // need it in the combine.
+        let fold_weights = cfg.weight_at == ScaleAt::Output && cfg.zero_experts.is_empty();
+        let down = GemmOptions {
+            bias: w.down_bias.as_ref(),
+            epilogue: Epilogue::None,
+            row_weights: fold_weights.then_some((&self.weights, ScaleAt::Output)),
+        };
+        gemm(&mut self.out, &self.hmid, &w.down, &self.plan, down)?;
+        mark(Stage::Gemm2)?;
+
+        if let (Some(s), Some(gate_up), Some(sdown)) =
+            (&mut self.shared, &w.shared_gate_up, &w.shared_down)
+        {
+            s.zero_ids.set_shape(&[t, 1])?;
+            s.plan.build(dev, &s.zero_ids)?;
+            let srows = s.plan.rows(layout);
+            s.h.set_shape(&[srows, sdown.shape()[2]])?;
+            s.out.set_shape(&[srows, h])?;
+            let swiglu = GemmOptions {
+                epilogue: Epilogue::Gated {
+                    act: cfg.act,
+                    layout: GateLayout::GateFirst,
+                },
+                ..Default::default()
+            };
+            // With one expert and one slot per token, the sorted rows are the tokens in order:
+            // the GEMV reads x itself. The padded layout needs the copy into whole blocks.
+            let a: &Tensor<T> = if gemv {
+                x
+            } else {
+                s.a.set_shape(&[srows, h])?;
+                permute::gather_into(dev, &mut s.a, x, &mut s.plan, layout)?;
+                &s.a
+            };
+            gemm(&mut s.h, a, gate_up, &s.plan, swiglu)?;
+            gemm(&mut s.out, &s.h, sdown, &s.plan, GemmOptions::default())?;
+            s.out.set_shape(&[t, h])?;
+            if let Some(g) = &w.shared_gate {
+                s.gate_logits.set_shape(&[t, 1])?;
+                routing::router_logits_into(dev, &mut s.gate_logits, x, g, None)?;
+                s.gate_logits.set_shape(&[t])?;
+            }
+            mark(Stage::Shared)?;
+        }
+
+        let shared = self.shared.as_ref();
+        let zc = !cfg.zero_experts.is_empty();
+        let inputs = CombineInputs {
+            weights: (cfg.weight_at == ScaleAt::Output && !fold_weights).then_some(&self.weights),
+            x: zc.then_some(x),
+            zc_kinds: self.zc_kinds.as_ref(),
+            const_w: w.const_w.as_ref(),
+            const_v: w.const_v.as_ref(),
+            shared_out: shared.map(|s| &s.out),
+            shared_gate: shared
+                .filter(|_| w.shared_gate.is_some())
+                .map(|s| &s.gate_logits),
+            residual: None,
+        };
+        permute::combine_into(dev, y, &self.out, &mut self.plan, layout, &self.ids, inputs)?;
+        mark(Stage::Combine)
+    }
+
+    /// Reads the plans' status: an error if any id was out of range in the last forward. Waits
+    /// for the stream; call it outside a captured forward.
+    pub fn check(&self, dev: &Device) -> Result<()> {
+        self.plan.check(dev)?;
+        match &self.shared {
+            Some(s) => s.plan.check(dev),
+            None => Ok(()),
+        }
+    }
+
+    /// The weights.
+    pub fn weights(&self) -> &DeviceWeights<T> {
+        &self.w
+    }
+}
+
+/// Checks each device weight's shape (and presence) against `cfg`.
+fn check_weights<T: Float>(op: &'static str, cfg: &MoeConfig, w: &DeviceWeights<T>) -> Result<()> {
+    let (h, i, e, et) = (
+        cfg.hidden,
+        cfg.intermediate,
+        cfg.experts,
+        cfg.experts_total(),
+    );
+    let z = cfg.zero_experts.len();
+    let is = cfg.shared.map(|s| s.intermediate);
+    let constants = cfg.zero_experts.contains(&ZeroExpert::Constant);
+    let (router, router_bias) = match &w.router {
+        RouterWeights::Model { w, bias } => (w.shape(), bias.as_ref().map(Tensor::shape)),
+        RouterWeights::F32 { w, bias } => (w.shape(), bias.as_ref().map(Tensor::shape)),
+    };
+    let shape = |t: &Option<Tensor<T>>| t.as_ref().map(|t| t.shape().to_vec());
+    type Check = (&'static str, Option<Vec<usize>>, Option<Vec<usize>>);
+    let checks: [Check; 12] = [
+        ("router", Some(router.to_vec()), Some(vec![et, h])),
+        (
+            "router_bias",
+            router_bias.map(<[usize]>::to_vec),
+            cfg.router_bias.then(|| vec![et]),
+        ),
+        (
+            "correction_bias",
+            w.correction_bias.as_ref().map(|t| t.shape().to_vec()),
+            cfg.correction_bias.then(|| vec![et]),
+        ),
+        (
+            "gate_up",
+            Some(w.gate_up.shape().to_vec()),
+            Some(vec![e, 2 * i, h]),
+        ),
+        (
+            "gate_up_bias",
+            shape(&w.gate_up_bias),
+            cfg.expert_bias.then(|| vec![e, 2 * i]),
+        ),
+        ("down", Some(w.down.shape().to_vec()), Some(vec![e, h, i])),
+        (
+            "down_bias",
+            shape(&w.down_bias),
+            cfg.expert_bias.then(|| vec![e, h]),
+        ),
+        (
+            "shared_gate_up",
+            shape(&w.shared_gate_up),
+            is.map(|s| vec![1, 2 * s, h]),
+        ),
+        (
+            "shared_down",
+            shape(&w.shared_down),
+            is.map(|s| vec![1, h, s]),
+        ),
+        (
+            "shared_gate",
+            shape(&w.shared_gate),
+            cfg.shared.filter(|s| s.gated).map(|_| vec![1, h]),
+        ),
+        (
+            "const_w",
+            shape(&w.const_w),
+            constants.then(|| vec![z, 2, h]),
+        ),
+        ("const_v", shape(&w.const_v), constants.then(|| vec![z, h])),
+    ];
+    for (arg, got, want) in checks {
+        if got != want {
+            let show =
+                |v: &Option<Vec<usize>>| v.as_ref().map_or("absent".into(), |s| format!("{s:?}"));
+            return Err(Error::shape(op, arg, show(&want), show(&got)));
+        }
+    }
+    Ok(())
+}

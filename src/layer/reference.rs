@@ -1,0 +1,178 @@
+//! The CPU forward of one MoE block: f64 arithmetic over the stored weights, token by token,
+//! written from the math of [`MoeConfig`]. Slow and exact; every other path is checked against
+//! it.
+
+use super::{LayerWeights, MoeConfig, ZeroExpert};
+use crate::activation::{GateLayout, GatedAct};
+use crate::dtype::Float;
+use crate::error::{Error, Result};
+use crate::gemm::ScaleAt;
+use crate::routing::reference::{self as route_ref, Routing};
+
+/// The block's output and the routing that produced it.
+#[derive(Clone, Debug)]
+pub struct Forward {
+    /// `[T, H]`.
+    pub y: Vec<f64>,
+    /// The router's choice: ids and weights `[T, K]` in selection order, and each token's margin.
+    pub routing: Routing,
+}
+
+/// One gated MLP on `x`: `down · act(gate · s x + b_g, up · s x + b_u) + b_d`, where
+/// `gate_up [2I, H]` holds gate and up rows in `layout` and `s` scales the input.
+#[allow(clippy::too_many_arguments)] // the MLP's parts, one for one
+fn gated_mlp<S: Float>(
+    x: &[f64],
+    gate_up: &[S],
+    gate_up_bias: Option<&[S]>,
+    down: &[S],
+    down_bias: Option<&[S]>,
+    layout: GateLayout,
+    act: GatedAct,
+    scale_in: f64,
+) -> Vec<f64> {
+    let h = x.len();
+    let i = gate_up.len() / (2 * h);
+    let z = |row: usize| -> f64 {
+        let w = &gate_up[row * h..(row + 1) * h];
+        let dot: f64 = w.iter().zip(x).map(|(a, b)| a.to_f64() * b).sum();
+        scale_in * dot + gate_up_bias.map_or(0.0, |b| b[row].to_f64())
+    };
+    let hidden: Vec<f64> = (0..i)
+        .map(|j| {
+            let (g, u) = match layout {
+                GateLayout::GateFirst => (j, i + j),
+                GateLayout::UpFirst => (i + j, j),
+                GateLayout::Interleaved => (2 * j, 2 * j + 1),
+            };
+            act.eval(z(g), z(u))
+        })
+        .collect();
+    (0..h)
+        .map(|c| {
+            let w = &down[c * i..(c + 1) * i];
+            let dot: f64 = w.iter().zip(&hidden).map(|(a, b)| a.to_f64() * b).sum();
+            dot + down_bias.map_or(0.0, |b| b[c].to_f64())
+        })
+        .collect()
+}
+
+/// The block on `x [T, H]` (f64 values, usually the model-dtype input widened).
+pub fn forward<S: Float>(cfg: &MoeConfig, w: &LayerWeights<S>, x: &[f64]) -> Result<Forward> {
+    const OP: &str = "MoE layer reference";
+    w.check(OP, cfg)?;
+    let (h, i, e, et, k) = (
+        cfg.hidden,
+        cfg.intermediate,
+        cfg.experts,
+        cfg.experts_total(),
+        cfg.k(),
+    );
+    if !x.len().is_multiple_of(h) {
+        return Err(Error::shape(
+            OP,
+            "x",
+            format!("[T, H] with H = {h}"),
+            format!("{} values", x.len()),
+        ));
+    }
+    if let Some(p) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::shape(
+            OP,
+            "x",
+            "finite values",
+            format!("{} at [{}, {}]", x[p], p / h, p % h),
+        ));
+    }
+    let tokens = x.len() / h;
+    let widen = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| f64::from(a)).collect() };
+    let router = widen(&w.router);
+    let router_bias = w.router_bias.as_deref().map(widen);
+    let correction = w.correction_bias.as_deref().map(widen);
+    let logits = route_ref::router_logits(x, &router, router_bias.as_deref(), (tokens, et, h));
+    let routing = route_ref::route(&logits, et, &cfg.router, correction.as_deref())?;
+
+    let mut y = vec![0.0; tokens * h];
+    for t in 0..tokens {
+        let xt = &x[t * h..(t + 1) * h];
+        let yt = &mut y[t * h..(t + 1) * h];
+        for slot in t * k..(t + 1) * k {
+            let (id, weight) = (routing.ids[slot], routing.weights[slot]);
+            let Ok(id) = usize::try_from(id) else {
+                continue; // an unused top-p slot
+            };
+            let contrib: Vec<f64> = if id < e {
+                let scale_in = if cfg.weight_at == ScaleAt::Input {
+                    weight
+                } else {
+                    1.0
+                };
+                let o = gated_mlp(
+                    xt,
+                    &w.gate_up[id * 2 * i * h..(id + 1) * 2 * i * h],
+                    w.gate_up_bias
+                        .as_deref()
+                        .map(|b| &b[id * 2 * i..(id + 1) * 2 * i]),
+                    &w.down[id * h * i..(id + 1) * h * i],
+                    w.down_bias.as_deref().map(|b| &b[id * h..(id + 1) * h]),
+                    cfg.gate_layout,
+                    cfg.act,
+                    scale_in,
+                );
+                let out_w = if cfg.weight_at == ScaleAt::Input {
+                    1.0
+                } else {
+                    weight
+                };
+                o.into_iter().map(|v| out_w * v).collect()
+            } else {
+                let z = id - e;
+                match cfg.zero_experts[z] {
+                    ZeroExpert::Zero => continue,
+                    ZeroExpert::Copy => xt.iter().map(|v| weight * v).collect(),
+                    ZeroExpert::Constant => {
+                        let (cw, cv) = (
+                            w.const_w.as_deref().expect("checked"),
+                            w.const_v.as_deref().expect("checked"),
+                        );
+                        let dot = |r: usize| -> f64 {
+                            let row = &cw[(2 * z + r) * h..(2 * z + r + 1) * h];
+                            row.iter().zip(xt).map(|(a, b)| a.to_f64() * b).sum()
+                        };
+                        let (d0, d1) = (dot(0), dot(1));
+                        let m = d0.max(d1);
+                        let (e0, e1) = ((d0 - m).exp(), (d1 - m).exp());
+                        let (a1, a2) = (e0 / (e0 + e1), e1 / (e0 + e1));
+                        let v = &cv[z * h..(z + 1) * h];
+                        xt.iter()
+                            .zip(v)
+                            .map(|(xv, vv)| weight * (a1 * xv + a2 * vv.to_f64()))
+                            .collect()
+                    }
+                }
+            };
+            yt.iter_mut().zip(&contrib).for_each(|(a, b)| *a += b);
+        }
+        if let Some(shared) = cfg.shared {
+            let o = gated_mlp(
+                xt,
+                w.shared_gate_up.as_deref().expect("checked"),
+                None,
+                w.shared_down.as_deref().expect("checked"),
+                None,
+                GateLayout::GateFirst,
+                cfg.act,
+                1.0,
+            );
+            let g = if shared.gated {
+                let gw = w.shared_gate.as_deref().expect("checked");
+                let dot: f64 = gw.iter().zip(xt).map(|(a, b)| a.to_f64() * b).sum();
+                1.0 / (1.0 + (-dot).exp())
+            } else {
+                1.0
+            };
+            yt.iter_mut().zip(&o).for_each(|(a, b)| *a += g * b);
+        }
+    }
+    Ok(Forward { y, routing })
+}

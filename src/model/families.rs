@@ -1,0 +1,473 @@
+//! The model families: which `config.json` keys configure the block, which layers are MoE, and
+//! the tensor names of one block on disk, as the published Hub checkpoints store them.
+
+use indicatif::ProgressBar;
+
+use super::{Config, ModelDir};
+use crate::activation::{GateLayout, GatedAct};
+use crate::dtype::Float;
+use crate::error::Result;
+use crate::gemm::ScaleAt;
+use crate::layer::{LayerWeights, MoeConfig, SharedExpert};
+use crate::routing::RouterConfig;
+
+/// A model family, chosen by `model_type`.
+///
+/// | family | `model_type` | router | experts on disk | special |
+/// |---|---|---|---|---|
+/// | Mixtral | mixtral | softmax, top-k, renormalised | `w1`/`w3`/`w2` per expert | |
+/// | Qwen2-MoE | qwen2_moe | softmax, top-k, `norm_topk_prob` | per expert | shared expert with sigmoid gate |
+/// | Qwen3-MoE | qwen3_moe | as Qwen2-MoE | per expert | |
+/// | OLMoE | olmoe | as Qwen2-MoE | per expert | |
+/// | DeepSeek-V2 | deepseek_v2 | softmax, greedy or group-limited, × scaling | per expert | shared experts, dense first layers |
+/// | DeepSeek-V3 | deepseek_v3, glm4_moe | sigmoid + correction bias, groups, f32 | per expert | shared experts, dense first layers |
+/// | gpt-oss | gpt_oss | top-k on biased logits, softmax | fused `[E, H, 2I]`, interleaved | biases, clamped SwiGLU |
+/// | Llama 4 | llama4_text, llama4 | top-k, sigmoid, scales the input | fused `[E, H, 2I]` | shared expert, interleaved MoE layers |
+/// | GraniteMoE | granitemoe | top-k, softmax | fused `[E, 2I, H]` | |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
+    Olmoe,
+    DeepseekV2,
+    DeepseekV3,
+    GptOss,
+    Llama4,
+    GraniteMoe,
+}
+
+impl Family {
+    pub const MODEL_TYPES: &'static [&'static str] = &[
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
+        "deepseek_v2",
+        "deepseek_v3",
+        "glm4_moe",
+        "gpt_oss",
+        "llama4_text",
+        "llama4",
+        "granitemoe",
+    ];
+
+    pub fn from_model_type(t: &str) -> Option<Family> {
+        Some(match t {
+            "mixtral" => Family::Mixtral,
+            "qwen2_moe" => Family::Qwen2Moe,
+            "qwen3_moe" => Family::Qwen3Moe,
+            "olmoe" => Family::Olmoe,
+            "deepseek_v2" => Family::DeepseekV2,
+            "deepseek_v3" | "glm4_moe" => Family::DeepseekV3,
+            "gpt_oss" => Family::GptOss,
+            "llama4_text" | "llama4" => Family::Llama4,
+            "granitemoe" => Family::GraniteMoe,
+            _ => return None,
+        })
+    }
+
+    /// The configuration the decoder reads: Llama 4's multimodal config nests it.
+    pub(crate) fn text_config<'a>(&self, top: &Config<'a>) -> Result<Config<'a>> {
+        match (self, top.get("text_config")) {
+            (Family::Llama4, Some(v)) if v.is_object() => Ok(Config {
+                file: format!("{} (text_config)", top.file),
+                v,
+            }),
+            _ => Ok(Config {
+                file: top.file.clone(),
+                v: top.v,
+            }),
+        }
+    }
+
+    pub(crate) fn layer_prefix(&self, model_type: &str) -> &'static str {
+        match model_type {
+            "llama4" => "language_model.model.layers",
+            _ => "model.layers",
+        }
+    }
+
+    pub(crate) fn is_moe(&self, c: &Config, layer: usize) -> Result<bool> {
+        Ok(match self {
+            Family::Mixtral | Family::Olmoe | Family::GptOss | Family::GraniteMoe => true,
+            Family::Qwen2Moe | Family::Qwen3Moe => {
+                let step = c.usize_or("decoder_sparse_step", 1)?.max(1);
+                !c.usizes("mlp_only_layers")?.contains(&layer)
+                    && c.usize_any(&["num_experts", "num_local_experts"])
+                        .is_ok_and(|e| e > 0)
+                    && (layer + 1).is_multiple_of(step)
+            }
+            // transformers reads neither `moe_layer_freq` nor `n_routed_experts` here.
+            Family::DeepseekV2 | Family::DeepseekV3 => {
+                layer >= c.usize_or("first_k_dense_replace", 0)?
+            }
+            Family::Llama4 => {
+                let listed = c.usizes("moe_layers")?;
+                if c.get("moe_layers").is_some() {
+                    listed.contains(&layer)
+                } else {
+                    let step = c.usize_or("interleave_moe_layer_step", 1)?;
+                    step > 0 && (layer + 1).is_multiple_of(step)
+                }
+            }
+        })
+    }
+
+    pub(crate) fn moe_config(&self, c: &Config) -> Result<MoeConfig> {
+        let hidden = c.usize("hidden_size")?;
+        let k = c.usize("num_experts_per_tok")?;
+        let act = match c.str_or("hidden_act", "silu")? {
+            "silu" | "swish" => GatedAct::Silu,
+            "gelu_pytorch_tanh" | "gelu_new" => GatedAct::GeluTanh,
+            "gelu" => GatedAct::GeluErf,
+            other => return Err(c.refuse("hidden_act", "silu, gelu or gelu_pytorch_tanh", other)),
+        };
+        let base = |experts, intermediate, router| MoeConfig {
+            act,
+            ..MoeConfig::new(hidden, intermediate, experts, router)
+        };
+        Ok(match self {
+            Family::Mixtral => base(
+                c.usize_any(&["num_local_experts", "num_experts"])?,
+                c.usize("intermediate_size")?,
+                RouterConfig::mixtral(k),
+            ),
+            Family::Qwen2Moe | Family::Qwen3Moe => {
+                let mut cfg = base(
+                    c.usize_any(&["num_experts", "num_local_experts"])?,
+                    c.usize("moe_intermediate_size")?,
+                    RouterConfig::qwen(k, c.bool_or("norm_topk_prob", false)?),
+                );
+                if *self == Family::Qwen2Moe {
+                    cfg.shared = Some(SharedExpert {
+                        intermediate: c.usize("shared_expert_intermediate_size")?,
+                        gated: true,
+                    });
+                }
+                cfg
+            }
+            Family::Olmoe => base(
+                c.usize_any(&["num_experts", "num_local_experts"])?,
+                c.usize("intermediate_size")?,
+                RouterConfig::qwen(k, c.bool_or("norm_topk_prob", false)?),
+            ),
+            Family::DeepseekV2 | Family::DeepseekV3 => {
+                let experts =
+                    c.usize_any(&["n_routed_experts", "num_experts", "num_local_experts"])?;
+                let inter = c.usize("moe_intermediate_size")?;
+                let scale = c.f64_or("routed_scaling_factor", 1.0)? as f32;
+                let groups = (c.usize_or("n_group", 1)?, c.usize_or("topk_group", 1)?);
+                let router = if *self == Family::DeepseekV3 {
+                    RouterConfig::deepseek_v3(
+                        k,
+                        groups.0.max(1),
+                        groups.1.max(1),
+                        c.bool_or("norm_topk_prob", true)?,
+                        scale,
+                    )
+                } else {
+                    let method = c.str_or("topk_method", "greedy")?;
+                    let limited = match method {
+                        "greedy" => None,
+                        "group_limited_greedy" => Some(groups),
+                        other => {
+                            return Err(c.refuse(
+                                "topk_method",
+                                "greedy or group_limited_greedy",
+                                other,
+                            ));
+                        }
+                    };
+                    RouterConfig::deepseek_v2(k, limited, scale)
+                };
+                let mut cfg = base(experts, inter, router);
+                // Both keep `gate.weight` in f32 and route from f32 logits.
+                cfg.router_f32 = true;
+                cfg.correction_bias = *self == Family::DeepseekV3;
+                let shared = c.usize_or("n_shared_experts", 0)?;
+                cfg.shared = (shared > 0).then_some(SharedExpert {
+                    intermediate: shared * inter,
+                    gated: false,
+                });
+                cfg
+            }
+            Family::GptOss => {
+                let mut cfg = base(
+                    c.usize_any(&["num_local_experts", "num_experts"])?,
+                    c.usize("intermediate_size")?,
+                    RouterConfig::gpt_oss(k),
+                );
+                cfg.router_bias = true;
+                cfg.expert_bias = true;
+                cfg.gate_layout = GateLayout::Interleaved;
+                cfg.act = GatedAct::GptOss {
+                    alpha: c.f64_or("swiglu_alpha", 1.702)? as f32,
+                    limit: c.f64_or("swiglu_limit", 7.0)? as f32,
+                };
+                cfg
+            }
+            Family::Llama4 => {
+                let inter = c.usize("intermediate_size")?;
+                let mut cfg = base(
+                    c.usize("num_local_experts")?,
+                    inter,
+                    RouterConfig::llama4(k),
+                );
+                cfg.weight_at = ScaleAt::Input;
+                cfg.shared = Some(SharedExpert {
+                    intermediate: inter,
+                    gated: false,
+                });
+                cfg
+            }
+            Family::GraniteMoe => base(
+                c.usize("num_local_experts")?,
+                c.usize("intermediate_size")?,
+                RouterConfig::gpt_oss(k),
+            ),
+        })
+    }
+
+    /// The tensor names of layer `layer`'s block.
+    pub(crate) fn names(&self, prefix: &str, layer: usize, cfg: &MoeConfig) -> Names {
+        let p = format!("{prefix}.{layer}");
+        let per_expert = |block: &str, router: &str, gate: &str, up: &str, down: &str| {
+            Experts::PerExpert {
+                prefix: format!("{p}.{block}.experts"),
+                names: [gate.into(), up.into(), down.into()],
+                count: cfg.experts,
+            }
+            .with_router(format!("{p}.{block}.{router}"))
+        };
+        let mlp_names = |block: String| {
+            Some([
+                format!("{block}.gate_proj.weight"),
+                format!("{block}.up_proj.weight"),
+                format!("{block}.down_proj.weight"),
+            ])
+        };
+        match self {
+            Family::Mixtral => per_expert("block_sparse_moe", "gate", "w1", "w3", "w2"),
+            Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => {
+                let mut n = per_expert("mlp", "gate", "gate_proj", "up_proj", "down_proj");
+                if cfg.shared.is_some() {
+                    n.shared = mlp_names(format!("{p}.mlp.shared_expert"));
+                    n.shared_gate = Some(format!("{p}.mlp.shared_expert_gate.weight"));
+                }
+                n
+            }
+            Family::DeepseekV2 | Family::DeepseekV3 => {
+                let mut n = per_expert("mlp", "gate", "gate_proj", "up_proj", "down_proj");
+                if cfg.correction_bias {
+                    n.correction_bias = Some(format!("{p}.mlp.gate.e_score_correction_bias"));
+                }
+                if cfg.shared.is_some() {
+                    n.shared = mlp_names(format!("{p}.mlp.shared_experts"));
+                }
+                n
+            }
+            Family::GptOss => {
+                let e = format!("{p}.mlp.experts");
+                let mut n = Experts::Transposed {
+                    gate_up: format!("{e}.gate_up_proj"),
+                    down: format!("{e}.down_proj"),
+                }
+                .with_router(format!("{p}.mlp.router"));
+                n.router_bias = Some(format!("{p}.mlp.router.bias"));
+                n.gate_up_bias = Some(format!("{e}.gate_up_proj_bias"));
+                n.down_bias = Some(format!("{e}.down_proj_bias"));
+                n
+            }
+            Family::Llama4 => {
+                let f = format!("{p}.feed_forward");
+                let mut n = Experts::Transposed {
+                    gate_up: format!("{f}.experts.gate_up_proj"),
+                    down: format!("{f}.experts.down_proj"),
+                }
+                .with_router(format!("{f}.router"));
+                n.shared = mlp_names(format!("{f}.shared_expert"));
+                n
+            }
+            Family::GraniteMoe => {
+                let b = format!("{p}.block_sparse_moe");
+                Experts::Stacked {
+                    gate_up: format!("{b}.input_linear.weight"),
+                    down: format!("{b}.output_linear.weight"),
+                }
+                .with_router(format!("{b}.router.layer"))
+            }
+        }
+    }
+}
+
+/// How a checkpoint stores the routed experts.
+pub(crate) enum Experts {
+    /// One Linear per expert and projection: `{prefix}.{e}.{gate|up|down}.weight`, `[I, H]`,
+    /// `[I, H]`, `[H, I]`.
+    PerExpert {
+        prefix: String,
+        names: [String; 3],
+        count: usize,
+    },
+    /// Fused and transposed (in × out): `gate_up [E, H, 2I]`, `down [E, I, H]`.
+    Transposed { gate_up: String, down: String },
+    /// Fused in Linear's order: `gate_up [E, 2I, H]`, `down [E, H, I]`.
+    Stacked { gate_up: String, down: String },
+}
+
+impl Experts {
+    fn with_router(self, router: String) -> Names {
+        Names {
+            router: format!("{router}.weight"),
+            router_bias: None,
+            correction_bias: None,
+            experts: self,
+            gate_up_bias: None,
+            down_bias: None,
+            shared: None,
+            shared_gate: None,
+        }
+    }
+}
+
+/// Every tensor name of one block.
+pub(crate) struct Names {
+    router: String,
+    router_bias: Option<String>,
+    correction_bias: Option<String>,
+    experts: Experts,
+    gate_up_bias: Option<String>,
+    down_bias: Option<String>,
+    /// gate, up, down of the shared expert.
+    shared: Option<[String; 3]>,
+    shared_gate: Option<String>,
+}
+
+/// `[E, R, C]` → `[E, C, R]`.
+fn transpose<S: Copy>(v: &[S], e: usize, r: usize, c: usize) -> Vec<S> {
+    let mut out = Vec::with_capacity(v.len());
+    for x in 0..e {
+        let m = &v[x * r * c..(x + 1) * r * c];
+        for j in 0..c {
+            out.extend((0..r).map(|i| m[i * c + j]));
+        }
+    }
+    out
+}
+
+impl Names {
+    pub(crate) fn all(&self) -> Vec<String> {
+        let mut v = vec![self.router.clone()];
+        v.extend(self.router_bias.iter().cloned());
+        v.extend(self.correction_bias.iter().cloned());
+        match &self.experts {
+            Experts::PerExpert {
+                prefix,
+                names,
+                count,
+            } => {
+                for e in 0..*count {
+                    v.extend(names.iter().map(|n| format!("{prefix}.{e}.{n}.weight")));
+                }
+            }
+            Experts::Transposed { gate_up, down } | Experts::Stacked { gate_up, down } => {
+                v.extend([gate_up.clone(), down.clone()]);
+            }
+        }
+        v.extend(self.gate_up_bias.iter().cloned());
+        v.extend(self.down_bias.iter().cloned());
+        v.extend(self.shared.iter().flatten().cloned());
+        v.extend(self.shared_gate.iter().cloned());
+        v
+    }
+
+    /// Reads every tensor, checking its shape against `cfg`, into the crate's layout.
+    pub(crate) fn read<S: Float>(
+        &self,
+        dir: &ModelDir,
+        cfg: &MoeConfig,
+        bar: Option<&ProgressBar>,
+    ) -> Result<LayerWeights<S>> {
+        let (h, i, e, et) = (
+            cfg.hidden,
+            cfg.intermediate,
+            cfg.experts,
+            cfg.experts_total(),
+        );
+        let read = |name: &str, shape: &[usize]| -> Result<Vec<S>> {
+            let v = dir.read::<S>(name, shape)?;
+            if let Some(bar) = bar {
+                bar.inc((v.len() * std::mem::size_of::<S>()) as u64);
+            }
+            Ok(v)
+        };
+        let read_f32 = |name: &str, shape: &[usize]| dir.read::<f32>(name, shape);
+        let (gate_up, down) = match &self.experts {
+            Experts::PerExpert {
+                prefix,
+                names,
+                count,
+            } => {
+                let mut gate_up = Vec::with_capacity(count * 2 * i * h);
+                let mut down = Vec::with_capacity(count * h * i);
+                for x in 0..*count {
+                    let name = |n: &String| format!("{prefix}.{x}.{n}.weight");
+                    gate_up.extend(read(&name(&names[0]), &[i, h])?);
+                    gate_up.extend(read(&name(&names[1]), &[i, h])?);
+                    down.extend(read(&name(&names[2]), &[h, i])?);
+                }
+                (gate_up, down)
+            }
+            Experts::Transposed { gate_up, down } => (
+                transpose(&read(gate_up, &[e, h, 2 * i])?, e, h, 2 * i),
+                transpose(&read(down, &[e, i, h])?, e, i, h),
+            ),
+            Experts::Stacked { gate_up, down } => {
+                (read(gate_up, &[e, 2 * i, h])?, read(down, &[e, h, i])?)
+            }
+        };
+        let (shared_gate_up, shared_down) = match (&self.shared, cfg.shared) {
+            (Some([g, u, d]), Some(s)) => {
+                let mut gu = read(g, &[s.intermediate, h])?;
+                gu.extend(read(u, &[s.intermediate, h])?);
+                (Some(gu), Some(read(d, &[h, s.intermediate])?))
+            }
+            _ => (None, None),
+        };
+        Ok(LayerWeights {
+            router: read_f32(&self.router, &[et, h])?,
+            router_bias: self
+                .router_bias
+                .as_ref()
+                .map(|n| read_f32(n, &[et]))
+                .transpose()?,
+            correction_bias: self
+                .correction_bias
+                .as_ref()
+                .map(|n| read_f32(n, &[et]))
+                .transpose()?,
+            gate_up,
+            gate_up_bias: self
+                .gate_up_bias
+                .as_ref()
+                .map(|n| read(n, &[e, 2 * i]))
+                .transpose()?,
+            down,
+            down_bias: self
+                .down_bias
+                .as_ref()
+                .map(|n| read(n, &[e, h]))
+                .transpose()?,
+            shared_gate_up,
+            shared_down,
+            shared_gate: self
+                .shared_gate
+                .as_ref()
+                .map(|n| read(n, &[1, h]))
+                .transpose()?,
+            const_w: None,
+            const_v: None,
+        })
+    }
+}
