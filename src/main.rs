@@ -3,7 +3,9 @@
 
 use std::process::ExitCode;
 
+mod bench;
 mod demo;
+mod forward;
 
 use clap::{Parser, Subcommand};
 use half::{bf16, f16};
@@ -32,6 +34,10 @@ enum Command {
     },
     /// Run every built kernel on the GPU against its CPU reference (the default command).
     Demo,
+    /// Run one MoE block of a Hugging Face checkpoint on an input file.
+    Forward(forward::ForwardArgs),
+    /// Time every stage of an MoE block of a real model's shapes on the GPU.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +48,8 @@ fn main() -> ExitCode {
             Ok(())
         }
         Some(Command::Demo) | None => demo(),
+        Some(Command::Forward(args)) => forward::run(&args),
+        Some(Command::Bench(args)) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

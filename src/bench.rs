@@ -1,0 +1,422 @@
+//! `moe-kernels bench`: every stage of one MoE block of a real model's shapes, timed on the GPU
+//! with CUDA events, beside the card's measured copy bandwidth and its matrix rate.
+
+use std::path::PathBuf;
+
+use cudarc::driver::{CudaEvent, sys::CUevent_flags};
+use half::bf16;
+use moe_kernels::activation::{GateLayout, GatedAct};
+use moe_kernels::gemm::ScaleAt;
+use moe_kernels::layer::{MoeConfig, MoeLayer, SharedExpert, Stage};
+use moe_kernels::model::Model;
+use moe_kernels::routing::RouterConfig;
+use moe_kernels::{Device, Error, Tensor, kernels};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// mixtral-8x7b, qwen3-30b-a3b, qwen2-moe, deepseek-v3, gpt-oss-120b, olmoe, llama4-scout.
+    #[arg(long, default_value = "qwen3-30b-a3b")]
+    pub preset: String,
+    /// A model folder to take the block from instead of a preset's random weights.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// With --model: the decoder layer (default: its first MoE layer).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// Token counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,128,1024,4096")]
+    pub tokens: Vec<usize>,
+    /// Expert weight format.
+    #[arg(long, default_value = "bf16")]
+    pub format: String,
+    /// Timed iterations per token count (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// The card's dense bf16 matrix rate in TFLOP/s, as measured elsewhere (for example by
+    /// benches/peers); default: the datasheet figure for H100/H200 SXM, else none.
+    #[arg(long)]
+    pub matrix_tflops: Option<f64>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The block shapes of the presets, from each model's published config.json.
+pub fn preset(name: &str) -> Option<MoeConfig> {
+    let base = MoeConfig::new;
+    Some(match name {
+        "mixtral-8x7b" => base(4096, 14336, 8, RouterConfig::mixtral(2)),
+        "qwen3-30b-a3b" => base(2048, 768, 128, RouterConfig::qwen(8, true)),
+        "qwen2-moe" => MoeConfig {
+            shared: Some(SharedExpert {
+                intermediate: 5632,
+                gated: true,
+            }),
+            ..base(2048, 1408, 60, RouterConfig::qwen(4, false))
+        },
+        "olmoe" => base(2048, 1024, 64, RouterConfig::qwen(8, false)),
+        "deepseek-v3" => MoeConfig {
+            router_f32: true,
+            correction_bias: true,
+            shared: Some(SharedExpert {
+                intermediate: 2048,
+                gated: false,
+            }),
+            ..base(
+                7168,
+                2048,
+                256,
+                RouterConfig::deepseek_v3(8, 8, 4, true, 2.5),
+            )
+        },
+        "gpt-oss-120b" => MoeConfig {
+            router_bias: true,
+            expert_bias: true,
+            gate_layout: GateLayout::Interleaved,
+            act: GatedAct::GPT_OSS,
+            ..base(2880, 2880, 128, RouterConfig::gpt_oss(4))
+        },
+        "llama4-scout" => MoeConfig {
+            weight_at: ScaleAt::Input,
+            shared: Some(SharedExpert {
+                intermediate: 8192,
+                gated: false,
+            }),
+            ..base(5120, 8192, 16, RouterConfig::llama4(1))
+        },
+        _ => return None,
+    })
+}
+
+const PRESETS: &str =
+    "mixtral-8x7b, qwen3-30b-a3b, qwen2-moe, deepseek-v3, gpt-oss-120b, olmoe, llama4-scout";
+
+/// One stage's median time and the work it must do.
+struct StageRow {
+    stage: Stage,
+    micros: f64,
+    flops: f64,
+    bytes: f64,
+}
+
+pub fn run(args: &BenchArgs) -> Result<(), Error> {
+    if args.format != "bf16" {
+        return Err(Error::Unsupported {
+            op: "bench",
+            what: format!(
+                "format {:?}: the layer runs bf16 expert weights; the compressed formats have \
+                 their own kernels but are not wired into the layer yet",
+                args.format
+            ),
+        });
+    }
+    let dev = Device::new(0)?;
+    if !kernels::built() {
+        return Err(Error::KernelsNotBuilt {
+            op: "bench",
+            module: "all",
+        });
+    }
+    let max_t = args.tokens.iter().copied().max().unwrap_or(0);
+    if max_t == 0 || args.iters == 0 {
+        return Err(Error::Unsupported {
+            op: "bench",
+            what: "--tokens needs a count >= 1 and --iters >= 1".into(),
+        });
+    }
+    let (name, mut layer) = match &args.model {
+        Some(dir) => {
+            let model = Model::open(dir)?;
+            let layer = match args.layer {
+                Some(l) => l,
+                None => *model
+                    .moe_layers()?
+                    .first()
+                    .ok_or_else(|| Error::Unsupported {
+                        op: "bench",
+                        what: format!("{} has no MoE layer", dir.display()),
+                    })?,
+            };
+            let (cfg, w) = model.load_layer::<bf16>(layer)?;
+            (
+                format!("{} layer {layer}", model.model_type),
+                MoeLayer::<bf16>::new(&dev, &cfg, &w, max_t)?,
+            )
+        }
+        None => {
+            let cfg = preset(&args.preset).ok_or_else(|| Error::Unsupported {
+                op: "bench",
+                what: format!("preset {:?} (one of {PRESETS})", args.preset),
+            })?;
+            (
+                args.preset.clone(),
+                MoeLayer::<bf16>::random(&dev, &cfg, max_t, 1)?,
+            )
+        }
+    };
+    let cfg = layer.config().clone();
+    let copy_gbs = copy_bandwidth(&dev)?;
+    let matrix = args.matrix_tflops.or_else(|| {
+        let n = &dev.info().name;
+        (n.contains("H100") || n.contains("H200")).then_some(989.4)
+    });
+    let mut results = Vec::new();
+    for &t in &args.tokens {
+        let rows = time_stages(&dev, &mut layer, t, args.iters)?;
+        results.push((t, rows));
+    }
+    if args.json {
+        print_json(&dev, &name, &cfg, copy_gbs, matrix, args, &results);
+    } else {
+        print_table(&dev, &name, &cfg, copy_gbs, matrix, args, &results);
+    }
+    Ok(())
+}
+
+fn event(dev: &Device) -> Result<CudaEvent, Error> {
+    dev.context()
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(|source| Error::Driver {
+            op: "bench",
+            source,
+        })
+}
+
+fn driver<T>(r: Result<T, cudarc::driver::DriverError>) -> Result<T, Error> {
+    r.map_err(|source| Error::Driver {
+        op: "bench",
+        source,
+    })
+}
+
+/// Device-to-device copy of 1 GiB, counting bytes read plus written, median of 10: GB/s.
+fn copy_bandwidth(dev: &Device) -> Result<f64, Error> {
+    let bytes = 1usize << 30;
+    let src = dev.zeros::<u8>(&[bytes])?;
+    let mut dst = dev.zeros::<u8>(&[bytes])?;
+    let timer = dev.timer()?;
+    let mut ms: Vec<f64> = (0..11)
+        .map(|_| {
+            timer
+                .time(dev, || {
+                    driver(dev.stream().memcpy_dtod(src.buf(), dst.buf_mut()))
+                })
+                .map(|d| d.as_secs_f64())
+        })
+        .collect::<Result<_, _>>()?;
+    ms.remove(0); // warm-up
+    Ok(2.0 * bytes as f64 / median(&mut ms) / 1e9)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Times each stage of `iters` forwards on `t` random tokens, flushing the L2 before each so
+/// that no weight is read from cache, and returns each stage's median with its work.
+fn time_stages(
+    dev: &Device,
+    layer: &mut MoeLayer<bf16>,
+    t: usize,
+    iters: usize,
+) -> Result<Vec<StageRow>, Error> {
+    let cfg = layer.config().clone();
+    let h = cfg.hidden;
+    let mut x: Tensor<bf16> = dev.zeros(&[t, h])?;
+    dev.fill_uniform(&mut x, 17 + t as u64, -1.0, 1.0)?;
+    let mut y: Tensor<bf16> = dev.zeros(&[t, h])?;
+    let l2 = usize::try_from(dev.info().l2_bytes).unwrap_or(64 << 20);
+    let mut flush: Tensor<u8> = dev.zeros(&[4 * l2])?;
+    for _ in 0..3 {
+        layer.forward_into(dev, &mut y, &x)?;
+    }
+    layer.check(dev)?;
+    let start = event(dev)?;
+    let mut marks: Vec<(Stage, CudaEvent)> = Vec::new();
+    let mut samples: Vec<Vec<f64>> = Vec::new();
+    for _ in 0..iters {
+        dev.fill_bytes(&mut flush, 0)?;
+        driver(start.record(dev.stream()))?;
+        let mut n = 0;
+        layer.forward_marked(dev, &mut y, &x, &mut |stage| {
+            if marks.len() <= n {
+                marks.push((stage, event(dev)?));
+            }
+            driver(marks[n].1.record(dev.stream()))?;
+            n += 1;
+            Ok(())
+        })?;
+        dev.synchronize()?;
+        let mut prev = &start;
+        let mut row = Vec::with_capacity(n);
+        for (_, ev) in &marks[..n] {
+            row.push(f64::from(driver(prev.elapsed_ms(ev))?) * 1e3);
+            prev = ev;
+        }
+        samples.push(row);
+    }
+    layer.check(dev)?;
+
+    // The work: GEMM rows and experts with tokens come from the plan's counts.
+    let counts = dev.download(&layer.plan().counts)?;
+    let rows: f64 = counts.iter().map(|&c| f64::from(c.max(0))).sum();
+    let hit = counts.iter().filter(|&&c| c > 0).count() as f64;
+    let (hf, i, et, k, tf) = (
+        h as f64,
+        cfg.intermediate as f64,
+        cfg.experts_total() as f64,
+        cfg.k() as f64,
+        t as f64,
+    );
+    let is = cfg.shared.map_or(0.0, |s| s.intermediate as f64);
+    let b = 2.0; // bf16
+    let router_b = if cfg.router_f32 { 4.0 } else { 2.0 };
+    let work = |stage: Stage| -> (f64, f64) {
+        match stage {
+            Stage::Route => (
+                2.0 * tf * et * hf,
+                tf * hf * b + et * hf * router_b + tf * et * router_b + tf * k * 8.0,
+            ),
+            Stage::Plan => (0.0, tf * k * 4.0 * 4.0),
+            Stage::Gemm1 => (
+                2.0 * rows * 2.0 * i * hf,
+                hit * 2.0 * i * hf * b + tf * hf * b + 2.0 * rows * hf * b + rows * i * b,
+            ),
+            Stage::Gemm2 => (
+                2.0 * rows * hf * i,
+                hit * hf * i * b + rows * i * b + rows * hf * b,
+            ),
+            Stage::Shared => (
+                2.0 * tf * 3.0 * is * hf,
+                3.0 * is * hf * b + 2.0 * tf * hf * b + tf * is * b,
+            ),
+            Stage::Combine => (0.0, rows * hf * b + tf * k * 8.0 + tf * hf * b),
+        }
+    };
+    Ok(marks
+        .iter()
+        .enumerate()
+        .map(|(j, (stage, _))| {
+            let mut v: Vec<f64> = samples.iter().map(|s| s[j]).collect();
+            let (flops, bytes) = work(*stage);
+            StageRow {
+                stage: *stage,
+                micros: median(&mut v),
+                flops,
+                bytes,
+            }
+        })
+        .collect())
+}
+
+fn stage_name(s: Stage) -> &'static str {
+    match s {
+        Stage::Route => "route",
+        Stage::Plan => "plan",
+        Stage::Gemm1 => "gemm1",
+        Stage::Gemm2 => "gemm2",
+        Stage::Shared => "shared",
+        Stage::Combine => "combine",
+    }
+}
+
+fn header(dev: &Device, name: &str, cfg: &MoeConfig, copy: f64, matrix: Option<f64>) {
+    println!(
+        "{name}: H={} I={} E={} K={}{} bf16, on {}",
+        cfg.hidden,
+        cfg.intermediate,
+        cfg.experts,
+        cfg.k(),
+        cfg.shared
+            .map_or(String::new(), |s| format!(" shared Is={}", s.intermediate)),
+        dev.info().name
+    );
+    println!(
+        "ceilings: copy {copy:.0} GB/s (measured, read+write); matrix {}",
+        matrix.map_or("unknown (pass --matrix-tflops)".into(), |m| format!(
+            "{m:.0} TFLOP/s dense bf16"
+        ))
+    );
+}
+
+fn print_table(
+    dev: &Device,
+    name: &str,
+    cfg: &MoeConfig,
+    copy: f64,
+    matrix: Option<f64>,
+    args: &BenchArgs,
+    results: &[(usize, Vec<StageRow>)],
+) {
+    header(dev, name, cfg, copy, matrix);
+    if args.matrix_tflops.is_none() && matrix.is_some() {
+        println!("  (matrix rate: datasheet figure, not measured here)");
+    }
+    println!(
+        "{:>6} {:<8} {:>10} {:>9} {:>9} {:>7} {:>7}",
+        "T", "stage", "us", "TFLOP/s", "GB/s", "%copy", "%mma"
+    );
+    for (t, rows) in results {
+        let mut total = 0.0;
+        for r in rows {
+            total += r.micros;
+            let tflops = r.flops / (r.micros * 1e-6) / 1e12;
+            let gbs = r.bytes / (r.micros * 1e-6) / 1e9;
+            println!(
+                "{:>6} {:<8} {:>10.1} {:>9.1} {:>9.0} {:>6.0}% {:>7}",
+                t,
+                stage_name(r.stage),
+                r.micros,
+                tflops,
+                gbs,
+                100.0 * gbs / copy,
+                matrix.map_or("-".into(), |m| format!("{:.0}%", 100.0 * tflops / m))
+            );
+        }
+        println!("{:>6} {:<8} {:>10.1}", t, "total", total);
+    }
+}
+
+fn print_json(
+    dev: &Device,
+    name: &str,
+    cfg: &MoeConfig,
+    copy: f64,
+    matrix: Option<f64>,
+    args: &BenchArgs,
+    results: &[(usize, Vec<StageRow>)],
+) {
+    let runs: Vec<serde_json::Value> = results
+        .iter()
+        .map(|(t, rows)| {
+            serde_json::json!({
+                "tokens": t,
+                "total_us": rows.iter().map(|r| r.micros).sum::<f64>(),
+                "stages": rows.iter().map(|r| serde_json::json!({
+                    "stage": stage_name(r.stage),
+                    "us": r.micros,
+                    "flops": r.flops,
+                    "bytes": r.bytes,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let v = serde_json::json!({
+        "name": name,
+        "device": dev.info().name,
+        "driver": dev.info().driver_version,
+        "format": args.format,
+        "hidden": cfg.hidden,
+        "intermediate": cfg.intermediate,
+        "experts": cfg.experts,
+        "k": cfg.k(),
+        "shared_intermediate": cfg.shared.map(|s| s.intermediate),
+        "copy_gbs": copy,
+        "matrix_tflops": matrix,
+        "matrix_tflops_measured": args.matrix_tflops.is_some(),
+        "iters": args.iters,
+        "runs": runs,
+    });
+    println!("{v}");
+}

@@ -1,0 +1,219 @@
+//! `moe-kernels forward`: one MoE block of a Hugging Face checkpoint on an input file.
+
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use moe_kernels::layer::{MoeLayer, reference};
+use moe_kernels::model::{Model, OwnedTensor, TensorFile, write_tensors};
+use moe_kernels::{DType, Device, Error, Float, kernels};
+
+/// Where the block runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Cuda,
+    Cpu,
+}
+
+/// The compute dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl DtypeArg {
+    fn dtype(self) -> DType {
+        match self {
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::F32 => DType::F32,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ForwardArgs {
+    /// The model folder: config.json and model.safetensors (or shards with their index).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The decoder layer whose MoE block runs.
+    #[arg(long)]
+    pub layer: usize,
+    /// A safetensors file holding `input` [T, H] in f32, bf16 or f16.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where to write `output` [T, H] f32, `topk_ids` [T, K] i64 and `topk_weights` [T, K] f32.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// cuda when a usable GPU and the kernels are present, else cpu.
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
+    /// The checkpoint's dtype unless given.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+}
+
+/// The block's result on the host.
+struct Outcome {
+    y: Vec<f32>,
+    ids: Vec<i32>,
+    weights: Vec<f32>,
+}
+
+pub fn run(args: &ForwardArgs) -> Result<(), Error> {
+    let model = Model::open(&args.model)?;
+    let cfg = model.layer_config(args.layer)?;
+    let (x, tokens) = read_input(&args.input, cfg.hidden)?;
+    let dtype = args.dtype.map_or(model.dtype, DtypeArg::dtype);
+
+    let device = match args.device {
+        Some(DeviceArg::Cpu) => None,
+        Some(DeviceArg::Cuda) => {
+            if dtype == DType::F32 {
+                return Err(Error::Unsupported {
+                    op: "forward",
+                    what: "--device cuda computes in bf16 or f16; use --dtype bf16|f16, or \
+                           --device cpu for f32"
+                        .into(),
+                });
+            }
+            Some(cuda()?)
+        }
+        None if dtype == DType::F32 => {
+            eprintln!("forward: running on cpu: the GPU path computes in bf16 or f16, not f32");
+            None
+        }
+        None => match cuda() {
+            Ok(dev) => Some(dev),
+            Err(e) => {
+                eprintln!("forward: running on cpu: cuda is not usable: {e}");
+                None
+            }
+        },
+    };
+    let r = match (&device, dtype) {
+        (None, DType::F32) => on_cpu::<f32>(&model, args.layer, &x)?,
+        (None, DType::BF16) => on_cpu::<bf16>(&model, args.layer, &x)?,
+        (None, _) => on_cpu::<f16>(&model, args.layer, &x)?,
+        (Some(dev), DType::F16) => on_gpu::<f16>(dev, &model, args.layer, &x, tokens)?,
+        (Some(dev), _) => on_gpu::<bf16>(dev, &model, args.layer, &x, tokens)?,
+    };
+
+    // Each row's ids ascending, the weights in the same order.
+    let k = cfg.k();
+    let mut ids = Vec::with_capacity(tokens * k);
+    let mut weights = Vec::with_capacity(tokens * k);
+    for t in 0..tokens {
+        let mut row: Vec<(i32, f32)> = (t * k..(t + 1) * k)
+            .map(|s| (r.ids[s], r.weights[s]))
+            .collect();
+        row.sort_by_key(|&(id, _)| id);
+        ids.extend(row.iter().map(|&(id, _)| i64::from(id)));
+        weights.extend(row.iter().map(|&(_, w)| w));
+    }
+    write_tensors(
+        &args.output,
+        &[
+            ("output", OwnedTensor::f32(&[tokens, cfg.hidden], &r.y)),
+            ("topk_ids", OwnedTensor::i64(&[tokens, k], &ids)),
+            ("topk_weights", OwnedTensor::f32(&[tokens, k], &weights)),
+        ],
+    )?;
+    println!(
+        "{} layer {} ({}), {tokens} tokens on {} in {} -> {}",
+        model.model_type,
+        args.layer,
+        family_line(&cfg),
+        if device.is_some() { "cuda" } else { "cpu" },
+        dtype,
+        args.output.display()
+    );
+    Ok(())
+}
+
+fn family_line(cfg: &moe_kernels::layer::MoeConfig) -> String {
+    format!(
+        "H={} I={} E={} K={}{}",
+        cfg.hidden,
+        cfg.intermediate,
+        cfg.experts,
+        cfg.k(),
+        cfg.shared
+            .map_or(String::new(), |s| format!(", shared Is={}", s.intermediate))
+    )
+}
+
+fn cuda() -> Result<Device, Error> {
+    let dev = Device::new(0)?;
+    if !kernels::built() {
+        return Err(Error::KernelsNotBuilt {
+            op: "forward",
+            module: "all",
+        });
+    }
+    Ok(dev)
+}
+
+/// Reads `input [T, H]` and refuses a wrong width or a non-finite value.
+fn read_input(path: &Path, hidden: usize) -> Result<(Vec<f32>, usize), Error> {
+    let file = TensorFile::open(path)?;
+    let raw = file.raw("input")?;
+    let bad = |expected: String, got: String| Error::Checkpoint {
+        file: path.display().to_string(),
+        what: "tensor `input`".into(),
+        expected,
+        got,
+    };
+    let tokens = match *raw.shape.as_slice() {
+        [t, h] if h == hidden && t > 0 => t,
+        _ => {
+            return Err(bad(
+                format!("shape [T, {hidden}] with T >= 1 (H is the layer's hidden size)"),
+                format!("{:?}", raw.shape),
+            ));
+        }
+    };
+    let x: Vec<f32> = raw.to_vec()?;
+    if let Some(p) = x.iter().position(|v| !v.is_finite()) {
+        return Err(bad(
+            "finite values".into(),
+            format!("{} at [{}, {}]", x[p], p / hidden, p % hidden),
+        ));
+    }
+    Ok((x, tokens))
+}
+
+fn on_cpu<S: Float>(model: &Model, layer: usize, x: &[f32]) -> Result<Outcome, Error> {
+    let (cfg, w) = model.load_layer::<S>(layer)?;
+    // The input in the compute dtype, as the GPU path sees it.
+    let xs: Vec<f64> = x.iter().map(|&v| S::from_f32(v).to_f64()).collect();
+    let f = reference::forward(&cfg, &w, &xs)?;
+    Ok(Outcome {
+        y: f.y.iter().map(|&v| v as f32).collect(),
+        ids: f.routing.ids,
+        weights: f.routing.weights.iter().map(|&v| v as f32).collect(),
+    })
+}
+
+fn on_gpu<T: Float>(
+    dev: &Device,
+    model: &Model,
+    layer: usize,
+    x: &[f32],
+    tokens: usize,
+) -> Result<Outcome, Error> {
+    let (cfg, w) = model.load_layer::<T>(layer)?;
+    let mut moe = MoeLayer::<T>::new(dev, &cfg, &w, tokens)?;
+    let xs: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    let xd = dev.upload(&xs, &[tokens, cfg.hidden])?;
+    let mut y = dev.zeros::<T>(&[tokens, cfg.hidden])?;
+    moe.forward_into(dev, &mut y, &xd)?;
+    moe.check(dev)?;
+    let (ids, weights) = moe.routing();
+    Ok(Outcome {
+        y: dev.download(&y)?.iter().map(|v| v.to_f32()).collect(),
+        ids: dev.download(ids)?,
+        weights: dev.download(weights)?,
+    })
+}
