@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, everything the GPU check needs into gpu-bundle/ (git-ignored):
-# the release test binaries, the bench binaries, the `moe-kernels` CLI, and gpu-check.sh. Kernels
+# the release test binaries, the bench binaries, the `moe-kernels` CLI, the transformers fixtures
+# and gpu-check.sh. Kernels
 # are compiled with the pinned toolchain (MOE_KERNELS_BUILD=require), binaries are stripped.
 #
 # Then, on the GPU machine, from the bundle folder:  ./gpu-check.sh LOGDIR
@@ -43,6 +44,7 @@ executables bench --no-run | while read -r kind name path; do
 done
 strip "$out/moe-kernels" "$out"/tests/* "$out"/benches/*
 cp scripts/gpu-check.sh "$out/"
+cp -r tests/fixtures "$out/fixtures"
 {
     echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ)"

@@ -42,6 +42,9 @@ run() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 } >"$logdir/environment.txt" 2>&1
 
+# The tests find the fixtures and the command in the bundle, not where they were built.
+export MOE_FIXTURES="$here/fixtures" MOE_KERNELS_BIN="$here/moe-kernels"
+
 run info ./moe-kernels info --ptxas
 run demo ./moe-kernels
 for t in tests/*; do
@@ -61,6 +64,9 @@ if [ "$sanitize" = 1 ]; then
     fi
 fi
 if [ "$bench" = 1 ]; then
+    for preset in qwen3-30b-a3b mixtral-8x7b deepseek-v3 gpt-oss-120b olmoe qwen2-moe llama4-scout; do
+        run "layer-$preset" ./moe-kernels bench --preset "$preset" --tokens 1,16,128,1024,4096
+    done
     for b in benches/*; do
         run "bench-$(basename "$b")" env MOE_REQUIRE_GPU=1 CRITERION_HOME="$logdir/criterion" "$b" --bench \
             --warm-up-time 0.3 --measurement-time 1 --noplot
@@ -69,6 +75,11 @@ fi
 
 echo "== gpu-check: $(head -1 BUNDLE_INFO)"
 sed -n 2,3p "$logdir/environment.txt"
+for log in "$logdir"/layer-*.log; do
+    [ -e "$log" ] || continue
+    echo "  $(basename "$log" .log):"
+    grep -E "total|ceilings" "$log" | sed 's/^/    /'
+done
 for log in "$logdir"/bench-*.log; do
     [ -e "$log" ] || continue
     # criterion prints the id on its own line, then indented time/thrpt lines: keep id + median.

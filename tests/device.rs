@@ -124,3 +124,56 @@ fn gpu_shape_errors_name_the_op_and_argument() {
         "{e}"
     );
 }
+
+#[test]
+fn gpu_fill_uniform_matches_its_host_twin() {
+    let Some(dev) = common::gpu("gpu_fill_uniform_matches_its_host_twin") else {
+        return;
+    };
+    // An odd length past one grid's stride, in two dtypes; every element bit for bit.
+    let n = 65_535 * 16 * 256 + 12_345;
+    let mut t = dev.zeros::<half::bf16>(&[n]).unwrap();
+    dev.fill_uniform(&mut t, 42, -0.5, 2.0).unwrap();
+    let got = dev.download(&t).unwrap();
+    for (i, g) in got
+        .iter()
+        .enumerate()
+        .step_by(997)
+        .chain(got.iter().enumerate().rev().take(300))
+    {
+        let want = half::bf16::from_f32(moe_kernels::device::uniform_at(42, i as u64, -0.5, 2.0));
+        assert_eq!(g.to_bits(), want.to_bits(), "element {i}");
+    }
+    let mut f = dev.zeros::<f32>(&[1001]).unwrap();
+    dev.fill_uniform(&mut f, 7, -1.0, 1.0).unwrap();
+    let got = dev.download(&f).unwrap();
+    let want: Vec<f32> = (0..1001)
+        .map(|i| moe_kernels::device::uniform_at(7, i, -1.0, 1.0))
+        .collect();
+    assert_eq!(got, want);
+    assert!(got.iter().all(|v| (-1.0..1.0).contains(v)));
+    assert!(got.windows(2).any(|w| w[0] != w[1]));
+    assert!(dev.fill_uniform(&mut f, 7, 1.0, -1.0).is_err());
+}
+
+#[test]
+fn gpu_set_shape_covers_the_leading_elements_only() {
+    let Some(dev) = common::gpu("gpu_set_shape_covers_the_leading_elements_only") else {
+        return;
+    };
+    let data: Vec<i32> = (0..100).collect();
+    let mut t = dev.upload(&data, &[10, 10]).unwrap();
+    assert_eq!(t.capacity(), 100);
+    t.set_shape(&[3, 5]).unwrap();
+    assert_eq!(t.numel(), 15);
+    assert_eq!(dev.download(&t).unwrap(), (0..15).collect::<Vec<_>>());
+    dev.upload_into(&mut t, &[-1; 15]).unwrap();
+    assert!(dev.upload_into(&mut t, &[-1; 16]).is_err());
+    dev.fill_bytes(&mut t, 0).unwrap();
+    t.set_shape(&[100]).unwrap();
+    let back = dev.download(&t).unwrap();
+    assert!(back[..15].iter().all(|&v| v == 0));
+    assert_eq!(back[15..], data[15..]);
+    let e = t.set_shape(&[101]).unwrap_err().to_string();
+    assert!(e.contains("capacity"), "{e}");
+}

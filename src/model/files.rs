@@ -343,13 +343,14 @@ impl safetensors::View for &OwnedTensor {
 }
 
 /// Writes `tensors` to a safetensors file at `path`.
-pub fn write_tensors(path: &Path, tensors: &[(&str, OwnedTensor)]) -> Result<()> {
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (*n, t)), None, path).map_err(|e| {
-        Error::checkpoint(
-            path.display(),
-            "file",
-            "a writable safetensors file",
-            e.to_string(),
-        )
-    })
+pub fn write_tensors<N: AsRef<str>>(path: &Path, tensors: &[(N, OwnedTensor)]) -> Result<()> {
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_ref(), t)), None, path)
+        .map_err(|e| {
+            Error::checkpoint(
+                path.display(),
+                "file",
+                "a writable safetensors file",
+                e.to_string(),
+            )
+        })
 }

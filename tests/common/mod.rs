@@ -21,3 +21,12 @@ pub fn gpu(test: &str) -> Option<Device> {
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {reason}");
     None
 }
+
+/// The fixtures made by transformers: `MOE_FIXTURES` when set (the GPU bundle carries its own
+/// copy), else tests/fixtures of this checkout.
+pub fn fixtures_dir() -> std::path::PathBuf {
+    match std::env::var_os("MOE_FIXTURES") {
+        Some(p) => p.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
+}

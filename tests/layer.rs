@@ -1,0 +1,479 @@
+//! The whole MoE block: the CPU forward against transformers' own outputs (tests/fixtures), and
+//! the GPU layer against the CPU forward, including workspace reuse and CUDA-graph replay.
+
+mod common;
+
+use std::path::PathBuf;
+
+use half::bf16;
+use moe_kernels::activation::{GateLayout, GatedAct};
+use moe_kernels::gemm::ScaleAt;
+use moe_kernels::layer::{
+    LayerWeights, MoeConfig, MoeLayer, Path as GemmPath, SharedExpert, ZeroExpert, reference,
+};
+use moe_kernels::model::{Model, TensorFile};
+use moe_kernels::rng::Rng;
+use moe_kernels::routing::{RouterConfig, RouterRule};
+use moe_kernels::{DType, Device, Float};
+
+/// One fixture: its folder, layer, input and transformers' outputs.
+struct Fixture {
+    name: String,
+    dir: PathBuf,
+    layer: usize,
+    tokens: usize,
+    input: Vec<f32>,
+    output: Vec<f32>,
+    output_bf16: Vec<f32>,
+    ids: Vec<i64>,
+    weights: Vec<f32>,
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let root = common::fixtures_dir();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("tests/fixtures")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.join("io.safetensors").exists())
+        .collect();
+    dirs.sort();
+    assert!(
+        dirs.len() >= 10,
+        "fixtures missing under {}",
+        root.display()
+    );
+    dirs.into_iter()
+        .map(|dir| {
+            let io = TensorFile::open(&dir.join("io.safetensors")).expect("io.safetensors");
+            let layer = io.metadata().expect("metadata")["layer"]
+                .parse()
+                .expect("layer");
+            let f32s = |n: &str| io.raw(n).expect(n).to_vec::<f32>().expect(n);
+            let input = io.raw("input").expect("input");
+            Fixture {
+                name: dir.file_name().unwrap().to_string_lossy().into_owned(),
+                layer,
+                tokens: input.shape[0],
+                input: f32s("input"),
+                output: f32s("output"),
+                output_bf16: f32s("output_bf16"),
+                ids: io.raw("topk_ids").unwrap().to_i64().unwrap(),
+                weights: f32s("topk_weights"),
+                dir,
+            }
+        })
+        .collect()
+}
+
+/// `(id, weight)` of each token's slots, ids ascending, as the fixtures store them.
+fn sorted_routing(ids: &[i32], weights: &[f64], k: usize) -> (Vec<i64>, Vec<f64>) {
+    let (mut si, mut sw) = (Vec::new(), Vec::new());
+    for t in 0..ids.len() / k {
+        let mut row: Vec<(i32, f64)> = (t * k..(t + 1) * k).map(|s| (ids[s], weights[s])).collect();
+        row.sort_by_key(|&(id, _)| id);
+        si.extend(row.iter().map(|&(i, _)| i64::from(i)));
+        sw.extend(row.iter().map(|&(_, w)| w));
+    }
+    (si, sw)
+}
+
+/// max |got - want| over max |want|.
+fn rel_max_err(got: &[f64], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(0f64, |m, &v| m.max(f64::from(v).abs()));
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (&g, &w)| m.max((g - f64::from(w)).abs()));
+    err / scale
+}
+
+fn cpu_forward<S: Float>(model: &Model, f: &Fixture) -> (reference::Forward, usize) {
+    let (cfg, w) = model.load_layer::<S>(f.layer).expect("load_layer");
+    let x: Vec<f64> = f.input.iter().map(|&v| S::from_f32(v).to_f64()).collect();
+    (reference::forward(&cfg, &w, &x).expect("forward"), cfg.k())
+}
+
+#[test]
+fn cpu_forward_matches_transformers_on_every_fixture() {
+    let mut checked = 0;
+    for f in fixtures() {
+        let model = Model::open(&f.dir).unwrap_or_else(|e| panic!("{}: {e}", f.name));
+        let (out, k) = match model.dtype {
+            DType::F32 => cpu_forward::<f32>(&model, &f),
+            DType::F16 => cpu_forward::<half::f16>(&model, &f),
+            _ => match model.load_layer::<bf16>(f.layer) {
+                Ok(_) => cpu_forward::<bf16>(&model, &f),
+                Err(e) if f.name.contains("mxfp4") => {
+                    eprintln!("{}: not loaded yet: {e}", f.name);
+                    continue;
+                }
+                Err(e) => panic!("{}: {e}", f.name),
+            },
+        };
+        let (ids, weights) = sorted_routing(&out.routing.ids, &out.routing.weights, k);
+        assert_eq!(ids, f.ids, "{}: chosen experts", f.name);
+        for (g, w) in weights.iter().zip(&f.weights) {
+            assert!(
+                (g - f64::from(*w)).abs() <= 1e-6,
+                "{}: weight {g} vs {w}",
+                f.name
+            );
+        }
+        // transformers ran in float32: agreement to f32 accumulation error.
+        let e = rel_max_err(&out.y, &f.output);
+        assert!(e <= 1e-5, "{}: output off by {e:.2e} of its scale", f.name);
+        // Its bfloat16 run rounds at every step: within bf16 tolerance of the exact block.
+        let e16 = rel_max_err(&out.y, &f.output_bf16);
+        assert!(e16 <= 0.03, "{}: bf16 output off by {e16:.2e}", f.name);
+        checked += 1;
+    }
+    assert!(checked >= 12, "only {checked} fixtures checked");
+}
+
+#[test]
+fn gpu_layer_matches_transformers_on_every_fixture() {
+    let Some(dev) = common::gpu("gpu_layer_matches_transformers_on_every_fixture") else {
+        return;
+    };
+    for f in fixtures() {
+        let model = Model::open(&f.dir).unwrap();
+        let Ok((cfg, w)) = model.load_layer::<bf16>(f.layer) else {
+            assert!(f.name.contains("mxfp4"), "{}: load failed", f.name);
+            continue;
+        };
+        for path in [GemmPath::Gemv, GemmPath::Gemm] {
+            let mut layer = MoeLayer::<bf16>::new(&dev, &cfg, &w, f.tokens).unwrap();
+            layer.set_path(path);
+            let x: Vec<bf16> = f.input.iter().map(|&v| bf16::from_f32(v)).collect();
+            let xd = dev.upload(&x, &[f.tokens, cfg.hidden]).unwrap();
+            let mut y = dev
+                .filled_bytes::<bf16>(&[f.tokens, cfg.hidden], 0xff)
+                .unwrap();
+            layer.forward_into(&dev, &mut y, &xd).unwrap();
+            layer.check(&dev).unwrap();
+            let got: Vec<f64> = dev
+                .download(&y)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_f64())
+                .collect();
+            let (ids, wts) = layer.routing();
+            let ids = dev.download(ids).unwrap();
+            let wts: Vec<f64> = dev
+                .download(wts)
+                .unwrap()
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let (ids, _) = sorted_routing(&ids, &wts, cfg.k());
+            assert_eq!(ids, f.ids, "{} {path:?}: chosen experts", f.name);
+            let e = rel_max_err(&got, &f.output_bf16);
+            assert!(e <= 0.03, "{} {path:?}: off by {e:.2e} of scale", f.name);
+            let e32 = rel_max_err(&got, &f.output);
+            assert!(e32 <= 0.03, "{} {path:?}: off f32 by {e32:.2e}", f.name);
+        }
+    }
+}
+
+/// A random block of `cfg` with router weights scaled so routing margins are wide, on the
+/// host.
+fn random_weights(cfg: &MoeConfig, seed: u64) -> LayerWeights<bf16> {
+    let mut rng = Rng::new(seed);
+    let (h, i, e, et) = (
+        cfg.hidden,
+        cfg.intermediate,
+        cfg.experts,
+        cfg.experts_total(),
+    );
+    let z = cfg.zero_experts.len();
+    let mut draw = |n: usize, a: f64| -> Vec<bf16> {
+        (0..n).map(|_| bf16::from_f64(rng.uniform(-a, a))).collect()
+    };
+    let is = cfg.shared.map_or(0, |s| s.intermediate);
+    let router: Vec<f32> = draw(et * h, 4.0 / (h as f64).sqrt())
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    let sh = 1.0 / (h as f64).sqrt();
+    let si = 1.0 / (i as f64).sqrt();
+    LayerWeights {
+        router_bias: cfg
+            .router_bias
+            .then(|| draw(et, 0.5).iter().map(|v| v.to_f32()).collect()),
+        correction_bias: cfg
+            .correction_bias
+            .then(|| draw(et, 0.05).iter().map(|v| v.to_f32()).collect()),
+        router,
+        gate_up: draw(e * 2 * i * h, 2.0 * sh),
+        gate_up_bias: cfg.expert_bias.then(|| draw(e * 2 * i, 0.5)),
+        down: draw(e * h * i, 2.0 * si),
+        down_bias: cfg.expert_bias.then(|| draw(e * h, 0.5)),
+        shared_gate_up: cfg.shared.map(|_| draw(2 * is * h, 2.0 * sh)),
+        shared_down: cfg
+            .shared
+            .map(|s| draw(h * s.intermediate, 2.0 / (is as f64).sqrt())),
+        shared_gate: cfg.shared.filter(|s| s.gated).map(|_| draw(h, sh)),
+        const_w: cfg
+            .zero_experts
+            .contains(&ZeroExpert::Constant)
+            .then(|| draw(z * 2 * h, sh)),
+        const_v: cfg
+            .zero_experts
+            .contains(&ZeroExpert::Constant)
+            .then(|| draw(z * h, 1.0)),
+    }
+}
+
+/// The configurations the GPU layer is checked on: each model's special parts, plus
+/// zero-computation experts and dynamic top-p.
+fn configs() -> Vec<(&'static str, MoeConfig)> {
+    let base = MoeConfig::new;
+    vec![
+        ("mixtral-like", base(64, 32, 8, RouterConfig::mixtral(2))),
+        (
+            "qwen2-like shared gated, E=60",
+            MoeConfig {
+                shared: Some(SharedExpert {
+                    intermediate: 48,
+                    gated: true,
+                }),
+                ..base(64, 16, 60, RouterConfig::qwen(4, false))
+            },
+        ),
+        (
+            "deepseek-v3-like",
+            MoeConfig {
+                router_f32: true,
+                correction_bias: true,
+                shared: Some(SharedExpert {
+                    intermediate: 32,
+                    gated: false,
+                }),
+                ..base(64, 16, 32, RouterConfig::deepseek_v3(4, 4, 2, true, 2.5))
+            },
+        ),
+        (
+            "gpt-oss-like",
+            MoeConfig {
+                router_bias: true,
+                expert_bias: true,
+                gate_layout: GateLayout::Interleaved,
+                act: GatedAct::GPT_OSS,
+                ..base(64, 32, 16, RouterConfig::gpt_oss(4))
+            },
+        ),
+        (
+            "llama4-like",
+            MoeConfig {
+                weight_at: ScaleAt::Input,
+                shared: Some(SharedExpert {
+                    intermediate: 32,
+                    gated: false,
+                }),
+                ..base(64, 32, 16, RouterConfig::llama4(1))
+            },
+        ),
+        (
+            "moe++ zero/copy/constant, top-p",
+            MoeConfig {
+                zero_experts: vec![ZeroExpert::Zero, ZeroExpert::Copy, ZeroExpert::Constant],
+                ..base(
+                    64,
+                    32,
+                    8,
+                    RouterConfig::new(
+                        RouterRule::TopP {
+                            p: 0.6,
+                            renormalize: true,
+                        },
+                        4,
+                    ),
+                )
+            },
+        ),
+    ]
+}
+
+#[test]
+fn gpu_layer_matches_cpu_forward() {
+    let Some(dev) = common::gpu("gpu_layer_matches_cpu_forward") else {
+        return;
+    };
+    for (name, cfg) in configs() {
+        let w = random_weights(&cfg, 11);
+        let max_t = 130;
+        let mut layer = MoeLayer::<bf16>::new(&dev, &cfg, &w, max_t).unwrap();
+        let (mut compared, mut total) = (0, 0);
+        for (t, path) in [
+            (1, GemmPath::Auto),
+            (5, GemmPath::Gemm),
+            (16, GemmPath::Auto),
+            (17, GemmPath::Gemv),
+            (130, GemmPath::Auto),
+        ] {
+            layer.set_path(path);
+            compared += check_against_cpu(&dev, &mut layer, &cfg, &w, t, name);
+            total += t;
+        }
+        assert!(
+            2 * compared >= total,
+            "{name}: only {compared} of {total} tokens had a routing margin wide enough to compare"
+        );
+    }
+}
+
+/// Runs the GPU layer on `t` random tokens and compares every token whose routing margin is
+/// wide (bf16 logits cannot flip it) with the CPU forward; returns how many were compared.
+fn check_against_cpu(
+    dev: &Device,
+    layer: &mut MoeLayer<bf16>,
+    cfg: &MoeConfig,
+    w: &LayerWeights<bf16>,
+    t: usize,
+    name: &str,
+) -> usize {
+    let h = cfg.hidden;
+    let mut rng = Rng::new(t as u64 + 3);
+    let x: Vec<bf16> = (0..t * h)
+        .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
+        .collect();
+    let xf: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+    let want = reference::forward(cfg, w, &xf).unwrap();
+    let xd = dev.upload(&x, &[t, h]).unwrap();
+    let mut y = dev.filled_bytes::<bf16>(&[t, h], 0xff).unwrap();
+    layer.forward_into(dev, &mut y, &xd).unwrap();
+    layer.check(dev).unwrap();
+    let got = dev.download(&y).unwrap();
+    let scale = want.y.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let mut compared = 0;
+    for tok in 0..t {
+        // Logits rounded to bf16 move a key by up to half an ulp: 0.008 at |logit| < 4.
+        if want.routing.margin[tok] < 0.02 {
+            continue;
+        }
+        compared += 1;
+        for c in 0..h {
+            let (g, r) = (got[tok * h + c].to_f64(), want.y[tok * h + c]);
+            assert!(
+                (g - r).abs() <= 0.02 * scale + 0.02 * r.abs(),
+                "{name} T={t}: token {tok} col {c}: got {g}, want {r} (scale {scale})"
+            );
+        }
+    }
+    compared
+}
+
+#[test]
+fn gpu_layer_workspace_serves_every_smaller_batch() {
+    let Some(dev) = common::gpu("gpu_layer_workspace_serves_every_smaller_batch") else {
+        return;
+    };
+    let (_, cfg) = &configs()[1];
+    let w = random_weights(cfg, 5);
+    let mut big = MoeLayer::<bf16>::new(&dev, cfg, &w, 200).unwrap();
+    // Every T through one layer, large after small and back, equals a layer sized for T.
+    for t in [200, 3, 77, 1, 200, 16, 64] {
+        let mut rng = Rng::new(t as u64);
+        let x: Vec<bf16> = (0..t * cfg.hidden)
+            .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
+            .collect();
+        let xd = dev.upload(&x, &[t, cfg.hidden]).unwrap();
+        let run = |layer: &mut MoeLayer<bf16>| {
+            let mut y = dev.filled_bytes::<bf16>(&[t, cfg.hidden], 0xff).unwrap();
+            layer.forward_into(&dev, &mut y, &xd).unwrap();
+            dev.download(&y).unwrap()
+        };
+        let mut fresh = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
+        let (a, b) = (run(&mut big), run(&mut fresh));
+        assert!(
+            a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "T={t}: reused workspace differs from a fresh one"
+        );
+    }
+}
+
+#[test]
+fn gpu_layer_replays_from_a_cuda_graph() {
+    let Some(dev) = common::gpu("gpu_layer_replays_from_a_cuda_graph") else {
+        return;
+    };
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    for (name, cfg) in [&configs()[1], &configs()[2]] {
+        let w = random_weights(cfg, 9);
+        for t in [4, 100] {
+            let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
+            let mut rng = Rng::new(t as u64);
+            let mut draw = || -> Vec<bf16> {
+                (0..t * cfg.hidden)
+                    .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
+                    .collect()
+            };
+            let (x1, x2) = (draw(), draw());
+            let mut xd = dev.upload(&x1, &[t, cfg.hidden]).unwrap();
+            let mut y = dev.zeros::<bf16>(&[t, cfg.hidden]).unwrap();
+            // Eager results for both inputs; the first run also loads the modules.
+            layer.forward_into(&dev, &mut y, &xd).unwrap();
+            let eager1 = dev.download(&y).unwrap();
+            dev.upload_into(&mut xd, &x2).unwrap();
+            layer.forward_into(&dev, &mut y, &xd).unwrap();
+            let eager2 = dev.download(&y).unwrap();
+
+            dev.stream()
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .unwrap();
+            layer.forward_into(&dev, &mut y, &xd).unwrap();
+            let graph = dev
+                .stream()
+                .end_capture(
+                    CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+                )
+                .unwrap()
+                .expect("a captured graph");
+            for (x, want) in [(&x1, &eager1), (&x2, &eager2), (&x1, &eager1)] {
+                dev.upload_into(&mut xd, x).unwrap();
+                dev.fill_bytes(&mut y, 0xff).unwrap();
+                graph.launch().unwrap();
+                let got = dev.download(&y).unwrap();
+                assert!(
+                    got.iter()
+                        .zip(want)
+                        .all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{name} T={t}: graph replay differs from the eager forward"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn layer_refuses_bad_configurations_and_weights() {
+    let cfg = MoeConfig::new(64, 32, 8, RouterConfig::mixtral(2));
+    let w = random_weights(&cfg, 1);
+    let x = vec![0.25; 64];
+    assert!(reference::forward(&cfg, &w, &x).is_ok());
+
+    let msg = |r: Result<reference::Forward, moe_kernels::Error>| r.unwrap_err().to_string();
+    let mut short = w.clone();
+    short.down.pop();
+    assert!(msg(reference::forward(&cfg, &short, &x)).contains("`down`"));
+    let mut extra = w.clone();
+    extra.gate_up_bias = Some(vec![bf16::ZERO; 8 * 64]);
+    assert!(msg(reference::forward(&cfg, &extra, &x)).contains("gate_up_bias"));
+    assert!(msg(reference::forward(&cfg, &w, &x[..63])).contains("`x`"));
+    let mut nan = x.clone();
+    nan[10] = f64::NAN;
+    assert!(msg(reference::forward(&cfg, &w, &nan)).contains("finite"));
+    let k_too_big = MoeConfig::new(64, 32, 8, RouterConfig::mixtral(9));
+    assert!(reference::forward(&k_too_big, &w, &x).is_err());
+    let input_scaled_with_zc = MoeConfig {
+        weight_at: ScaleAt::Input,
+        zero_experts: vec![ZeroExpert::Copy],
+        ..cfg.clone()
+    };
+    assert!(input_scaled_with_zc.validate("test").is_err());
+    let bias_without_rule = MoeConfig {
+        correction_bias: true,
+        ..cfg
+    };
+    assert!(bias_without_rule.validate("test").is_err());
+}

@@ -1,0 +1,336 @@
+//! Loading model folders, and the `moe-kernels` command on good and bad input: every refusal is
+//! one clear error line and a non-zero exit, never a panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use half::bf16;
+use moe_kernels::model::{Model, OwnedTensor, TensorFile, write_tensors};
+
+fn fixture(name: &str) -> PathBuf {
+    common::fixtures_dir().join(name)
+}
+
+/// A fresh scratch folder holding a copy of fixture `name`.
+fn scratch_copy(name: &str, tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "moe-kernels-test-{}-{name}-{tag}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+fn open_err(dir: &Path) -> String {
+    match Model::open(dir) {
+        Ok(_) => panic!("{} opened", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn opens_every_family_and_knows_its_moe_layers() {
+    for (name, moe) in [
+        ("mixtral", vec![0, 1]),
+        ("mixtral_sharded", vec![0, 1]),
+        ("qwen2_moe", vec![1, 2]),
+        ("deepseek_v2", vec![1, 2]),
+        ("deepseek_v3", vec![1, 2]),
+        ("llama4_text", vec![1]),
+        ("llama4", vec![1]),
+        ("granitemoe", vec![0, 1]),
+    ] {
+        let m = Model::open(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(m.moe_layers().unwrap(), moe, "{name}");
+    }
+    let llama4 = Model::open(&fixture("llama4")).unwrap();
+    assert_eq!(llama4.prefix, "language_model.model.layers");
+}
+
+#[test]
+fn refuses_dense_and_out_of_range_layers() {
+    let m = Model::open(&fixture("deepseek_v3")).unwrap();
+    let e = m.layer_config(0).unwrap_err().to_string();
+    assert!(e.contains("layer 0") && e.contains("dense"), "{e}");
+    let e = m.layer_config(m.layers).unwrap_err().to_string();
+    assert!(e.contains("num_hidden_layers"), "{e}");
+}
+
+#[test]
+fn refuses_malformed_folders_with_the_file_and_what_was_wrong() {
+    // config.json that is not JSON.
+    let d = scratch_copy("mixtral", "json");
+    std::fs::write(d.join("config.json"), "{ not json").unwrap();
+    let e = open_err(&d);
+    assert!(e.contains("config.json") && e.contains("JSON"), "{e}");
+
+    // An unknown model_type.
+    let d = scratch_copy("mixtral", "type");
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"mixtral\"", "\"not_a_model\""),
+    )
+    .unwrap();
+    let e = open_err(&d);
+    assert!(e.contains("model_type") && e.contains("not_a_model"), "{e}");
+
+    // A truncated weight file.
+    let d = scratch_copy("mixtral", "trunc");
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() - 100]).unwrap();
+    let e = open_err(&d);
+    assert!(
+        e.contains("model.safetensors") && e.contains("header"),
+        "{e}"
+    );
+
+    // A header whose length field points past the file.
+    let d = scratch_copy("mixtral", "header");
+    let mut bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(d.join("model.safetensors"), &bytes).unwrap();
+    let e = open_err(&d);
+    assert!(e.contains("header"), "{e}");
+
+    // A shard index naming a file outside the folder.
+    let d = scratch_copy("mixtral_sharded", "escape");
+    let idx = std::fs::read_to_string(d.join("model.safetensors.index.json")).unwrap();
+    let escaped = idx.replacen("\"model-", "\"../model-", 1);
+    std::fs::write(d.join("model.safetensors.index.json"), escaped).unwrap();
+    let e = open_err(&d);
+    assert!(e.contains("inside the model folder"), "{e}");
+}
+
+#[test]
+fn refuses_missing_and_misshapen_tensors_by_name() {
+    // Rewrite the Mixtral fixture without one expert weight, and with one of the wrong shape.
+    let src = TensorFile::open(&fixture("mixtral").join("model.safetensors")).unwrap();
+    let missing = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
+    let bent = "model.layers.1.block_sparse_moe.experts.5.w1.weight";
+    let mut kept = Vec::new();
+    for name in src.names() {
+        let t = src.raw(&name).unwrap();
+        if name == missing {
+            continue;
+        }
+        let v: Vec<f32> = t.to_vec().unwrap();
+        let shape = if name == bent {
+            vec![t.shape[1], t.shape[0]]
+        } else {
+            t.shape.clone()
+        };
+        kept.push((name, OwnedTensor::f32(&shape, &v)));
+    }
+    let d = scratch_copy("mixtral", "tensors");
+    write_tensors(&d.join("model.safetensors"), &kept).unwrap();
+    let m = Model::open(&d).unwrap();
+    let e = m.load_layer::<f32>(1).unwrap_err().to_string();
+    assert!(
+        e.contains("experts.3.w2.weight") && e.contains("missing"),
+        "{e}"
+    );
+    // Layer 0 is untouched: it loads.
+    assert!(m.load_layer::<bf16>(0).is_ok());
+
+    let f = TensorFile::open(&d.join("model.safetensors")).unwrap();
+    let t = f.raw(bent).unwrap();
+    let e = t.expect_shape(&[16, 32]).unwrap_err().to_string();
+    assert!(e.contains(bent) && e.contains("[32, 16]"), "{e}");
+
+    // A float tensor asked for as ids, and ids as floats: refused with the dtype.
+    let e = t.to_i64().unwrap_err().to_string();
+    assert!(e.contains("I64 or I32") && e.contains("F32"), "{e}");
+}
+
+// ---- the command ----
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    // MOE_KERNELS_BIN: the GPU bundle's copy of the command.
+    let bin = std::env::var("MOE_KERNELS_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_moe-kernels").to_string());
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .expect("run moe-kernels");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A refusal: non-zero exit, exactly one stderr line starting with "error:", no panic.
+fn assert_refused(args: &[&str], needle: &str) {
+    let (ok, _, err) = cli(args);
+    assert!(!ok, "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: stderr was {err:?}");
+    assert!(lines[0].starts_with("error: "), "{args:?}: {err}");
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: {err} lacks {needle:?}"
+    );
+}
+
+fn write_input(path: &Path, tokens: usize, hidden: usize, poison: Option<usize>) {
+    let mut v: Vec<f32> = (0..tokens * hidden)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    if let Some(i) = poison {
+        v[i] = f32::NAN;
+    }
+    write_tensors(path, &[("input", OwnedTensor::f32(&[tokens, hidden], &v))]).unwrap();
+}
+
+#[test]
+fn forward_on_cpu_reproduces_the_fixture() {
+    let f = fixture("qwen2_moe");
+    let out = std::env::temp_dir().join(format!(
+        "moe-kernels-fwd-{}.safetensors",
+        std::process::id()
+    ));
+    let (ok, stdout, err) = cli(&[
+        "forward",
+        "--model",
+        f.to_str().unwrap(),
+        "--layer",
+        "1",
+        "--input",
+        f.join("io.safetensors").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stdout}{err}");
+    let got = TensorFile::open(&out).unwrap();
+    let want = TensorFile::open(&f.join("io.safetensors")).unwrap();
+    let ids = got.raw("topk_ids").unwrap();
+    assert_eq!(ids.shape, [7, 4]);
+    assert_eq!(
+        ids.to_i64().unwrap(),
+        want.raw("topk_ids").unwrap().to_i64().unwrap()
+    );
+    let y: Vec<f32> = got.raw("output").unwrap().to_vec().unwrap();
+    let r: Vec<f32> = want.raw("output").unwrap().to_vec().unwrap();
+    let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (a, b) in y.iter().zip(&r) {
+        assert!((a - b).abs() <= 1e-5 * scale, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn forward_without_a_device_says_why_it_runs_on_cpu() {
+    if moe_kernels::Device::new(0).is_ok() {
+        return; // the default is cuda on a GPU machine; the fixture test covers the cpu path
+    }
+    let f = fixture("olmoe");
+    let out = std::env::temp_dir().join(format!(
+        "moe-kernels-fwd2-{}.safetensors",
+        std::process::id()
+    ));
+    let (ok, _, err) = cli(&[
+        "forward",
+        "--model",
+        f.to_str().unwrap(),
+        "--layer",
+        "1",
+        "--input",
+        f.join("io.safetensors").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("running on cpu"), "{err}");
+}
+
+#[test]
+fn forward_refuses_bad_input_with_one_error_line() {
+    let tmp = std::env::temp_dir().join(format!("moe-kernels-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let model = fixture("mixtral");
+    let m = model.to_str().unwrap();
+    let out = tmp.join("out.safetensors");
+    let o = out.to_str().unwrap();
+
+    let wide = tmp.join("wide.safetensors");
+    write_input(&wide, 3, 48, None);
+    let nan = tmp.join("nan.safetensors");
+    write_input(&nan, 3, 32, Some(40));
+    let garbage = tmp.join("garbage.safetensors");
+    std::fs::write(
+        &garbage,
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header!!}",
+    )
+    .unwrap();
+    let truncated = tmp.join("truncated.safetensors");
+    write_input(&truncated, 3, 32, None);
+    let bytes = std::fs::read(&truncated).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() - 8]).unwrap();
+    let good = tmp.join("good.safetensors");
+    write_input(&good, 3, 32, None);
+
+    let run = |input: &Path, layer: &str| -> Vec<String> {
+        ["forward", "--model", m, "--layer", layer, "--input"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([
+                input.to_str().unwrap().to_string(),
+                "--output".into(),
+                o.into(),
+                "--device".into(),
+                "cpu".into(),
+            ])
+            .collect()
+    };
+    let check = |args: Vec<String>, needle: &str| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_refused(&a, needle);
+    };
+    check(run(&wide, "1"), "[T, 32]");
+    check(run(&nan, "1"), "finite");
+    check(run(&garbage, "1"), "header");
+    check(run(&truncated, "1"), "header");
+    check(run(&good, "2"), "layer index below 2");
+    check(
+        run(&tmp.join("absent.safetensors"), "1"),
+        "absent.safetensors",
+    );
+
+    // A broken model folder.
+    let d = scratch_copy("mixtral", "cli");
+    std::fs::write(d.join("config.json"), "[1, 2").unwrap();
+    let mut args = run(&good, "1");
+    args[2] = d.to_str().unwrap().to_string();
+    check(args, "JSON");
+    let d = scratch_copy("mixtral", "cli-trunc");
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let mut args = run(&good, "1");
+    args[2] = d.to_str().unwrap().to_string();
+    check(args, "model.safetensors");
+
+    // The dense layer of a DeepSeek-V3 model.
+    let ds = fixture("deepseek_v3");
+    let mut args = run(&good, "0");
+    args[2] = ds.to_str().unwrap().to_string();
+    check(args, "dense");
+}
+
+#[test]
+fn bench_refuses_unknown_presets_and_formats() {
+    assert_refused(&["bench", "--format", "int3"], "int3");
+    if moe_kernels::Device::new(0).is_ok() && moe_kernels::kernels::built() {
+        assert_refused(&["bench", "--preset", "nope"], "nope");
+    }
+}
