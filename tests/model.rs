@@ -191,29 +191,41 @@ fn write_input(path: &Path, tokens: usize, hidden: usize, poison: Option<usize>)
     write_tensors(path, &[("input", OwnedTensor::f32(&[tokens, hidden], &v))]).unwrap();
 }
 
-#[test]
-fn forward_on_cpu_reproduces_the_fixture() {
-    let f = fixture("qwen2_moe");
+/// `forward` on fixture `name`'s own input, plus `extra` arguments: (ok, stdout, stderr, output).
+fn forward_fixture(name: &str, extra: &[&str]) -> (bool, String, String, PathBuf) {
+    let f = fixture(name);
+    let layer = TensorFile::open(&f.join("io.safetensors"))
+        .unwrap()
+        .metadata()
+        .unwrap()["layer"]
+        .clone();
     let out = std::env::temp_dir().join(format!(
-        "moe-kernels-fwd-{}.safetensors",
+        "moe-kernels-fwd-{name}-{}.safetensors",
         std::process::id()
     ));
-    let (ok, stdout, err) = cli(&[
+    let (input, output) = (f.join("io.safetensors"), out.clone());
+    let mut args = vec![
         "forward",
         "--model",
         f.to_str().unwrap(),
         "--layer",
-        "1",
+        &layer,
         "--input",
-        f.join("io.safetensors").to_str().unwrap(),
+        input.to_str().unwrap(),
         "--output",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+        output.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let (ok, stdout, err) = cli(&args);
+    (ok, stdout, err, out)
+}
+
+#[test]
+fn forward_on_cpu_reproduces_the_fixture() {
+    let (ok, stdout, err, out) = forward_fixture("qwen2_moe", &["--device", "cpu"]);
     assert!(ok, "{stdout}{err}");
     let got = TensorFile::open(&out).unwrap();
-    let want = TensorFile::open(&f.join("io.safetensors")).unwrap();
+    let want = TensorFile::open(&fixture("qwen2_moe").join("io.safetensors")).unwrap();
     let ids = got.raw("topk_ids").unwrap();
     assert_eq!(ids.shape, [7, 4]);
     assert_eq!(
@@ -229,29 +241,20 @@ fn forward_on_cpu_reproduces_the_fixture() {
 }
 
 #[test]
-fn forward_without_a_device_says_why_it_runs_on_cpu() {
-    if moe_kernels::Device::new(0).is_ok() {
-        return; // the default is cuda on a GPU machine; the fixture test covers the cpu path
+fn forward_defaults_to_cuda_or_says_why_not() {
+    let (ok, stdout, err, _) = forward_fixture("olmoe", &[]);
+    assert!(ok, "{stdout}{err}");
+    let gpu = moe_kernels::Device::new(0).is_ok() && moe_kernels::kernels::built();
+    if gpu {
+        assert!(
+            stdout.contains("on cuda") && err.is_empty(),
+            "{stdout}{err}"
+        );
+    } else {
+        assert!(stdout.contains("on cpu"), "{stdout}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("running on cpu"), "{err}");
     }
-    let f = fixture("olmoe");
-    let out = std::env::temp_dir().join(format!(
-        "moe-kernels-fwd2-{}.safetensors",
-        std::process::id()
-    ));
-    let (ok, _, err) = cli(&[
-        "forward",
-        "--model",
-        f.to_str().unwrap(),
-        "--layer",
-        "1",
-        "--input",
-        f.join("io.safetensors").to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("running on cpu"), "{err}");
 }
 
 #[test]
