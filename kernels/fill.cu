@@ -2,7 +2,7 @@
 // weights) neither draw them on the host nor copy them over.
 //
 // fill_uniform_{f32,bf16,f16}(FillParams p)
-//   out[i] = lo + (hi - lo) * u_i, u_i = (splitmix64(seed + i * golden) >> 40) * 2^-24 in [0, 1),
+//   out[i] = fma(hi - lo, u_i, lo), u_i = (splitmix64(seed + i * golden) >> 40) * 2^-24 in [0, 1),
 //   computed in f32 and rounded once to the dtype. The same (seed, i) always gives the same value,
 //   whatever the launch shape.
 //
@@ -27,7 +27,7 @@ __device__ __forceinline__ void fill_uniform_v1(const FillParams& p) {
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) {
         const uint64_t h = splitmix64(p.seed + static_cast<uint64_t>(i) * 0x9e3779b97f4a7c15ull);
         const float u = static_cast<float>(h >> 40) * 0x1p-24f;
-        out[i] = Float<T>::from_f32(p.lo + (p.hi - p.lo) * u);
+        out[i] = Float<T>::from_f32(fmaf(p.hi - p.lo, u, p.lo));
     }
 }
 

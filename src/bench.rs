@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// benches/peers); default: the datasheet figure for H100/H200 SXM, else none.
     #[arg(long)]
     pub matrix_tflops: Option<f64>,
+    /// Seed of the random weights (see MoeLayer::random for how each tensor is drawn).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -150,7 +153,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             })?;
             (
                 args.preset.clone(),
-                MoeLayer::<bf16>::random(&dev, &cfg, max_t, 1)?,
+                MoeLayer::<bf16>::random(&dev, &cfg, max_t, args.seed)?,
             )
         }
     };
@@ -223,8 +226,9 @@ fn time_stages(
 ) -> Result<Vec<StageRow>, Error> {
     let cfg = layer.config().clone();
     let h = cfg.hidden;
+    // The input: uniform in [-1, 1) with seed 2^40 + T.
     let mut x: Tensor<bf16> = dev.zeros(&[t, h])?;
-    dev.fill_uniform(&mut x, 17 + t as u64, -1.0, 1.0)?;
+    dev.fill_uniform(&mut x, (1 << 40) + t as u64, -1.0, 1.0)?;
     let mut y: Tensor<bf16> = dev.zeros(&[t, h])?;
     let l2 = usize::try_from(dev.info().l2_bytes).unwrap_or(64 << 20);
     let mut flush: Tensor<u8> = dev.zeros(&[4 * l2])?;
@@ -416,6 +420,7 @@ fn print_json(
         "matrix_tflops": matrix,
         "matrix_tflops_measured": args.matrix_tflops.is_some(),
         "iters": args.iters,
+        "seed": args.seed,
         "runs": runs,
     });
     println!("{v}");

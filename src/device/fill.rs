@@ -16,7 +16,8 @@ pub fn uniform_at(seed: u64, i: u64, lo: f32, hi: f32) -> f32 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
     let u = (z >> 40) as f32 * (1.0 / (1u32 << 24) as f32);
-    lo + (hi - lo) * u
+    // One rounding, as the kernel's fmaf.
+    (hi - lo).mul_add(u, lo)
 }
 
 impl Device {
@@ -62,5 +63,20 @@ impl Device {
         // named by the kernel.
         unsafe { self.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uniform_at;
+
+    /// Pinned values: other programs (benches/peers) rebuild the bench weights from these rules.
+    #[test]
+    fn uniform_at_is_pinned() {
+        let got: Vec<f32> = [(1u64, 0u64), (1, 1), (1 << 32 | 1, 12_345), (u64::MAX, 7)]
+            .iter()
+            .map(|&(s, i)| uniform_at(s, i, -1.0, 1.0))
+            .collect();
+        assert_eq!(got, [-0.323_666_8, 0.133_123_04, 0.873_964_2, 0.885_228_63]);
     }
 }

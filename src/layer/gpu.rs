@@ -54,6 +54,20 @@ pub struct DeviceWeights<T> {
     pub const_v: Option<Tensor<T>>,
 }
 
+/// The tensors [`MoeLayer::random`] draws, in the order that numbers their seeds.
+pub const RANDOM_TENSORS: [&str; 10] = [
+    "router",
+    "gate_up",
+    "down",
+    "gate_up_bias",
+    "down_bias",
+    "shared_gate_up",
+    "shared_down",
+    "shared_gate",
+    "const_w",
+    "const_v",
+];
+
 /// The stages of a forward, in order; [`MoeLayer::forward_marked`] reports the end of each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
@@ -168,9 +182,14 @@ impl<T: Float> MoeLayer<T> {
         Self::from_device(dev, cfg, weights, max_tokens)
     }
 
-    /// A block of `cfg`'s shapes with weights drawn on the device, uniform with the variance of
-    /// a 1/sqrt(fan-in) init: for benches of real model sizes, where drawing billions of values
-    /// on the host would dominate.
+    /// A block of `cfg`'s shapes with weights drawn on the device: for benches of real model
+    /// sizes, where drawing billions of values on the host would dominate.
+    ///
+    /// Tensor j of [`RANDOM_TENSORS`] is `fill_uniform` with seed `seed + (j + 1) * 2^32` over
+    /// `[-a, a]`, `a = sqrt(3 / fan_in)` (the variance of a 1/sqrt(fan-in) init), in the layout
+    /// of the module documentation (gpt-oss's gate/up rows interleaved); the router is f32 when
+    /// `cfg.router_f32`, biases of the router and the correction bias are zero. Another program
+    /// can rebuild the same weights from [`crate::device::uniform_at`].
     pub fn random(dev: &Device, cfg: &MoeConfig, max_tokens: usize, seed: u64) -> Result<Self> {
         cfg.validate("MoeLayer::random")?;
         let (h, i, e, et) = (
@@ -180,43 +199,62 @@ impl<T: Float> MoeLayer<T> {
             cfg.experts_total(),
         );
         let z = cfg.zero_experts.len();
-        let mut n = 0u64;
-        let mut draw = |shape: &[usize], fan_in: usize| -> Result<Tensor<T>> {
+        let tensor_seed = |name: &str| {
+            let j = RANDOM_TENSORS
+                .iter()
+                .position(|n| *n == name)
+                .expect("listed") as u64;
+            seed.wrapping_add((j + 1) << 32)
+        };
+        let bound = |fan_in: usize| (3.0 / fan_in as f64).sqrt() as f32;
+        let draw = |name: &str, shape: &[usize], fan_in: usize| -> Result<Tensor<T>> {
             let mut t = dev.zeros::<T>(shape)?;
-            let a = (3.0 / fan_in as f64).sqrt() as f32;
-            n += 1;
-            dev.fill_uniform(&mut t, seed.wrapping_add(n << 32), -a, a)?;
+            let a = bound(fan_in);
+            dev.fill_uniform(&mut t, tensor_seed(name), -a, a)?;
             Ok(t)
         };
         let router = if cfg.router_f32 {
             let mut w = dev.zeros::<f32>(&[et, h])?;
-            let a = (3.0 / h as f64).sqrt() as f32;
-            dev.fill_uniform(&mut w, seed, -a, a)?;
+            dev.fill_uniform(&mut w, tensor_seed("router"), -bound(h), bound(h))?;
             RouterWeights::F32 {
                 w,
                 bias: cfg.router_bias.then(|| dev.zeros(&[et])).transpose()?,
             }
         } else {
             RouterWeights::Model {
-                w: draw(&[et, h], h)?,
+                w: draw("router", &[et, h], h)?,
                 bias: cfg.router_bias.then(|| dev.zeros(&[et])).transpose()?,
             }
         };
-        let gate_up = draw(&[e, 2 * i, h], h)?;
-        let down = draw(&[e, h, i], i)?;
-        let gate_up_bias = cfg.expert_bias.then(|| draw(&[e, 2 * i], h)).transpose()?;
-        let down_bias = cfg.expert_bias.then(|| draw(&[e, h], i)).transpose()?;
+        let gate_up = draw("gate_up", &[e, 2 * i, h], h)?;
+        let down = draw("down", &[e, h, i], i)?;
+        let gate_up_bias = cfg
+            .expert_bias
+            .then(|| draw("gate_up_bias", &[e, 2 * i], h))
+            .transpose()?;
+        let down_bias = cfg
+            .expert_bias
+            .then(|| draw("down_bias", &[e, h], i))
+            .transpose()?;
         let (shared_gate_up, shared_down, shared_gate) = match cfg.shared {
             Some(s) => (
-                Some(draw(&[1, 2 * s.intermediate, h], h)?),
-                Some(draw(&[1, h, s.intermediate], s.intermediate)?),
-                s.gated.then(|| draw(&[1, h], h)).transpose()?,
+                Some(draw("shared_gate_up", &[1, 2 * s.intermediate, h], h)?),
+                Some(draw(
+                    "shared_down",
+                    &[1, h, s.intermediate],
+                    s.intermediate,
+                )?),
+                s.gated
+                    .then(|| draw("shared_gate", &[1, h], h))
+                    .transpose()?,
             ),
             None => (None, None, None),
         };
         let constants = cfg.zero_experts.contains(&ZeroExpert::Constant);
-        let const_w = constants.then(|| draw(&[z, 2, h], h)).transpose()?;
-        let const_v = constants.then(|| draw(&[z, h], 1)).transpose()?;
+        let const_w = constants
+            .then(|| draw("const_w", &[z, 2, h], h))
+            .transpose()?;
+        let const_v = constants.then(|| draw("const_v", &[z, h], 1)).transpose()?;
         let correction_bias = cfg.correction_bias.then(|| dev.zeros(&[et])).transpose()?;
         let weights = DeviceWeights {
             router,

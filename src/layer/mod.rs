@@ -23,7 +23,7 @@
 mod gpu;
 pub mod reference;
 
-pub use gpu::{DeviceWeights, MoeLayer, Path, RouterWeights, Stage};
+pub use gpu::{DeviceWeights, MoeLayer, Path, RANDOM_TENSORS, RouterWeights, Stage};
 
 use crate::activation::{GateLayout, GatedAct};
 use crate::error::{Error, Result};
