@@ -29,6 +29,11 @@
 //! | permute | [`permute::ep_send_into`] | `ep_send` (v1) | see GPU_LOG.md |
 //! | gemm | [`gemm::grouped_gemm_into`] (prefill) | `grouped_gemm_{bf16,f16}_{same,f32}` (v1) | see GPU_LOG.md |
 //! | gemm | [`gemm::grouped_gemv_into`] (decode) | `grouped_gemv_{bf16,f16}_{same,f32}` (v1) | see GPU_LOG.md |
+//! | layer | [`layer::MoeLayer::forward_into`], CPU: [`layer::reference::forward`] | all of the above | see GPU_LOG.md |
+//! | device | [`Device::fill_uniform`] | `fill_uniform_{f32,bf16,f16}` (v1) | see GPU_LOG.md |
+//!
+//! [`model::Model`] loads one MoE block of a Hugging Face checkpoint into a
+//! [`layer::LayerWeights`].
 
 pub mod activation;
 pub mod check;

@@ -105,9 +105,9 @@ pub struct CombineInputs<'a, T> {
     /// or constant expert whose inputs are not given acts as a zero expert.
     pub zc_kinds: Option<&'a Tensor<i32>>,
     /// `[E_total - E, 2, H]` each constant expert's mixing weights W_z: (a1, a2) =
-    /// softmax(W_z x[t]) (MoE++).
+    /// `softmax(W_z x[t])` (MoE++).
     pub const_w: Option<&'a Tensor<T>>,
-    /// `[E_total - E, H]` each constant expert's vector v_z; it contributes a1 x[t] + a2 v_z.
+    /// `[E_total - E, H]` each constant expert's vector v_z; it contributes `a1 x[t] + a2 v_z`.
     pub const_v: Option<&'a Tensor<T>>,
     /// `[T, H]` shared-expert output, added after the routed experts.
     pub shared_out: Option<&'a Tensor<T>>,

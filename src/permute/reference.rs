@@ -107,7 +107,7 @@ pub struct CombineExtras<'a> {
 }
 
 /// `y[t] = sum_k w[t,k] * c(t,k) + sigmoid(gate[t]) * shared[t] + residual[t]` where c is the
-/// expert output row `expert_out[slot_rows[t*K+k]]`, x[t] for a copy expert,
+/// expert output row `expert_out[slot_rows[t*K+k]]`, `x[t]` for a copy expert,
 /// `a1 x[t] + a2 v_z` with `(a1, a2) = softmax(W_z x[t])` for constant expert z, 0 otherwise.
 /// `weights = None` means 1 (already folded into the rows).
 #[allow(clippy::too_many_arguments)] // mirrors the op's arguments one for one
@@ -177,8 +177,8 @@ pub fn combine(
     y
 }
 
-/// The masked layout with `max_rows` (M) rows per expert: (masked_slots [E*M],
-/// slot_masked_rows [S], masked_counts [E], overflowing slots).
+/// The masked layout with `max_rows` (M) rows per expert: (`masked_slots [E*M]`,
+/// `slot_masked_rows [S]`, `masked_counts [E]`, overflowing slots).
 pub fn masked(plan: &PlanRef, max_rows: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>, usize) {
     let experts = plan.counts.len();
     let mut slots = vec![-1; experts * max_rows];
@@ -197,7 +197,7 @@ pub fn masked(plan: &PlanRef, max_rows: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>,
     (slots, rows, kept, overflow)
 }
 
-/// Expert parallelism: (send_counts [R], send_slots [S] rank-major then expert then token, -1
+/// Expert parallelism: (`send_counts [R]`, `send_slots [S]` rank-major then expert then token, -1
 /// past the total, experts with a rank outside [0, R)).
 pub fn ep_send(plan: &PlanRef, expert_rank: &[i32], ranks: usize) -> (Vec<i32>, Vec<i32>, usize) {
     let mut counts = vec![0; ranks];

@@ -15,7 +15,7 @@ const STATS_WARPS: u32 = 8;
 pub struct RouterStats {
     /// `[E]` tokens routed to each expert / T (sums to K).
     pub fraction: Tensor<f32>,
-    /// `[E]` mean over tokens of softmax(logits)[e].
+    /// `[E]` mean over tokens of `softmax(logits)[e]`.
     pub mean_prob: Tensor<f32>,
     /// `[1]` mean over tokens of logsumexp(logits)^2 (ST-MoE's router z-loss).
     pub z_loss: Tensor<f32>,
