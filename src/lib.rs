@@ -39,6 +39,7 @@ pub mod gemm;
 pub mod kernels;
 mod params;
 pub mod permute;
+pub mod quant;
 pub mod rng;
 pub mod routing;
 
