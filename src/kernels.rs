@@ -13,6 +13,7 @@ pub enum Module {
     Routing,
     Permute,
     GroupedGemm,
+    Quant,
 }
 
 impl Module {
@@ -21,6 +22,7 @@ impl Module {
         Module::Routing,
         Module::Permute,
         Module::GroupedGemm,
+        Module::Quant,
     ];
 
     pub fn name(self) -> &'static str {
@@ -29,6 +31,7 @@ impl Module {
             Module::Routing => "routing",
             Module::Permute => "permute",
             Module::GroupedGemm => "grouped_gemm",
+            Module::Quant => "quant",
         }
     }
 
@@ -39,6 +42,7 @@ impl Module {
             Module::Routing => images::ROUTING,
             Module::Permute => images::PERMUTE,
             Module::GroupedGemm => images::GROUPED_GEMM,
+            Module::Quant => images::QUANT,
         }
     }
 }

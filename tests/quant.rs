@@ -1,17 +1,25 @@
-//! Compressed expert weights on the CPU: packers, decoders and checkpoint readers against
+//! Compressed expert weights. On the CPU: packers, decoders and checkpoint readers against
 //! hand-worked and independently computed values, quantisation error bounds, and refusal of
-//! malformed input.
+//! malformed input. On the GPU: the dequantise kernels against the CPU decoders bit for bit, and
+//! the fused GEMV (and the prefill path) against the f64 reference of the decoded weights.
+
+mod common;
 
 use std::sync::Arc;
 
-use half::f16;
-use moe_kernels::Error;
+use half::{bf16, f16};
+use moe_kernels::activation::{Act, GateLayout, GatedAct};
+use moe_kernels::check::{self, Tolerance};
+use moe_kernels::gemm::reference::{GroupedGemmRef, grouped_gemm};
+use moe_kernels::gemm::{Epilogue, GemmOptions, ScaleAt};
+use moe_kernels::permute::{self, Layout, Plan, reference as plan_ref};
 use moe_kernels::quant::{
-    Dictionary, Fp8Matrix, GptqVersion, HostTensor, IntMatrix, Mxfp4Matrix, QuantMatrix,
-    TernaryMatrix, e2m1_from_f64, e2m1_to_f32, e4m3_from_f32, e4m3_to_f32, e8m0_to_f32, import_awq,
-    import_gptq, ternarize,
+    self, Dictionary, Fp8Matrix, GptqVersion, HostTensor, IntMatrix, Mxfp4Matrix, QuantLayer,
+    QuantMatrix, TernaryMatrix, e2m1_from_f64, e2m1_to_f32, e4m3_from_f32, e4m3_to_f32,
+    e8m0_to_f32, import_awq, import_gptq, ternarize,
 };
 use moe_kernels::rng::Rng;
+use moe_kernels::{Device, Error, Float};
 
 /// Gaussian weights with a few large outliers, as trained Linear weights have.
 fn weights(rng: &mut Rng, len: usize) -> Vec<f32> {
@@ -902,4 +910,459 @@ fn expert_error_against_bf16_per_format() {
         );
         assert!(err < bound, "{name}: {err}");
     }
+}
+
+// ---------------------------------------------------------------- on the device
+
+/// One expert `[n, kd]` in each format, from fresh seeded weights of std 1/sqrt(kd):
+/// bf16, int4 g32 with zero points, int8 symmetric with a group of kd/3 or kd, int4 act-order,
+/// MXFP4 (one block with the NaN scale when `nan`), FP8 (one NaN code when `nan`), and two
+/// ternary experts sharing one dictionary. kd must be a multiple of 32.
+fn every_format(rng: &mut Rng, n: usize, kd: usize, nan: bool) -> Vec<QuantMatrix> {
+    let w = |rng: &mut Rng| -> Vec<f32> {
+        let std = 1.0 / (kd as f64).sqrt();
+        (0..n * kd).map(|_| (rng.normal() * std) as f32).collect()
+    };
+    let int8_group = if kd.is_multiple_of(24) { kd / 3 } else { kd };
+    let act_order = {
+        let m = IntMatrix::quantize(&w(rng), n, kd, 4, 32, true).unwrap();
+        let g_idx: Vec<u32> = (0..kd)
+            .map(|_| rng.below((kd / 32) as u64) as u32)
+            .collect();
+        let (q, s, z) = (
+            m.qweight().to_vec(),
+            m.scales().to_vec(),
+            m.zeros().map(<[u8]>::to_vec),
+        );
+        IntMatrix::new(4, 32, n, kd, q, s, z, Some(g_idx)).unwrap()
+    };
+    let mut mx = Mxfp4Matrix::quantize(&w(rng), n, kd).unwrap();
+    let mut fp8 = Fp8Matrix::quantize(&w(rng), n, kd).unwrap();
+    if nan {
+        let mut scales = mx.scales().to_vec();
+        scales[1] = 255;
+        mx = Mxfp4Matrix::new(n, kd, mx.blocks().to_vec(), scales).unwrap();
+        let mut codes = fp8.weight().to_vec();
+        codes[3] = 0xff;
+        fp8 = Fp8Matrix::new(n, kd, codes, fp8.scale_inv().to_vec()).unwrap();
+    }
+    let t1 = ternarize(&w(rng), n, kd, 0.9).unwrap();
+    let t2 = ternarize(&w(rng), n, kd, 0.6).unwrap();
+    let sample: Vec<Vec<u8>> = (0..n.min(16)).map(|r| t1.symbols(r)).collect();
+    let dict = Arc::new(Dictionary::build(&sample, 2000).unwrap());
+    let bf: Vec<bf16> = w(rng).into_iter().map(bf16::from_f32).collect();
+    vec![
+        QuantMatrix::bf16(bf, n, kd).unwrap(),
+        QuantMatrix::Int(IntMatrix::quantize(&w(rng), n, kd, 4, 32, true).unwrap()),
+        QuantMatrix::Int(IntMatrix::quantize(&w(rng), n, kd, 8, int8_group, false).unwrap()),
+        QuantMatrix::Int(act_order),
+        QuantMatrix::Mxfp4(mx),
+        QuantMatrix::Fp8(fp8),
+        QuantMatrix::Ternary(TernaryMatrix::compress(&t1, dict.clone()).unwrap()),
+        QuantMatrix::Ternary(TernaryMatrix::compress(&t2, dict).unwrap()),
+    ]
+}
+
+#[test]
+fn the_device_tests_layers_hold_what_they_claim() {
+    // The GPU tests' mixed layer: eight experts, NaN exactly where it was planted (one MXFP4
+    // block of 32 and one FP8 code), every other value finite, and no expert all zeros.
+    let mut rng = Rng::new(70);
+    let mixed = every_format(&mut rng, 72, 288, true);
+    let names: Vec<String> = mixed.iter().map(QuantMatrix::name).collect();
+    assert_eq!(
+        names,
+        [
+            "bf16",
+            "int4-g32-zp",
+            "int8-g96",
+            "int4-g32-zp-actorder",
+            "mxfp4",
+            "fp8-e4m3-b128",
+            "ternary",
+            "ternary"
+        ]
+    );
+    for m in &mixed {
+        let d = m.decode();
+        let nans = d.iter().filter(|v| v.is_nan()).count();
+        let want = match m {
+            QuantMatrix::Mxfp4(_) => 32,
+            QuantMatrix::Fp8(_) => 1,
+            _ => 0,
+        };
+        assert_eq!(nans, want, "{}", m.name());
+        assert!(d.iter().any(|&v| v != 0.0 && v.is_finite()), "{}", m.name());
+    }
+}
+
+/// Bit-for-bit equality of 16-bit floats, any NaN matching any NaN.
+fn same_bits<T: Float>(got: &[T], want: &[T]) -> Option<usize> {
+    got.iter().zip(want).position(|(g, w)| {
+        let (g, w) = (g.to_f64(), w.to_f64());
+        !(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()))
+    })
+}
+
+fn check_dequant<T: Float>(dev: &Device, experts: &[QuantMatrix], label: &str) {
+    let mut layer = QuantLayer::upload(dev, experts).unwrap();
+    let (n, kd) = experts[0].shape();
+    let mut out = dev
+        .filled_bytes::<T>(&[experts.len(), n, kd], 0xff)
+        .unwrap();
+    quant::dequantize_into(dev, &mut out, &mut layer).unwrap();
+    let got = dev.download(&out).unwrap();
+    layer.check(dev).unwrap();
+    for (e, m) in experts.iter().enumerate() {
+        let want = m.decode_to::<T>();
+        let mine = &got[e * n * kd..(e + 1) * n * kd];
+        if let Some(i) = same_bits(mine, &want) {
+            panic!(
+                "dequant {label} {} expert {e} ({}): element ({}, {}) got {:?}, want {:?}",
+                T::DTYPE,
+                m.name(),
+                i / kd,
+                i % kd,
+                mine[i],
+                want[i]
+            );
+        }
+    }
+    println!(
+        "dequant {label} {}: {} experts of [{n}, {kd}] bit for bit",
+        T::DTYPE,
+        experts.len()
+    );
+}
+
+#[test]
+fn gpu_dequantize_matches_the_cpu_decoders_bit_for_bit() {
+    let Some(dev) = common::gpu("gpu_dequantize_matches_the_cpu_decoders_bit_for_bit") else {
+        return;
+    };
+    let mut rng = Rng::new(71);
+    // A mixed layer of every format, NaN scales and codes included; N = 72 and Kd = 288 leave
+    // partial 128 x 128 fp8 blocks and a Kd that is not a multiple of 256 (a warp's step).
+    let mixed = every_format(&mut rng, 72, 288, true);
+    check_dequant::<bf16>(&dev, &mixed, "mixed");
+    check_dequant::<f16>(&dev, &mixed, "mixed");
+    // Each format alone, over three experts; one row; Kd = 32.
+    for i in 0..mixed.len() {
+        let layer: Vec<QuantMatrix> = (0..3)
+            .map(|_| every_format(&mut rng, 40, 96, false)[i].clone())
+            .collect();
+        check_dequant::<bf16>(&dev, &layer, &layer[0].name());
+    }
+    check_dequant::<bf16>(&dev, &every_format(&mut rng, 1, 32, false), "one row");
+}
+
+struct GemvCase {
+    t: usize,
+    k: usize,
+    n: usize,
+    kd: usize,
+    epilogue: Epilogue,
+    bias: bool,
+    scale: Option<ScaleAt>,
+    /// All slots on this expert.
+    one_expert: Option<i32>,
+    /// The prefill path (dequantise + grouped GEMM over padded rows) instead of the GEMV.
+    prefill: bool,
+}
+
+fn gemv_case(t: usize, k: usize, n: usize, kd: usize, epilogue: Epilogue) -> GemvCase {
+    GemvCase {
+        t,
+        k,
+        n,
+        kd,
+        epilogue,
+        bias: false,
+        scale: None,
+        one_expert: None,
+        prefill: false,
+    }
+}
+
+/// The fused GEMV (or the prefill path) over `experts` against the f64 reference of the
+/// CPU-decoded weights with the same epilogue.
+fn run_gemv<T: Float, TO: Float>(dev: &Device, experts: &[QuantMatrix], c: &GemvCase, label: &str) {
+    let e = experts.len();
+    let layout = if c.prefill {
+        Layout::Padded
+    } else {
+        Layout::Sorted
+    };
+    let label = format!(
+        "{label} {} {}->{} T={} K={} E={e} N={} Kd={} {:?} bias={} scale={:?}",
+        if c.prefill { "prefill" } else { "gemv" },
+        T::DTYPE,
+        TO::DTYPE,
+        c.t,
+        c.k,
+        c.n,
+        c.kd,
+        c.epilogue,
+        c.bias,
+        c.scale
+    );
+    let mut rng = Rng::new((c.t * 7919 + c.kd * 13 + c.n + e) as u64);
+    let ids: Vec<i32> = (0..c.t * c.k)
+        .map(|i| match c.one_expert {
+            Some(x) => x,
+            None => {
+                let r = rng.unit();
+                ((r * r * e as f64) as i32 + (i % c.k) as i32) % e as i32
+            }
+        })
+        .collect();
+    let x: Vec<T> = rng.normal_vec(c.t * c.kd, 1.0);
+    let bias: Vec<T> = rng.normal_vec(e * c.n, 0.1);
+    let weights: Vec<f32> = (0..c.t * c.k)
+        .map(|_| rng.uniform(0.1, 1.0) as f32)
+        .collect();
+
+    let mut plan = Plan::new(dev, c.t, c.k, e, e, 64).unwrap();
+    plan.build(dev, &dev.upload(&ids, &[c.t, c.k]).unwrap())
+        .unwrap();
+    let rows = plan.rows(layout);
+    let xd = dev.upload(&x, &[c.t, c.kd]).unwrap();
+    let mut a = dev.zeros::<T>(&[rows, c.kd]).unwrap();
+    permute::gather_into(dev, &mut a, &xd, &mut plan, layout).unwrap();
+    let bd = dev.upload(&bias, &[e, c.n]).unwrap();
+    let rw = dev.upload(&weights, &[c.t, c.k]).unwrap();
+    let n_out = if matches!(c.epilogue, Epilogue::Gated { .. }) {
+        c.n / 2
+    } else {
+        c.n
+    };
+    let mut out = dev.filled_bytes::<TO>(&[rows, n_out], 0xff).unwrap();
+    let opts = GemmOptions {
+        bias: c.bias.then_some(&bd),
+        epilogue: c.epilogue,
+        row_weights: c.scale.map(|at| (&rw, at)),
+    };
+    let mut layer = QuantLayer::upload(dev, experts).unwrap();
+    if c.prefill {
+        let mut scratch = dev.filled_bytes::<T>(&[e, c.n, c.kd], 0xff).unwrap();
+        quant::quant_gemm_into(dev, &mut out, &a, &mut layer, &plan, opts, &mut scratch).unwrap();
+    } else {
+        quant::quant_gemv_into(dev, &mut out, &a, &mut layer, &plan, opts).unwrap();
+    }
+    let got = dev.download(&out).unwrap();
+    plan.check(dev).unwrap();
+    layer.check(dev).unwrap();
+
+    let p = plan_ref::plan(&ids, e, e, 64);
+    let a64: Vec<f64> = dev
+        .download(&a)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f64())
+        .collect();
+    let row_experts: Vec<i32> = (0..rows)
+        .map(|r| match layout {
+            Layout::Padded => p.block_experts[r / 64],
+            _ => (0..e)
+                .find(|&x| (p.offsets[x]..p.offsets[x + 1]).contains(&(r as i32)))
+                .map_or(-1, |x| x as i32),
+        })
+        .collect();
+    let row_slots = if c.prefill {
+        &p.padded_slots
+    } else {
+        &p.sorted_slots
+    };
+    let row_scale: Vec<f64> = row_slots
+        .iter()
+        .map(|&s| usize::try_from(s).map_or(0.0, |s| f64::from(weights[s])))
+        .collect();
+    // The weights the kernels multiply: the CPU decoders' f32 values (rounded to T first on the
+    // prefill path, which multiplies plain weights).
+    let w64: Vec<f64> = experts
+        .iter()
+        .flat_map(|m| {
+            if c.prefill {
+                m.decode_to::<T>()
+                    .iter()
+                    .map(|v| v.to_f64())
+                    .collect::<Vec<_>>()
+            } else {
+                m.decode().iter().map(|&v| f64::from(v)).collect()
+            }
+        })
+        .collect();
+    let b64: Vec<f64> = bias.iter().map(|v| v.to_f64()).collect();
+    let want = grouped_gemm(&GroupedGemmRef {
+        a: &a64,
+        w: &w64,
+        bias: c.bias.then_some(&b64[..]),
+        n: c.n,
+        kdim: c.kd,
+        row_experts: &row_experts,
+        row_scale: c.scale.map(|at| (&row_scale[..], at)),
+        epilogue: c.epilogue,
+    });
+    let (mut g, mut r) = (Vec::new(), Vec::new());
+    for (i, row) in want.iter().enumerate() {
+        if let Some(row) = row {
+            g.extend_from_slice(&got[i * n_out..(i + 1) * n_out]);
+            r.extend_from_slice(row);
+        }
+    }
+    assert!(!r.is_empty() || c.t == 0, "{label}: no rows compared");
+    // As the bf16 grouped GEMM: f32 accumulation over Kd terms, one rounding to the output.
+    let tol = Tolerance::new(1e-4, 2.0 * TO::EPSILON);
+    let report = check::compare(&g, &r, tol);
+    println!("quant {label}: {report}");
+    assert!(report.passed(), "quant {label}: {report}");
+}
+
+#[test]
+fn gpu_quant_gemv_matches_reference_per_format_and_mixed() {
+    let Some(dev) = common::gpu("gpu_quant_gemv_matches_reference_per_format_and_mixed") else {
+        return;
+    };
+    let swiglu = Epilogue::Gated {
+        act: GatedAct::Silu,
+        layout: GateLayout::GateFirst,
+    };
+    let gpt_oss = Epilogue::Gated {
+        act: GatedAct::GPT_OSS,
+        layout: GateLayout::Interleaved,
+    };
+    let mut rng = Rng::new(81);
+    // Every format alone (four experts of it), gate/up with SwiGLU at T = 1 and 16 (more than 8
+    // rows per expert, so the row chunks loop).
+    for i in 0..8 {
+        let (n, kd) = (2 * 96, 512);
+        let layer: Vec<QuantMatrix> = (0..4)
+            .map(|_| every_format(&mut rng, n, kd, false)[i].clone())
+            .collect();
+        let name = layer[0].name();
+        run_gemv::<bf16, bf16>(&dev, &layer, &gemv_case(1, 2, n, kd, swiglu), &name);
+        run_gemv::<bf16, f32>(&dev, &layer, &gemv_case(16, 2, n, kd, swiglu), &name);
+    }
+    // Mixed layers: one expert of each format in one launch; Kd = 288 is not a multiple of a
+    // warp's 256-column step; the down projection with the routing weight on the output; f16
+    // activations with gpt-oss's clamped SwiGLU and a bias; everything on one expert.
+    let mixed = every_format(&mut rng, 2 * 40, 288, false);
+    run_gemv::<bf16, bf16>(&dev, &mixed, &gemv_case(5, 4, 80, 288, swiglu), "mixed");
+    run_gemv::<f16, f16>(
+        &dev,
+        &mixed,
+        &GemvCase {
+            bias: true,
+            ..gemv_case(3, 4, 80, 288, gpt_oss)
+        },
+        "mixed",
+    );
+    run_gemv::<bf16, bf16>(
+        &dev,
+        &mixed,
+        &GemvCase {
+            scale: Some(ScaleAt::Output),
+            ..gemv_case(16, 8, 80, 288, Epilogue::None)
+        },
+        "mixed",
+    );
+    run_gemv::<bf16, f32>(
+        &dev,
+        &mixed,
+        &GemvCase {
+            one_expert: Some(6),
+            ..gemv_case(20, 1, 80, 288, Epilogue::Act(Act::GeluErf))
+        },
+        "mixed",
+    );
+    run_gemv::<bf16, bf16>(
+        &dev,
+        &mixed,
+        &GemvCase {
+            scale: Some(ScaleAt::Input),
+            ..gemv_case(9, 2, 80, 288, swiglu)
+        },
+        "mixed",
+    );
+}
+
+#[test]
+fn gpu_quant_prefill_matches_reference() {
+    let Some(dev) = common::gpu("gpu_quant_prefill_matches_reference") else {
+        return;
+    };
+    let swiglu = Epilogue::Gated {
+        act: GatedAct::Silu,
+        layout: GateLayout::GateFirst,
+    };
+    let mut rng = Rng::new(91);
+    let mixed = every_format(&mut rng, 2 * 64, 256, false);
+    run_gemv::<bf16, bf16>(
+        &dev,
+        &mixed,
+        &GemvCase {
+            prefill: true,
+            ..gemv_case(100, 2, 128, 256, swiglu)
+        },
+        "mixed",
+    );
+    run_gemv::<f16, f32>(
+        &dev,
+        &mixed,
+        &GemvCase {
+            prefill: true,
+            scale: Some(ScaleAt::Output),
+            ..gemv_case(70, 4, 128, 256, Epilogue::None)
+        },
+        "mixed",
+    );
+}
+
+#[test]
+fn gpu_quant_refuses_what_it_cannot_do() {
+    let Some(dev) = common::gpu("gpu_quant_refuses_what_it_cannot_do") else {
+        return;
+    };
+    let mut rng = Rng::new(95);
+    let experts = every_format(&mut rng, 16, 64, false);
+    // Experts of different shapes; no experts.
+    let mut uneven = experts.clone();
+    uneven.push(every_format(&mut rng, 16, 96, false).remove(0));
+    shape_err(QuantLayer::upload(&dev, &uneven), "experts");
+    shape_err(QuantLayer::upload(&dev, &[]), "experts");
+    let mut layer = QuantLayer::upload(&dev, &experts).unwrap();
+    // Dequantise into the wrong shape, or into f32.
+    let mut small = dev.zeros::<bf16>(&[experts.len(), 16, 32]).unwrap();
+    shape_err(quant::dequantize_into(&dev, &mut small, &mut layer), "out");
+    let mut f = dev.zeros::<f32>(&[experts.len(), 16, 64]).unwrap();
+    let e = quant::dequantize_into(&dev, &mut f, &mut layer).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    // A plan over another number of experts; activations of another Kd.
+    let mut plan = Plan::new(&dev, 2, 1, 3, 3, 64).unwrap();
+    plan.build(&dev, &dev.upload(&[0, 2], &[2, 1]).unwrap())
+        .unwrap();
+    let a = dev.zeros::<bf16>(&[2, 64]).unwrap();
+    let mut out = dev.zeros::<bf16>(&[2, 16]).unwrap();
+    let e = quant::quant_gemv_into(
+        &dev,
+        &mut out,
+        &a,
+        &mut layer,
+        &plan,
+        GemmOptions::default(),
+    );
+    shape_err(e, "w");
+    let mut plan = Plan::new(&dev, 2, 1, experts.len(), experts.len(), 64).unwrap();
+    plan.build(&dev, &dev.upload(&[0, 2], &[2, 1]).unwrap())
+        .unwrap();
+    let a = dev.zeros::<bf16>(&[2, 32]).unwrap();
+    let e = quant::quant_gemv_into(
+        &dev,
+        &mut out,
+        &a,
+        &mut layer,
+        &plan,
+        GemmOptions::default(),
+    );
+    shape_err(e, "a");
 }
