@@ -29,6 +29,9 @@
 //! | permute | [`permute::ep_send_into`] | `ep_send` (v1) | see GPU_LOG.md |
 //! | gemm | [`gemm::grouped_gemm_into`] (prefill) | `grouped_gemm_{bf16,f16}_{same,f32}` (v1) | see GPU_LOG.md |
 //! | gemm | [`gemm::grouped_gemv_into`] (decode) | `grouped_gemv_{bf16,f16}_{same,f32}` (v1) | see GPU_LOG.md |
+//! | quant | [`quant::dequantize_into`]: int4/int8 (GPTQ, AWQ), MXFP4, FP8 block, ternary, bf16, mixed per expert | `dequant_{bf16,f16}` (v1) | compiled only |
+//! | quant | [`quant::quant_gemv_into`] (decode, weights decoded in registers) | `quant_gemv_{bf16,f16}_{same,f32}` (v1) | compiled only |
+//! | quant | [`quant::quant_gemm_into`] (prefill: dequantise, then the grouped GEMM) | `dequant_*` + `grouped_gemm_*` | compiled only |
 
 pub mod activation;
 pub mod check;
