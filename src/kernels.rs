@@ -14,6 +14,7 @@ pub enum Module {
     Permute,
     GroupedGemm,
     Fill,
+    Quant,
 }
 
 impl Module {
@@ -23,6 +24,7 @@ impl Module {
         Module::Permute,
         Module::GroupedGemm,
         Module::Fill,
+        Module::Quant,
     ];
 
     pub fn name(self) -> &'static str {
@@ -32,6 +34,7 @@ impl Module {
             Module::Permute => "permute",
             Module::GroupedGemm => "grouped_gemm",
             Module::Fill => "fill",
+            Module::Quant => "quant",
         }
     }
 
@@ -43,6 +46,7 @@ impl Module {
             Module::Permute => images::PERMUTE,
             Module::GroupedGemm => images::GROUPED_GEMM,
             Module::Fill => images::FILL,
+            Module::Quant => images::QUANT,
         }
     }
 }

@@ -31,6 +31,9 @@
 //! | gemm | [`gemm::grouped_gemv_into`] (decode) | `grouped_gemv_{bf16,f16}_{same,f32}` (v1) | see GPU_LOG.md |
 //! | layer | [`layer::MoeLayer::forward_into`], CPU: [`layer::reference::forward`] | all of the above | see GPU_LOG.md |
 //! | device | [`Device::fill_uniform`] | `fill_uniform_{f32,bf16,f16}` (v1) | see GPU_LOG.md |
+//! | quant | [`quant::dequantize_into`]: int4/int8 (GPTQ, AWQ), MXFP4, FP8 block, ternary, bf16, mixed per expert | `dequant_{bf16,f16}` (v1) | compiled only |
+//! | quant | [`quant::quant_gemv_into`] (decode, weights decoded in registers) | `quant_gemv_{bf16,f16}_{same,f32}` (v1) | compiled only |
+//! | quant | [`quant::quant_gemm_into`] (prefill: dequantise, then the grouped GEMM) | `dequant_*` + `grouped_gemm_*` | compiled only |
 //!
 //! [`model::Model`] loads one MoE block of a Hugging Face checkpoint into a
 //! [`layer::LayerWeights`].
@@ -46,6 +49,7 @@ pub mod layer;
 pub mod model;
 mod params;
 pub mod permute;
+pub mod quant;
 pub mod rng;
 pub mod routing;
 

@@ -193,6 +193,27 @@ fn prepare<T: Float, TO: Float>(
     layout: Layout,
     opts: GemmOptions<'_, T>,
 ) -> Result<Option<(GroupedGemmParams, usize)>> {
+    w.check_device(op, "w", dev)?;
+    let prepared = prepare_params(op, dev, out, a, w.shape(), plan, layout, opts)?;
+    Ok(prepared.map(|(params, n_out)| {
+        let w = w.device_ptr(dev);
+        (GroupedGemmParams { w, ..params }, n_out)
+    }))
+}
+
+/// [`prepare`] for a weight of shape `w_shape` `[E, N, Kd]` held elsewhere (compressed weights
+/// read through their own pointers): every check but the weight's device, and `w` left null.
+#[allow(clippy::too_many_arguments)] // prepare's arguments
+pub(crate) fn prepare_params<T: Float, TO: Float>(
+    op: &'static str,
+    dev: &Device,
+    out: &mut Tensor<TO>,
+    a: &Tensor<T>,
+    w_shape: &[usize],
+    plan: &Plan,
+    layout: Layout,
+    opts: GemmOptions<'_, T>,
+) -> Result<Option<(GroupedGemmParams, usize)>> {
     if !matches!(T::DTYPE, DType::BF16 | DType::F16)
         || !(TO::DTYPE == T::DTYPE || TO::DTYPE == DType::F32)
     {
@@ -206,15 +227,15 @@ fn prepare<T: Float, TO: Float>(
         });
     }
     let rows = plan.rows(layout);
-    if w.rank() != 3 || w.shape()[0] != plan.experts() {
+    if w_shape.len() != 3 || w_shape[0] != plan.experts() {
         return Err(Error::shape(
             op,
             "w",
             format!("[E, N, Kd] with E = {}", plan.experts()),
-            format!("{:?}", w.shape()),
+            format!("{w_shape:?}"),
         ));
     }
-    let (n, kd) = (w.shape()[1], w.shape()[2]);
+    let (n, kd) = (w_shape[1], w_shape[2]);
     if a.shape() != [rows, kd] {
         return Err(Error::shape(
             op,
@@ -274,7 +295,6 @@ fn prepare<T: Float, TO: Float>(
     }
     out.check_device(op, "out", dev)?;
     a.check_device(op, "a", dev)?;
-    w.check_device(op, "w", dev)?;
     if let Some(b) = opts.bias {
         b.check_device(op, "bias", dev)?;
     }
@@ -301,7 +321,7 @@ fn prepare<T: Float, TO: Float>(
     let params = GroupedGemmParams {
         out: out.device_ptr_mut(dev),
         a: a.device_ptr(dev),
-        w: w.device_ptr(dev),
+        w: 0,
         bias: opts.bias.map_or(0, |b| b.device_ptr(dev)),
         block_experts: plan.block_experts.device_ptr(dev),
         offsets: plan.offsets.device_ptr(dev),

@@ -1,0 +1,265 @@
+// Compressed expert weights: decoding on the device, to plain weights or inside the grouped GEMV.
+//
+// A layer's experts sit in one byte blob, described by a table of QuantExpert (one per expert,
+// see quant_params.cuh for every format's parts). Each expert has its own format, so a layer
+// that mixes formats (MC-MoE, EdgeMoE) still runs in one launch; a single-format layer is the
+// case where every entry of the table has the same format.
+//
+// Decoded values are exactly those of the CPU decoders in src/quant (the references), in f32:
+//   bf16      w
+//   int       (q - z) * s                    q, z integers, s f16: exact
+//   mxfp4     e2m1(q) * 2^(e - 127)          exact (e = 255: NaN)
+//   fp8       e4m3(q) * scale_inv[r/128, k/128], one f32 product, __fmul_rn so it is never fused
+//   ternary   0, lo[r] or hi[r]              f16: exact
+// then rounded once (nearest even) to the output dtype, so GPU and CPU agree bit for bit.
+//
+// dequant_{out}(QuantDequantParams p), out = bf16 | f16
+//   out [E, N, Kd] = every expert's decoded weight. Block (x, e): rows 8x .. 8x + 8 of expert e,
+//   one warp per row.
+// quant_gemv_{in}_{out}(QuantGemvParams p), in = bf16 | f16, out = in | f32
+//   grouped_gemv_v1's contract (kernels/grouped_gemm.cu): out [S, N_out] = epilogue(a [S, Kd] .
+//   W_e^T) over the plan's sorted rows, the epilogue shared through epilogue.cuh, f32
+//   accumulation. Block (x, e): output columns 8x .. 8x + 8 of expert e, one per warp; each warp
+//   decodes its weight row (and the up row, gated) once per chunk of 8 rows of the expert.
+//
+// Ternary rows are variable-length codeword streams: a warp reads 32 codewords at a time, each
+// lane one, finds where each run starts with a warp prefix sum of the run lengths, and expands
+// its own run. Codewords outside the dictionary and runs past the row's end are skipped and
+// counted in status (the host validates both before upload, so this is a second line).
+//
+// History
+//   v1: the simplest correct kernels: one warp per weight row, 8 columns per lane per step with
+//       per-column scale lookups, no shared memory, no vectorised activation reuse across gate
+//       and up. Faster versions (scales hoisted per group, packed-integer tricks, split-K) come
+//       next beside it.
+
+#include "dtype.cuh"
+#include "epilogue.cuh"
+#include "quant_params.cuh"
+#include "reduce.cuh"
+
+namespace moe {
+
+constexpr int kQuantWarps = 8;  // rows (dequant) or output columns (GEMV) per block
+constexpr int kQuantRows = 8;   // rows of an expert's activations held in registers at once
+
+__device__ __forceinline__ float e2m1_to_f32(uint32_t c) {
+    const uint32_t e = (c >> 1) & 3, m = c & 1;
+    // Exponent 0 is subnormal (0 or 0.5); otherwise (1 + m/2) * 2^(e-1).
+    const float mag = e == 0 ? 0.5f * float(m) : (1.f + 0.5f * float(m)) * float(1u << (e - 1));
+    return (c & 8) ? -mag : mag;
+}
+
+__device__ __forceinline__ float e8m0_to_f32(uint32_t c) {
+    if (c == 255) return __int_as_float(0x7fffffff);
+    return c == 0 ? __int_as_float(0x00400000) : __int_as_float(int(c << 23));  // 2^-127 is subnormal
+}
+
+__device__ __forceinline__ float e4m3_to_f32(uint32_t b) {
+    const uint32_t sign = (b & 0x80u) << 24, e = (b >> 3) & 15, m = b & 7;
+    if (e == 15 && m == 7) return __int_as_float(0x7fffffff);
+    if (e == 0) return __int_as_float(int(__float_as_uint(float(m) * 0.001953125f) | sign));  // m/8 * 2^-6
+    return __int_as_float(int(sign | ((e + 120) << 23) | (m << 20)));
+}
+
+// The decoded columns k .. k + 8 (k a multiple of 8) of row r of expert x; not for ternary.
+__device__ __forceinline__ void decode8(const uint8_t* blob, const QuantExpert& x, int kdim, int r, int k,
+                                        int32_t* status, float (&w)[8]) {
+    const int64_t rk = int64_t(r) * kdim + k;
+    switch (x.format) {
+        case kQBf16: {
+            load8(reinterpret_cast<const __nv_bfloat16*>(blob + x.codes) + rk, w);
+            break;
+        }
+        case kQInt: {
+            const uint32_t* q = reinterpret_cast<const uint32_t*>(blob + x.codes) + rk * x.bits / 32;
+            const __half* s = reinterpret_cast<const __half*>(blob + x.scales);
+            const uint8_t* z = x.zeros >= 0 ? blob + x.zeros : nullptr;
+            const uint32_t* g_idx = x.g_idx >= 0 ? reinterpret_cast<const uint32_t*>(blob + x.g_idx) : nullptr;
+            const int groups = kdim / x.group;
+            const uint32_t q0 = q[0], q1 = x.bits == 8 ? q[1] : 0u;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const uint32_t code = x.bits == 4 ? (q0 >> (4 * i)) & 15u : ((i < 4 ? q0 : q1) >> (8 * (i & 3))) & 255u;
+                const int g = g_idx != nullptr ? int(g_idx[k + i]) : (k + i) / x.group;
+                if (g < 0 || g >= groups) {
+                    atomicAdd(status, 1);
+                    w[i] = 0.f;
+                    continue;
+                }
+                const int64_t rg = int64_t(r) * groups + g;
+                const int zero = z != nullptr ? int(z[rg]) : (1 << (x.bits - 1));
+                w[i] = __fmul_rn(float(int(code) - zero), __half2float(s[rg]));
+            }
+            break;
+        }
+        case kQMxfp4: {
+            const uint32_t q = *reinterpret_cast<const uint32_t*>(blob + x.codes + rk / 2);
+            const float s = e8m0_to_f32(blob[x.scales + rk / 32]);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) w[i] = __fmul_rn(e2m1_to_f32((q >> (4 * i)) & 15u), s);
+            break;
+        }
+        default: {  // kQFp8
+            const uint2 q = *reinterpret_cast<const uint2*>(blob + x.codes + rk);
+            const int kb = (kdim + 127) / 128;
+            const float s = reinterpret_cast<const float*>(blob + x.scales)[(r / 128) * kb + k / 128];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) w[i] = __fmul_rn(e4m3_to_f32(((i < 4 ? q.x : q.y) >> (8 * (i & 3))) & 255u), s);
+            break;
+        }
+    }
+}
+
+// Walks row r of ternary expert x, 32 codewords per step, and calls emit(p, w0, w1) for every
+// symbol p of the row (columns 2p and 2p + 1, decoded). Every lane of the warp must call it.
+template <typename Emit>
+__device__ __forceinline__ void ternary_row(const uint8_t* blob, const QuantExpert& x, int kdim, int r,
+                                            int32_t* status, Emit emit) {
+    const int lane = threadIdx.x & 31;
+    const uint16_t* codes = reinterpret_cast<const uint16_t*>(blob + x.codes);
+    const uint32_t* offsets = reinterpret_cast<const uint32_t*>(blob + x.row_offsets);
+    const uint64_t* dict = reinterpret_cast<const uint64_t*>(blob + x.dict);
+    const __half* lohi = reinterpret_cast<const __half*>(blob + x.scales);
+    const float lo = __half2float(lohi[2 * r]), hi = __half2float(lohi[2 * r + 1]);
+    const int symbols = kdim / 2;
+    const int64_t end = offsets[r + 1];
+    int pos = 0;  // symbols of the row before this step's codewords
+    for (int64_t c0 = offsets[r]; c0 < end; c0 += 32) {
+        uint64_t entry = 0;
+        int len = 0;
+        if (c0 + lane < end) {
+            const uint32_t code = codes[c0 + lane];
+            if (code < uint32_t(x.dict_len)) {
+                entry = dict[code];
+                len = int(entry & 15);
+            } else {
+                atomicAdd(status, 1);
+            }
+        }
+        int incl = len;  // inclusive prefix sum of the run lengths over the warp
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int y = __shfl_up_sync(kFullMask, incl, off);
+            if (lane >= off) incl += y;
+        }
+        const int start = pos + incl - len;
+        pos += __shfl_sync(kFullMask, incl, 31);
+        for (int s = 0; s < len; ++s) {
+            const int p = start + s;
+            if (p >= symbols) {
+                atomicAdd(status, 1);
+                break;
+            }
+            const uint32_t sym = uint32_t(entry >> (4 + 4 * s)) & 15u;
+            const uint32_t t0 = sym % 3, t1 = sym / 3;
+            emit(p, t0 == 1 ? lo : (t0 == 2 ? hi : 0.f), t1 == 1 ? lo : (t1 == 2 ? hi : 0.f));
+        }
+    }
+}
+
+template <typename TO>
+__device__ __forceinline__ void dequant_v1(const QuantDequantParams& p) {
+    const int e = blockIdx.y;
+    const int r = blockIdx.x * kQuantWarps + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (r >= p.n) return;  // no barrier in this kernel: warps may leave alone
+    const QuantExpert x = p.experts[e];
+    TO* out = static_cast<TO*>(p.out) + (int64_t(e) * p.n + r) * p.kdim;
+    if (x.format == kQTernary) {
+        ternary_row(p.blob, x, p.kdim, r, p.status, [&](int s, float w0, float w1) {
+            out[2 * s] = Float<TO>::from_f32(w0);
+            out[2 * s + 1] = Float<TO>::from_f32(w1);
+        });
+        return;
+    }
+    for (int k = lane * 8; k < p.kdim; k += 32 * 8) {
+        float w[8];
+        decode8(p.blob, x, p.kdim, r, k, p.status, w);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) out[k + i] = Float<TO>::from_f32(w[i]);
+    }
+}
+
+// acc[i] += a[r0 + i, :] . W_x[wr, :] for the rows i < rows, each lane a share of Kd.
+template <typename T>
+__device__ __forceinline__ void dot_rows(const QuantGemvParams& p, const QuantExpert& x, int wr, int64_t r0, int rows,
+                                         float (&acc)[kQuantRows]) {
+    const T* A = static_cast<const T*>(p.g.a);
+    const int kdim = p.g.kdim;
+    if (x.format == kQTernary) {
+        ternary_row(p.blob, x, kdim, wr, p.status, [&](int s, float w0, float w1) {
+#pragma unroll
+            for (int i = 0; i < kQuantRows; ++i) {
+                if (i >= rows) break;
+                const T* a = A + (r0 + i) * kdim + 2 * s;
+                acc[i] = fmaf(Float<T>::to_f32(a[0]), w0, acc[i]);
+                acc[i] = fmaf(Float<T>::to_f32(a[1]), w1, acc[i]);
+            }
+        });
+        return;
+    }
+    for (int k = (threadIdx.x & 31) * 8; k < kdim; k += 32 * 8) {
+        float w[8];
+        decode8(p.blob, x, kdim, wr, k, p.status, w);
+#pragma unroll
+        for (int i = 0; i < kQuantRows; ++i) {
+            if (i >= rows) break;
+            float fa[8];
+            load8(A + (r0 + i) * kdim + k, fa);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) acc[i] = fmaf(fa[q], w[q], acc[i]);
+        }
+    }
+}
+
+template <typename T, typename TO>
+__device__ __forceinline__ void quant_gemv_v1(const QuantGemvParams& p) {
+    const GroupedGemmParams& g = p.g;
+    const int e = blockIdx.y;
+    const int r0 = g.offsets[e];
+    const int count = g.offsets[e + 1] - r0;
+    const int n_out = g.gated ? g.n / 2 : g.n;
+    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.x * kQuantWarps + (threadIdx.x >> 5);
+    if (count <= 0 || j >= n_out) return;  // no barrier in this kernel: warps may leave alone
+    const QuantExpert x = p.experts[e];
+    TO* out = static_cast<TO*>(g.out);
+    for (int c0 = 0; c0 < count; c0 += kQuantRows) {
+        const int rows = min(kQuantRows, count - c0);
+        float accg[kQuantRows], accu[kQuantRows];
+#pragma unroll
+        for (int i = 0; i < kQuantRows; ++i) accg[i] = accu[i] = 0.f;
+        dot_rows<T>(p, x, weight_row(g, j, 0), r0 + c0, rows, accg);
+        if (g.gated) dot_rows<T>(p, x, weight_row(g, j, 1), r0 + c0, rows, accu);
+#pragma unroll
+        for (int i = 0; i < kQuantRows; ++i) {
+            if (i >= rows) break;
+            const float gv = warp_sum(accg[i]);
+            const float uv = g.gated ? warp_sum(accu[i]) : 0.f;
+            if (lane == 0) {
+                const int64_t r = r0 + c0 + i;
+                out[r * n_out + j] = Float<TO>::from_f32(epilogue<T>(g, e, j, gv, uv, row_scale(g, r)));
+            }
+        }
+    }
+}
+
+}  // namespace moe
+
+// Four blocks per SM as a hint: without it ptxas caps dequant at 32 registers on sm_80 and spills.
+#define MOE_DEQUANT(SOUT, TOUT) \
+    extern "C" __global__ void __launch_bounds__(32 * moe::kQuantWarps, 4) dequant_##SOUT(const moe::QuantDequantParams p) { \
+        moe::dequant_v1<TOUT>(p); \
+    }
+MOE_DEQUANT(bf16, __nv_bfloat16)
+MOE_DEQUANT(f16, __half)
+
+#define MOE_QUANT_GEMV(SIN, SOUT, TIN, TOUT) \
+    extern "C" __global__ void __launch_bounds__(32 * moe::kQuantWarps) quant_gemv_##SIN##_##SOUT(const moe::QuantGemvParams p) { \
+        moe::quant_gemv_v1<TIN, TOUT>(p); \
+    }
+MOE_QUANT_GEMV(bf16, bf16, __nv_bfloat16, __nv_bfloat16)
+MOE_QUANT_GEMV(bf16, f32, __nv_bfloat16, float)
+MOE_QUANT_GEMV(f16, f16, __half, __half)
+MOE_QUANT_GEMV(f16, f32, __half, float)

@@ -1,0 +1,325 @@
+//! A layer of compressed experts on the device, and the ops that decode it.
+
+use std::sync::Arc;
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::params::{QuantDequantParams, QuantExpert, QuantGemvParams, format};
+use super::{Dictionary, QuantMatrix};
+use crate::device::{Device, Tensor};
+use crate::dtype::{DType, Float};
+use crate::error::{DriverResultExt, Error, Result};
+use crate::gemm::{self, GemmOptions};
+use crate::kernels::Module;
+use crate::permute::{Layout, Plan};
+
+/// Warps per block of the dequantise and GEMV kernels, as `kQuantWarps` in quant.cu.
+const WARPS: usize = 8;
+
+/// Every expert of one layer (all `[N, Kd]`, each in its own format) in one device blob, with
+/// the per-expert table the kernels read (`QuantExpert` in quant_params.cuh).
+#[derive(Debug)]
+pub struct QuantLayer {
+    blob: Tensor<u8>,
+    table: Tensor<u8>,
+    /// `[1]` entries the kernels skipped (see [`QuantLayer::check`]).
+    status: Tensor<i32>,
+    n: usize,
+    kdim: usize,
+    names: Vec<String>,
+    bytes: Vec<usize>,
+}
+
+/// The blob under construction: each part starts on a 16-byte boundary.
+struct Blob(Vec<u8>);
+
+impl Blob {
+    fn push(&mut self, bytes: &[u8]) -> i64 {
+        self.0.resize(self.0.len().next_multiple_of(16), 0);
+        let at = self.0.len();
+        self.0.extend_from_slice(bytes);
+        i64::try_from(at).expect("a host buffer is below 2^63 bytes")
+    }
+}
+
+impl QuantLayer {
+    /// Uploads `experts` (at least one, all of the same `[N, Kd]`, Kd a positive multiple of 8).
+    /// Ternary experts that share one [`Dictionary`] (the same `Arc`) share its upload.
+    pub fn upload(dev: &Device, experts: &[QuantMatrix]) -> Result<Self> {
+        const OP: &str = "QuantLayer::upload";
+        let Some(first) = experts.first() else {
+            return Err(Error::shape(OP, "experts", "at least one expert", "none"));
+        };
+        let (n, kdim) = first.shape();
+        if kdim == 0
+            || !kdim.is_multiple_of(8)
+            || i32::try_from(n).is_err()
+            || i32::try_from(kdim).is_err()
+        {
+            return Err(Error::shape(
+                OP,
+                "experts",
+                "N below 2^31 and Kd a positive multiple of 8 below 2^31",
+                format!("[{n}, {kdim}]"),
+            ));
+        }
+        if let Some((e, m)) = experts
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.shape() != (n, kdim))
+        {
+            return Err(Error::shape(
+                OP,
+                "experts",
+                format!("every expert [{n}, {kdim}] as expert 0"),
+                format!("expert {e} {:?}", m.shape()),
+            ));
+        }
+        let mut blob = Blob(Vec::new());
+        let mut dicts: Vec<(Arc<Dictionary>, i64)> = Vec::new();
+        let mut table = Vec::with_capacity(experts.len());
+        for m in experts {
+            let none = QuantExpert {
+                zeros: -1,
+                g_idx: -1,
+                row_offsets: -1,
+                dict: -1,
+                ..Default::default()
+            };
+            let x = match m {
+                QuantMatrix::Bf16 { w, .. } => QuantExpert {
+                    format: format::BF16,
+                    codes: blob.push(bytemuck::cast_slice(w)),
+                    ..none
+                },
+                QuantMatrix::Int(m) => QuantExpert {
+                    format: format::INT,
+                    bits: m.bits() as i32,
+                    group: i32::try_from(m.group()).expect("the group divides Kd < 2^31"),
+                    codes: blob.push(bytemuck::cast_slice(m.qweight())),
+                    scales: blob.push(bytemuck::cast_slice(m.scales())),
+                    zeros: m.zeros().map_or(-1, |z| blob.push(z)),
+                    g_idx: m.g_idx().map_or(-1, |g| blob.push(bytemuck::cast_slice(g))),
+                    ..none
+                },
+                QuantMatrix::Mxfp4(m) => QuantExpert {
+                    format: format::MXFP4,
+                    codes: blob.push(m.blocks()),
+                    scales: blob.push(m.scales()),
+                    ..none
+                },
+                QuantMatrix::Fp8(m) => QuantExpert {
+                    format: format::FP8,
+                    codes: blob.push(m.weight()),
+                    scales: blob.push(bytemuck::cast_slice(m.scale_inv())),
+                    ..none
+                },
+                QuantMatrix::Ternary(m) => {
+                    let dict = match dicts.iter().find(|(d, _)| Arc::ptr_eq(d, m.dict())) {
+                        Some(&(_, at)) => at,
+                        None => {
+                            let at = blob.push(bytemuck::cast_slice(m.dict().entries()));
+                            dicts.push((m.dict().clone(), at));
+                            at
+                        }
+                    };
+                    QuantExpert {
+                        format: format::TERNARY,
+                        dict_len: i32::try_from(m.dict().len()).expect("at most 65536 entries"),
+                        codes: blob.push(bytemuck::cast_slice(m.codes())),
+                        scales: blob.push(bytemuck::cast_slice(m.lohi())),
+                        row_offsets: blob.push(bytemuck::cast_slice(m.row_offsets())),
+                        dict,
+                        ..none
+                    }
+                }
+            };
+            table.push(x);
+        }
+        // A zero-length upload is refused by the driver; a layer always has its table.
+        blob.0.resize(blob.0.len().max(16), 0);
+        let bytes = blob.0.len();
+        Ok(QuantLayer {
+            blob: dev.upload(&blob.0, &[bytes])?,
+            table: dev.upload(bytemuck::cast_slice(&table), &[table.len() * 64])?,
+            status: dev.zeros(&[1])?,
+            n,
+            kdim,
+            names: experts.iter().map(QuantMatrix::name).collect(),
+            bytes: experts.iter().map(QuantMatrix::bytes).collect(),
+        })
+    }
+
+    pub fn experts(&self) -> usize {
+        self.bytes.len()
+    }
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    pub fn kdim(&self) -> usize {
+        self.kdim
+    }
+    /// Each expert's format, as [`QuantMatrix::name`].
+    pub fn formats(&self) -> &[String] {
+        &self.names
+    }
+    /// The bytes a kernel reads for expert e (codes, scales, zeros, offsets; not a shared
+    /// dictionary).
+    pub fn expert_bytes(&self, e: usize) -> usize {
+        self.bytes[e]
+    }
+
+    /// Waits for the stream and reports entries the kernels skipped (codewords outside the
+    /// dictionary, ternary runs past a row's end, act-order groups out of range) since the last
+    /// check, then resets the count. Validation on the host makes these impossible for a layer
+    /// built through this crate; the check stays for the kernels' sake.
+    pub fn check(&mut self, dev: &Device) -> Result<()> {
+        let skipped = dev.download(&self.status)?[0];
+        dev.fill_bytes(&mut self.status, 0)?;
+        if skipped != 0 {
+            return Err(Error::DeviceCheck {
+                op: "QuantLayer::check",
+                what: format!("{skipped} compressed-weight entries out of range were skipped"),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_device(&self, op: &'static str, dev: &Device) -> Result<()> {
+        self.blob.check_device(op, "layer", dev)
+    }
+}
+
+fn grid(op: &'static str, rows: usize, experts: usize) -> Result<(u32, u32, u32)> {
+    let x = u32::try_from(rows.div_ceil(WARPS))
+        .map_err(|_| Error::shape(op, "layer", "N below 2^31", format!("{rows}")))?;
+    let y = u32::try_from(experts)
+        .ok()
+        .filter(|&e| e <= 65_535)
+        .ok_or_else(|| {
+            Error::shape(
+                op,
+                "layer",
+                "at most 65535 experts (grid.y)",
+                format!("{experts}"),
+            )
+        })?;
+    Ok((x, y, 1))
+}
+
+/// `out [E, N, Kd]` = every expert's weight decoded and rounded to `T` (bf16 or f16), bit for bit
+/// what [`QuantMatrix::decode_to`] gives.
+pub fn dequantize_into<T: Float>(
+    dev: &Device,
+    out: &mut Tensor<T>,
+    layer: &mut QuantLayer,
+) -> Result<()> {
+    const OP: &str = "dequantize";
+    if !matches!(T::DTYPE, DType::BF16 | DType::F16) {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: format!("output in {} (bf16 or f16)", T::DTYPE),
+        });
+    }
+    let (e, n, kd) = (layer.experts(), layer.n, layer.kdim);
+    if out.shape() != [e, n, kd] {
+        return Err(Error::shape(
+            OP,
+            "out",
+            format!("[E, N, Kd] = [{e}, {n}, {kd}]"),
+            format!("{:?}", out.shape()),
+        ));
+    }
+    out.check_device(OP, "out", dev)?;
+    layer.check_device(OP, dev)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let params = QuantDequantParams {
+        out: out.device_ptr_mut(dev),
+        blob: layer.blob.device_ptr(dev),
+        experts: layer.table.device_ptr(dev),
+        status: layer.status.device_ptr_mut(dev),
+        num_experts: i32::try_from(e).expect("grid() bounds E"),
+        n: i32::try_from(n).expect("checked at upload"),
+        kdim: i32::try_from(kd).expect("checked at upload"),
+        pad_: 0,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: grid(OP, n, e)?,
+        block_dim: (32 * WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let func = dev.function(OP, Module::Quant, &format!("dequant_{}", T::DTYPE))?;
+    // SAFETY: `dequant_{bf16,f16}` takes one QuantDequantParams (mirrored in
+    // src/quant/params.rs). out is [E, N, Kd] of T (checked). The blob and its [E] table were
+    // built together by QuantLayer::upload from validated containers of [N, Kd] each, so every
+    // offset the table holds addresses a part of the size its format needs (codes, scales,
+    // zeros, g_idx with groups in range, ternary offsets and codewords inside the dictionary),
+    // 16-byte aligned from a 256-byte-aligned base. Block (x, e) handles rows 8x + w < N of
+    // expert e < E = grid.y; lanes step through Kd in 8-column chunks (Kd % 8 == 0); the
+    // kernel skips and counts any ternary codeword or run that would leave its row.
+    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    Ok(())
+}
+
+/// The decode path over compressed weights: [`gemm::grouped_gemv_into`]'s product, epilogue and
+/// contract (sorted rows `a [S, Kd]`, `out [S, N_out]`), each expert's weight decoded in
+/// registers from `layer`, whatever its format.
+pub fn quant_gemv_into<T: Float, TO: Float>(
+    dev: &Device,
+    out: &mut Tensor<TO>,
+    a: &Tensor<T>,
+    layer: &mut QuantLayer,
+    plan: &Plan,
+    opts: GemmOptions<'_, T>,
+) -> Result<()> {
+    const OP: &str = "quant_gemv";
+    layer.check_device(OP, dev)?;
+    let w_shape = [layer.experts(), layer.n, layer.kdim];
+    let Some((g, n_out)) =
+        gemm::prepare_params(OP, dev, out, a, &w_shape, plan, Layout::Sorted, opts)?
+    else {
+        return Ok(());
+    };
+    let params = QuantGemvParams {
+        g,
+        blob: layer.blob.device_ptr(dev),
+        experts: layer.table.device_ptr(dev),
+        status: layer.status.device_ptr_mut(dev),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: grid(OP, n_out, plan.experts())?,
+        block_dim: (32 * WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = format!("quant_gemv_{}_{}", T::DTYPE, TO::DTYPE);
+    let func = dev.function(OP, Module::Quant, &name)?;
+    // SAFETY: `quant_gemv_{in}_{out}` takes one QuantGemvParams (mirrored in
+    // src/quant/params.rs) for the dtype pairs prepare_params lets through. Its GroupedGemmParams
+    // part was checked as for grouped_gemv_into: a [S, Kd], out [S, N_out], bias [E, N], the
+    // plan's [E+1] offsets and [S] sorted slots, with E = layer.experts() = plan.experts(); the
+    // weight pointer is unused. Block (x, e) reads expert e's table entry (e < E = grid.y) and
+    // decodes weight rows below N (weight_row of a column below N_out) through offsets that
+    // QuantLayer::upload built from validated containers (see dequantize_into); ternary
+    // codewords and runs that would leave their row are skipped and counted.
+    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    Ok(())
+}
+
+/// The prefill path, v1: decodes every expert into `scratch [E, N, Kd]` (in the activations'
+/// dtype) with [`dequantize_into`], then runs the bf16/f16 [`gemm::grouped_gemm_into`] on it,
+/// with the same contract (padded rows, `block_m` a multiple of 64). Two launches and a
+/// round trip of the plain weights through memory; a fused tile decoder is the next version.
+pub fn quant_gemm_into<T: Float, TO: Float>(
+    dev: &Device,
+    out: &mut Tensor<TO>,
+    a: &Tensor<T>,
+    layer: &mut QuantLayer,
+    plan: &Plan,
+    opts: GemmOptions<'_, T>,
+    scratch: &mut Tensor<T>,
+) -> Result<()> {
+    dequantize_into(dev, scratch, layer)?;
+    gemm::grouped_gemm_into(dev, out, a, scratch, plan, opts)
+}
