@@ -3,7 +3,7 @@
 //! and checked on sampled tokens against the CPU forward.
 
 use half::bf16;
-use moe_kernels::layer::{LayerWeights, MoeConfig, MoeLayer, reference};
+use moe_kernels::layer::{Experts, LayerWeights, MoeConfig, MoeLayer, reference};
 use moe_kernels::rng::Rng;
 use moe_kernels::routing::RouterConfig;
 use moe_kernels::{Device, Error};
@@ -26,9 +26,11 @@ pub fn random_weights(cfg: &MoeConfig, seed: u64) -> LayerWeights<bf16> {
         router: draw(e * h, h, 4.0).iter().map(|v| v.to_f32()).collect(),
         router_bias: None,
         correction_bias: None,
-        gate_up: draw(e * 2 * i * h, h, 1.0),
+        experts: Experts::Plain {
+            gate_up: draw(e * 2 * i * h, h, 1.0),
+            down: draw(e * h * i, i, 1.0),
+        },
         gate_up_bias: None,
-        down: draw(e * h * i, i, 1.0),
         down_bias: None,
         shared_gate_up: None,
         shared_down: None,

@@ -9,7 +9,8 @@ use half::bf16;
 use moe_kernels::activation::{GateLayout, GatedAct};
 use moe_kernels::gemm::ScaleAt;
 use moe_kernels::layer::{
-    LayerWeights, MoeConfig, MoeLayer, Path as GemmPath, SharedExpert, ZeroExpert, reference,
+    Experts, LayerWeights, MoeConfig, MoeLayer, Path as GemmPath, SharedExpert, ZeroExpert,
+    reference,
 };
 use moe_kernels::model::{Model, TensorFile};
 use moe_kernels::rng::Rng;
@@ -101,14 +102,7 @@ fn cpu_forward_matches_transformers_on_every_fixture() {
         let (out, k) = match model.dtype {
             DType::F32 => cpu_forward::<f32>(&model, &f),
             DType::F16 => cpu_forward::<half::f16>(&model, &f),
-            _ => match model.load_layer::<bf16>(f.layer) {
-                Ok(_) => cpu_forward::<bf16>(&model, &f),
-                Err(e) if f.name.contains("mxfp4") => {
-                    eprintln!("{}: not loaded yet: {e}", f.name);
-                    continue;
-                }
-                Err(e) => panic!("{}: {e}", f.name),
-            },
+            _ => cpu_forward::<bf16>(&model, &f),
         };
         let (ids, weights) = sorted_routing(&out.routing.ids, &out.routing.weights, k);
         assert_eq!(ids, f.ids, "{}: chosen experts", f.name);
@@ -127,7 +121,21 @@ fn cpu_forward_matches_transformers_on_every_fixture() {
         assert!(e16 <= 0.03, "{}: bf16 output off by {e16:.2e}", f.name);
         checked += 1;
     }
-    assert!(checked >= 12, "only {checked} fixtures checked");
+    assert!(checked >= 13, "only {checked} fixtures checked");
+}
+
+#[test]
+fn gpt_oss_mxfp4_experts_load_packed() {
+    let f = common::fixtures_dir().join("gpt_oss_mxfp4");
+    let (cfg, w) = Model::open(&f).unwrap().load_layer::<bf16>(1).unwrap();
+    let Experts::Packed { gate_up, down } = &w.experts else {
+        panic!("MXFP4 experts were decoded at load time");
+    };
+    assert_eq!((gate_up.len(), down.len()), (cfg.experts, cfg.experts));
+    assert!(gate_up.iter().chain(down).all(|m| m.name() == "mxfp4"));
+    // 4.25 bits per weight: a quarter of bf16's bytes plus the scales.
+    let plain = 2 * cfg.experts * 3 * cfg.hidden * cfg.intermediate;
+    assert_eq!(w.experts.bytes() * 64, plain * 17);
 }
 
 #[test]
@@ -137,10 +145,7 @@ fn gpu_layer_matches_transformers_on_every_fixture() {
     };
     for f in fixtures() {
         let model = Model::open(&f.dir).unwrap();
-        let Ok((cfg, w)) = model.load_layer::<bf16>(f.layer) else {
-            assert!(f.name.contains("mxfp4"), "{}: load failed", f.name);
-            continue;
-        };
+        let (cfg, w) = model.load_layer::<bf16>(f.layer).unwrap();
         for path in [GemmPath::Gemv, GemmPath::Gemm] {
             let mut layer = MoeLayer::<bf16>::new(&dev, &cfg, &w, f.tokens).unwrap();
             layer.set_path(path);
@@ -204,9 +209,11 @@ fn random_weights(cfg: &MoeConfig, seed: u64) -> LayerWeights<bf16> {
             .correction_bias
             .then(|| draw(et, 0.05).iter().map(|v| v.to_f32()).collect()),
         router,
-        gate_up: draw(e * 2 * i * h, 2.0 * sh),
+        experts: Experts::Plain {
+            gate_up: draw(e * 2 * i * h, 2.0 * sh),
+            down: draw(e * h * i, 2.0 * si),
+        },
         gate_up_bias: cfg.expert_bias.then(|| draw(e * 2 * i, 0.5)),
-        down: draw(e * h * i, 2.0 * si),
         down_bias: cfg.expert_bias.then(|| draw(e * h, 0.5)),
         shared_gate_up: cfg.shared.map(|_| draw(2 * is * h, 2.0 * sh)),
         shared_down: cfg
@@ -454,7 +461,9 @@ fn layer_refuses_bad_configurations_and_weights() {
 
     let msg = |r: Result<reference::Forward, moe_kernels::Error>| r.unwrap_err().to_string();
     let mut short = w.clone();
-    short.down.pop();
+    if let Experts::Plain { down, .. } = &mut short.experts {
+        down.pop();
+    }
     assert!(msg(reference::forward(&cfg, &short, &x)).contains("`down`"));
     let mut extra = w.clone();
     extra.gate_up_bias = Some(vec![bf16::ZERO; 8 * 64]);

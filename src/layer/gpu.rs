@@ -1,13 +1,14 @@
 //! The MoE block on the GPU: weights on the device, a workspace sized once, and a forward made
 //! only of kernel launches and memsets on the device's stream.
 
-use super::{LayerWeights, MoeConfig, ZeroExpert};
+use super::{Experts, LayerWeights, MoeConfig, ZeroExpert};
 use crate::activation::GateLayout;
 use crate::device::{Device, Tensor};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::gemm::{self, Epilogue, GemmOptions, ScaleAt};
 use crate::permute::{self, CombineInputs, Layout, Plan, reference::padded_capacity};
+use crate::quant::{self, QuantLayer};
 use crate::routing;
 
 /// Which expert GEMM a forward uses.
@@ -33,16 +34,59 @@ pub enum RouterWeights<T> {
     },
 }
 
+/// One projection of the routed experts on the device.
+pub enum ExpertWeights<T> {
+    /// `[E, N, Kd]` in the compute dtype.
+    Plain(Tensor<T>),
+    /// Compressed, each expert in its own format, decoded inside the GEMV; the prefill path
+    /// (v1) decodes into the layer's scratch buffer and runs the plain GEMM.
+    Packed(Box<QuantLayer>),
+}
+
+impl<T: Float> ExpertWeights<T> {
+    /// `[E, N, Kd]`.
+    pub fn shape(&self) -> [usize; 3] {
+        match self {
+            ExpertWeights::Plain(t) => [t.shape()[0], t.shape()[1], t.shape()[2]],
+            ExpertWeights::Packed(q) => [q.experts(), q.n(), q.kdim()],
+        }
+    }
+
+    /// Runs the projection for the plan's rows: GEMV (sorted) or GEMM (padded) layout.
+    #[allow(clippy::too_many_arguments)] // the GEMM's operands, plus the path and scratch
+    fn run<TO: Float>(
+        &mut self,
+        dev: &Device,
+        gemv: bool,
+        out: &mut Tensor<TO>,
+        a: &Tensor<T>,
+        plan: &Plan,
+        opts: GemmOptions<'_, T>,
+        scratch: Option<&mut Tensor<T>>,
+    ) -> Result<()> {
+        match (self, gemv) {
+            (ExpertWeights::Plain(w), true) => gemm::grouped_gemv_into(dev, out, a, w, plan, opts),
+            (ExpertWeights::Plain(w), false) => gemm::grouped_gemm_into(dev, out, a, w, plan, opts),
+            (ExpertWeights::Packed(q), true) => quant::quant_gemv_into(dev, out, a, q, plan, opts),
+            (ExpertWeights::Packed(q), false) => {
+                let scratch = scratch.expect("allocated for packed experts");
+                scratch.set_shape(&[q.experts(), q.n(), q.kdim()])?;
+                quant::quant_gemm_into(dev, out, a, q, plan, opts, scratch)
+            }
+        }
+    }
+}
+
 /// A block's weights on the device, in the layout of the module documentation (shared-expert
 /// tensors carry a leading expert dimension of 1, as the grouped kernels take them).
 pub struct DeviceWeights<T> {
     pub router: RouterWeights<T>,
     pub correction_bias: Option<Tensor<f32>>,
     /// `[E, 2I, H]`.
-    pub gate_up: Tensor<T>,
+    pub gate_up: ExpertWeights<T>,
     pub gate_up_bias: Option<Tensor<T>>,
     /// `[E, H, I]`.
-    pub down: Tensor<T>,
+    pub down: ExpertWeights<T>,
     pub down_bias: Option<Tensor<T>>,
     /// `[1, 2Is, H]`.
     pub shared_gate_up: Option<Tensor<T>>,
@@ -111,6 +155,8 @@ pub struct MoeLayer<T: Float> {
     a: Tensor<T>,
     hmid: Tensor<T>,
     out: Tensor<T>,
+    /// Packed experts' prefill scratch: the largest projection decoded, `[E, N, Kd]`.
+    scratch: Option<Tensor<T>>,
     shared: Option<SharedWs<T>>,
 }
 
@@ -169,9 +215,21 @@ impl<T: Float> MoeLayer<T> {
                 .as_deref()
                 .map(|b| dev.upload(b, &[et]))
                 .transpose()?,
-            gate_up: up(&w.gate_up, &[e, 2 * i, h])?,
+            gate_up: match &w.experts {
+                Experts::Plain { gate_up, .. } => {
+                    ExpertWeights::Plain(up(gate_up, &[e, 2 * i, h])?)
+                }
+                Experts::Packed { gate_up, .. } => {
+                    ExpertWeights::Packed(Box::new(QuantLayer::upload(dev, gate_up)?))
+                }
+            },
             gate_up_bias: opt(&w.gate_up_bias, &[e, 2 * i])?,
-            down: up(&w.down, &[e, h, i])?,
+            down: match &w.experts {
+                Experts::Plain { down, .. } => ExpertWeights::Plain(up(down, &[e, h, i])?),
+                Experts::Packed { down, .. } => {
+                    ExpertWeights::Packed(Box::new(QuantLayer::upload(dev, down)?))
+                }
+            },
             down_bias: opt(&w.down_bias, &[e, h])?,
             shared_gate_up: opt(&w.shared_gate_up, &[1, 2 * is, h])?,
             shared_down: opt(&w.shared_down, &[1, h, is])?,
@@ -226,8 +284,8 @@ impl<T: Float> MoeLayer<T> {
                 bias: cfg.router_bias.then(|| dev.zeros(&[et])).transpose()?,
             }
         };
-        let gate_up = draw("gate_up", &[e, 2 * i, h], h)?;
-        let down = draw("down", &[e, h, i], i)?;
+        let gate_up = ExpertWeights::Plain(draw("gate_up", &[e, 2 * i, h], h)?);
+        let down = ExpertWeights::Plain(draw("down", &[e, h, i], i)?);
         let gate_up_bias = cfg
             .expert_bias
             .then(|| draw("gate_up_bias", &[e, 2 * i], h))
@@ -322,6 +380,16 @@ impl<T: Float> MoeLayer<T> {
         let plan = Plan::new(dev, max_tokens, k, e, et, Self::BLOCK_M)?;
         let rows = slots.max(padded_capacity(slots, e, Self::BLOCK_M));
         let f32_router = matches!(w.router, RouterWeights::F32 { .. });
+        let packed: Vec<usize> = [&w.gate_up, &w.down]
+            .iter()
+            .filter(|p| matches!(p, ExpertWeights::Packed(_)))
+            .map(|p| p.shape().iter().product())
+            .collect();
+        let scratch = packed
+            .iter()
+            .max()
+            .map(|&n| dev.zeros::<T>(&[n]))
+            .transpose()?;
         Ok(MoeLayer {
             cfg: cfg.clone(),
             max_tokens,
@@ -338,6 +406,7 @@ impl<T: Float> MoeLayer<T> {
             a: dev.zeros(&[rows, h])?,
             hmid: dev.zeros(&[rows, i])?,
             out: dev.zeros(&[rows, h])?,
+            scratch,
             shared,
         })
     }
@@ -412,7 +481,7 @@ impl<T: Float> MoeLayer<T> {
         };
         let layout = if gemv { Layout::Sorted } else { Layout::Padded };
         let cfg = &self.cfg;
-        let w = &self.w;
+        let w = &mut self.w;
 
         // Route.
         self.ids.set_shape(&[t, k])?;
@@ -474,7 +543,15 @@ impl<T: Float> MoeLayer<T> {
             row_weights: (cfg.weight_at == ScaleAt::Input)
                 .then_some((&self.weights, ScaleAt::Input)),
         };
-        gemm(&mut self.hmid, &self.a, &w.gate_up, &self.plan, up)?;
+        w.gate_up.run(
+            dev,
+            gemv,
+            &mut self.hmid,
+            &self.a,
+            &self.plan,
+            up,
+            self.scratch.as_mut(),
+        )?;
         mark(Stage::Gemm1)?;
 
         // The routing weight goes into the down GEMM's epilogue unless zero-computation experts
@@ -485,7 +562,15 @@ impl<T: Float> MoeLayer<T> {
             epilogue: Epilogue::None,
             row_weights: fold_weights.then_some((&self.weights, ScaleAt::Output)),
         };
-        gemm(&mut self.out, &self.hmid, &w.down, &self.plan, down)?;
+        w.down.run(
+            dev,
+            gemv,
+            &mut self.out,
+            &self.hmid,
+            &self.plan,
+            down,
+            self.scratch.as_mut(),
+        )?;
         mark(Stage::Gemm2)?;
 
         if let (Some(s), Some(gate_up), Some(sdown)) =
@@ -543,8 +628,13 @@ impl<T: Float> MoeLayer<T> {
 
     /// Reads the plans' status: an error if any id was out of range in the last forward. Waits
     /// for the stream; call it outside a captured forward.
-    pub fn check(&self, dev: &Device) -> Result<()> {
+    pub fn check(&mut self, dev: &Device) -> Result<()> {
         self.plan.check(dev)?;
+        for p in [&mut self.w.gate_up, &mut self.w.down] {
+            if let ExpertWeights::Packed(q) = p {
+                q.check(dev)?;
+            }
+        }
         match &self.shared {
             Some(s) => s.plan.check(dev),
             None => Ok(()),

@@ -15,6 +15,8 @@
 //! - `gate_up [E, 2I, H]`, rows in `cfg.gate_layout` (gate rows first for most models,
 //!   interleaved for gpt-oss), `gate_up_bias [E, 2I]`;
 //! - `down [E, H, I]`, `down_bias [E, H]`;
+//! - or, for compressed checkpoints, the two projections as one [`QuantMatrix`] per expert
+//!   (`[2I, H]` and `[H, I]`, each expert in its own format: [`Experts::Packed`]);
 //! - shared expert: `shared_gate_up [2Is, H]` (gate rows first), `shared_down [H, Is]`,
 //!   `shared_gate [H]` (the Qwen2-MoE sigmoid gate's weight);
 //! - constant experts (MoE++): `const_w [Z, 2, H]`, `const_v [Z, H]` over the zero-computation
@@ -23,11 +25,12 @@
 mod gpu;
 pub mod reference;
 
-pub use gpu::{DeviceWeights, MoeLayer, Path, RANDOM_TENSORS, RouterWeights, Stage};
+pub use gpu::{DeviceWeights, ExpertWeights, MoeLayer, Path, RANDOM_TENSORS, RouterWeights, Stage};
 
 use crate::activation::{GateLayout, GatedAct};
 use crate::error::{Error, Result};
 use crate::gemm::ScaleAt;
+use crate::quant::QuantMatrix;
 use crate::routing::RouterConfig;
 
 /// A zero-computation expert (MoE++): ids `E..E_total` name them. It costs no GEMM FLOPs.
@@ -158,15 +161,41 @@ impl MoeConfig {
     }
 }
 
+/// The routed experts' two projections.
+#[derive(Clone, Debug)]
+pub enum Experts<S> {
+    /// `gate_up [E, 2I, H]` and `down [E, H, I]` in the storage dtype.
+    Plain { gate_up: Vec<S>, down: Vec<S> },
+    /// One compressed matrix per expert and projection, `[2I, H]` and `[H, I]`, each expert in
+    /// its own format (MXFP4 for gpt-oss, FP8 blocks for DeepSeek-V3, GPTQ/AWQ integers, ...).
+    Packed {
+        gate_up: Vec<QuantMatrix>,
+        down: Vec<QuantMatrix>,
+    },
+}
+
+impl<S> Experts<S> {
+    /// Bytes the expert weights hold (what decode reads for every expert once).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Experts::Plain { gate_up, down } => {
+                (gate_up.len() + down.len()) * std::mem::size_of::<S>()
+            }
+            Experts::Packed { gate_up, down } => {
+                gate_up.iter().chain(down).map(QuantMatrix::bytes).sum()
+            }
+        }
+    }
+}
+
 /// A block's weights on the host, in the layout of the module documentation.
 #[derive(Clone, Debug)]
 pub struct LayerWeights<S> {
     pub router: Vec<f32>,
     pub router_bias: Option<Vec<f32>>,
     pub correction_bias: Option<Vec<f32>>,
-    pub gate_up: Vec<S>,
+    pub experts: Experts<S>,
     pub gate_up_bias: Option<Vec<S>>,
-    pub down: Vec<S>,
     pub down_bias: Option<Vec<S>>,
     pub shared_gate_up: Option<Vec<S>>,
     pub shared_down: Option<Vec<S>>,
@@ -193,7 +222,7 @@ impl<S> LayerWeights<S> {
         let z = cfg.zero_experts.len();
         let is = cfg.shared.map_or(0, |s| s.intermediate);
         let gated_shared = cfg.shared.is_some_and(|s| s.gated);
-        let want: [(&'static str, Option<usize>, Option<usize>); 12] = [
+        let want: [(&'static str, Option<usize>, Option<usize>); 10] = [
             ("router", Some(self.router.len()), Some(et * h)),
             (
                 "router_bias",
@@ -205,13 +234,11 @@ impl<S> LayerWeights<S> {
                 self.correction_bias.as_ref().map(Vec::len),
                 cfg.correction_bias.then_some(et),
             ),
-            ("gate_up", Some(self.gate_up.len()), Some(e * 2 * i * h)),
             (
                 "gate_up_bias",
                 self.gate_up_bias.as_ref().map(Vec::len),
                 cfg.expert_bias.then_some(e * 2 * i),
             ),
-            ("down", Some(self.down.len()), Some(e * h * i)),
             (
                 "down_bias",
                 self.down_bias.as_ref().map(Vec::len),
@@ -243,6 +270,39 @@ impl<S> LayerWeights<S> {
                 (constants > 0).then_some(z * h),
             ),
         ];
+        match &self.experts {
+            Experts::Plain { gate_up, down } => {
+                for (arg, got, expected) in [
+                    ("gate_up", gate_up.len(), e * 2 * i * h),
+                    ("down", down.len(), e * h * i),
+                ] {
+                    if got != expected {
+                        return Err(Error::shape(
+                            op,
+                            arg,
+                            format!("{expected} values"),
+                            format!("{got} values"),
+                        ));
+                    }
+                }
+            }
+            Experts::Packed { gate_up, down } => {
+                for (arg, m, shape) in [("gate_up", gate_up, (2 * i, h)), ("down", down, (h, i))] {
+                    if m.len() != e || m.iter().any(|q| q.shape() != shape) {
+                        return Err(Error::shape(
+                            op,
+                            arg,
+                            format!("{e} compressed experts of [{}, {}]", shape.0, shape.1),
+                            format!(
+                                "{} of shapes {:?}",
+                                m.len(),
+                                m.iter().map(QuantMatrix::shape).collect::<Vec<_>>()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         for (arg, got, expected) in want {
             if got != expected {
                 let show =

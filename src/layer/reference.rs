@@ -2,7 +2,9 @@
 //! written from the math of [`MoeConfig`]. Slow and exact; every other path is checked against
 //! it.
 
-use super::{LayerWeights, MoeConfig, ZeroExpert};
+use std::collections::HashMap;
+
+use super::{Experts, LayerWeights, MoeConfig, ZeroExpert};
 use crate::activation::{GateLayout, GatedAct};
 use crate::dtype::Float;
 use crate::error::{Error, Result};
@@ -21,11 +23,11 @@ pub struct Forward {
 /// One gated MLP on `x`: `down · act(gate · s x + b_g, up · s x + b_u) + b_d`, where
 /// `gate_up [2I, H]` holds gate and up rows in `layout` and `s` scales the input.
 #[allow(clippy::too_many_arguments)] // the MLP's parts, one for one
-fn gated_mlp<S: Float>(
+fn gated_mlp<W: Float, S: Float>(
     x: &[f64],
-    gate_up: &[S],
+    gate_up: &[W],
     gate_up_bias: Option<&[S]>,
-    down: &[S],
+    down: &[W],
     down_bias: Option<&[S]>,
     layout: GateLayout,
     act: GatedAct,
@@ -93,6 +95,7 @@ pub fn forward<S: Float>(cfg: &MoeConfig, w: &LayerWeights<S>, x: &[f64]) -> Res
     let routing = route_ref::route(&logits, et, &cfg.router, correction.as_deref())?;
 
     let mut y = vec![0.0; tokens * h];
+    let mut decoded: HashMap<usize, (Vec<f32>, Vec<f32>)> = HashMap::new();
     for t in 0..tokens {
         let xt = &x[t * h..(t + 1) * h];
         let yt = &mut y[t * h..(t + 1) * h];
@@ -107,18 +110,39 @@ pub fn forward<S: Float>(cfg: &MoeConfig, w: &LayerWeights<S>, x: &[f64]) -> Res
                 } else {
                     1.0
                 };
-                let o = gated_mlp(
-                    xt,
-                    &w.gate_up[id * 2 * i * h..(id + 1) * 2 * i * h],
-                    w.gate_up_bias
-                        .as_deref()
-                        .map(|b| &b[id * 2 * i..(id + 1) * 2 * i]),
-                    &w.down[id * h * i..(id + 1) * h * i],
-                    w.down_bias.as_deref().map(|b| &b[id * h..(id + 1) * h]),
-                    cfg.gate_layout,
-                    cfg.act,
-                    scale_in,
-                );
+                let bias = w
+                    .gate_up_bias
+                    .as_deref()
+                    .map(|b| &b[id * 2 * i..(id + 1) * 2 * i]);
+                let down_bias = w.down_bias.as_deref().map(|b| &b[id * h..(id + 1) * h]);
+                let o = match &w.experts {
+                    Experts::Plain { gate_up, down } => gated_mlp(
+                        xt,
+                        &gate_up[id * 2 * i * h..(id + 1) * 2 * i * h],
+                        bias,
+                        &down[id * h * i..(id + 1) * h * i],
+                        down_bias,
+                        cfg.gate_layout,
+                        cfg.act,
+                        scale_in,
+                    ),
+                    Experts::Packed { gate_up, down } => {
+                        // Each chosen expert decoded once, by the formats' reference decoders.
+                        let (g, d) = decoded
+                            .entry(id)
+                            .or_insert_with(|| (gate_up[id].decode(), down[id].decode()));
+                        gated_mlp(
+                            xt,
+                            g,
+                            bias,
+                            d,
+                            down_bias,
+                            cfg.gate_layout,
+                            cfg.act,
+                            scale_in,
+                        )
+                    }
+                };
                 let out_w = if cfg.weight_at == ScaleAt::Input {
                     1.0
                 } else {
@@ -154,7 +178,7 @@ pub fn forward<S: Float>(cfg: &MoeConfig, w: &LayerWeights<S>, x: &[f64]) -> Res
             yt.iter_mut().zip(&contrib).for_each(|(a, b)| *a += b);
         }
         if let Some(shared) = cfg.shared {
-            let o = gated_mlp(
+            let o = gated_mlp::<S, S>(
                 xt,
                 w.shared_gate_up.as_deref().expect("checked"),
                 None,

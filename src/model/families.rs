@@ -8,7 +8,8 @@ use crate::activation::{GateLayout, GatedAct};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::gemm::ScaleAt;
-use crate::layer::{LayerWeights, MoeConfig, SharedExpert};
+use crate::layer::{Experts as ExpertsW, LayerWeights, MoeConfig, SharedExpert};
+use crate::quant::{Mxfp4Matrix, QuantMatrix};
 use crate::routing::RouterConfig;
 
 /// A model family, chosen by `model_type`.
@@ -372,7 +373,9 @@ impl Names {
                 }
             }
             Experts::Transposed { gate_up, down } | Experts::Stacked { gate_up, down } => {
-                v.extend([gate_up.clone(), down.clone()]);
+                for base in [gate_up, down] {
+                    v.extend(["", "_blocks", "_scales"].map(|s| format!("{base}{s}")));
+                }
             }
         }
         v.extend(self.gate_up_bias.iter().cloned());
@@ -403,7 +406,7 @@ impl Names {
             Ok(v)
         };
         let read_f32 = |name: &str, shape: &[usize]| dir.read::<f32>(name, shape);
-        let (gate_up, down) = match &self.experts {
+        let experts = match &self.experts {
             Experts::PerExpert {
                 prefix,
                 names,
@@ -417,15 +420,50 @@ impl Names {
                     gate_up.extend(read(&name(&names[1]), &[i, h])?);
                     down.extend(read(&name(&names[2]), &[h, i])?);
                 }
-                (gate_up, down)
+                ExpertsW::Plain { gate_up, down }
             }
-            Experts::Transposed { gate_up, down } => (
-                transpose(&read(gate_up, &[e, h, 2 * i])?, e, h, 2 * i),
-                transpose(&read(down, &[e, i, h])?, e, i, h),
-            ),
-            Experts::Stacked { gate_up, down } => {
-                (read(gate_up, &[e, 2 * i, h])?, read(down, &[e, h, i])?)
+            // gpt-oss's MXFP4 release: `{name}_blocks [E, N, Kd/32, 16]` and `{name}_scales
+            // [E, N, Kd/32]`, in Linear's out x in order (unlike its bf16 tensors).
+            Experts::Transposed { gate_up, down } if dir.contains(&format!("{gate_up}_blocks")) => {
+                let packed = |base: &str, n: usize, kd: usize| -> Result<Vec<QuantMatrix>> {
+                    let blocks = dir.raw(&format!("{base}_blocks"))?;
+                    blocks.expect_shape(&[e, n, kd / 32, 16])?;
+                    let scales = dir.raw(&format!("{base}_scales"))?;
+                    scales.expect_shape(&[e, n, kd / 32])?;
+                    let m = Mxfp4Matrix::from_gpt_oss(
+                        blocks.u8s()?,
+                        &blocks.shape,
+                        scales.u8s()?,
+                        &scales.shape,
+                    )?;
+                    if let Some(bar) = bar {
+                        bar.inc((blocks.bytes.len() + scales.bytes.len()) as u64);
+                    }
+                    Ok(m.into_iter().map(QuantMatrix::Mxfp4).collect())
+                };
+                for (what, kd) in [("hidden_size", h), ("intermediate_size", i)] {
+                    if !kd.is_multiple_of(32) {
+                        return Err(crate::Error::checkpoint(
+                            dir.dir().display(),
+                            format!("config `{what}`"),
+                            "a multiple of 32 for MXFP4 experts",
+                            format!("{kd}"),
+                        ));
+                    }
+                }
+                ExpertsW::Packed {
+                    gate_up: packed(gate_up, 2 * i, h)?,
+                    down: packed(down, h, i)?,
+                }
             }
+            Experts::Transposed { gate_up, down } => ExpertsW::Plain {
+                gate_up: transpose(&read(gate_up, &[e, h, 2 * i])?, e, h, 2 * i),
+                down: transpose(&read(down, &[e, i, h])?, e, i, h),
+            },
+            Experts::Stacked { gate_up, down } => ExpertsW::Plain {
+                gate_up: read(gate_up, &[e, 2 * i, h])?,
+                down: read(down, &[e, h, i])?,
+            },
         };
         let (shared_gate_up, shared_down) = match (&self.shared, cfg.shared) {
             (Some([g, u, d]), Some(s)) => {
@@ -447,13 +485,12 @@ impl Names {
                 .as_ref()
                 .map(|n| read_f32(n, &[et]))
                 .transpose()?,
-            gate_up,
+            experts,
             gate_up_bias: self
                 .gate_up_bias
                 .as_ref()
                 .map(|n| read(n, &[e, 2 * i]))
                 .transpose()?,
-            down,
             down_bias: self
                 .down_bias
                 .as_ref()

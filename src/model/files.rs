@@ -140,6 +140,14 @@ impl RawTensor<'_> {
         })
     }
 
+    /// The raw bytes of a U8 tensor (packed codes, e8m0 scales).
+    pub fn u8s(&self) -> Result<&[u8]> {
+        match self.dtype {
+            Dtype::U8 => Ok(self.bytes),
+            d => Err(self.err(" dtype", "U8", format!("{d:?}"))),
+        }
+    }
+
     /// The values as i64, from an integer tensor (I64 or I32).
     pub fn to_i64(&self) -> Result<Vec<i64>> {
         Ok(match self.dtype {
