@@ -67,6 +67,12 @@ if [ "$bench" = 1 ]; then
     for preset in qwen3-30b-a3b mixtral-8x7b deepseek-v3 gpt-oss-120b olmoe qwen2-moe llama4-scout; do
         run "layer-$preset" ./moe-kernels bench --preset "$preset" --tokens 1,16,128,1024,4096
     done
+    for format in int4 int8 mxfp4 fp8; do
+        for preset in qwen3-30b-a3b mixtral-8x7b; do
+            run "layer-$preset-$format" ./moe-kernels bench --preset "$preset" --format "$format" \
+                --tokens 1,16,1024
+        done
+    done
     for b in benches/*; do
         run "bench-$(basename "$b")" env MOE_REQUIRE_GPU=1 CRITERION_HOME="$logdir/criterion" "$b" --bench \
             --warm-up-time 0.3 --measurement-time 1 --noplot

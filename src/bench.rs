@@ -7,8 +7,10 @@ use cudarc::driver::{CudaEvent, sys::CUevent_flags};
 use half::bf16;
 use moe_kernels::activation::{GateLayout, GatedAct};
 use moe_kernels::gemm::ScaleAt;
-use moe_kernels::layer::{MoeConfig, MoeLayer, SharedExpert, Stage};
+use moe_kernels::layer::{ExpertWeights, MoeConfig, MoeLayer, SharedExpert, Stage};
 use moe_kernels::model::Model;
+use moe_kernels::quant::{Fp8Matrix, IntMatrix, Mxfp4Matrix, QuantLayer, QuantMatrix};
+use moe_kernels::rng::Rng;
 use moe_kernels::routing::RouterConfig;
 use moe_kernels::{Device, Error, Tensor, kernels};
 
@@ -26,7 +28,7 @@ pub struct BenchArgs {
     /// Token counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,16,128,1024,4096")]
     pub tokens: Vec<usize>,
-    /// Expert weight format.
+    /// Expert weight format: bf16, int4, int8, mxfp4 or fp8 (random codes of that format).
     #[arg(long, default_value = "bf16")]
     pub format: String,
     /// Timed iterations per token count (the median is reported).
@@ -102,15 +104,101 @@ struct StageRow {
     bytes: f64,
 }
 
+/// Expert formats the bench draws random codes for.
+const FORMATS: &str =
+    "bf16, int4 (g128, symmetric), int8 (g128), mxfp4, fp8 (e4m3, 128x128 blocks)";
+
+/// One expert's `[n, kd]` weight in `format` with random codes and scales of a realistic size:
+/// the timing depends on the bytes and the decode work, not on the values.
+fn random_matrix(format: &str, n: usize, kd: usize, rng: &mut Rng) -> Result<QuantMatrix, Error> {
+    let mut bytes = |len: usize| -> Vec<u8> {
+        let mut v = Vec::with_capacity(len + 8);
+        while v.len() < len {
+            v.extend_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        v.truncate(len);
+        v
+    };
+    let scale = (3.0 / kd as f64).sqrt();
+    Ok(match format {
+        "int4" | "int8" => {
+            let bits: u32 = if format == "int4" { 4 } else { 8 };
+            let group = if kd.is_multiple_of(128) { 128 } else { kd };
+            let words: Vec<u32> = bytes(n * kd * bits as usize / 8)
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let step = half::f16::from_f64(2.0 * scale / f64::from((1u32 << bits) - 1));
+            QuantMatrix::Int(IntMatrix::new(
+                bits,
+                group,
+                n,
+                kd,
+                words,
+                vec![step; n * (kd / group)],
+                None,
+                None,
+            )?)
+        }
+        "mxfp4" => {
+            // e8m0 codes 2^-7 ..= 2^-5: with e2m1's rms of about 3, values of a 1/sqrt(fan-in)
+            // init at the presets' widths.
+            let scales: Vec<u8> = bytes(n * kd / 32).iter().map(|b| 120 + b % 3).collect();
+            QuantMatrix::Mxfp4(Mxfp4Matrix::new(n, kd, bytes(n * kd / 2), scales)?)
+        }
+        "fp8" => {
+            // 0x7f and 0xff are NaN in e4m3fn: step off them.
+            let w: Vec<u8> = bytes(n * kd)
+                .into_iter()
+                .map(|b| if b & 0x7f == 0x7f { b - 1 } else { b })
+                .collect();
+            let blocks = n.div_ceil(128) * kd.div_ceil(128);
+            QuantMatrix::Fp8(Fp8Matrix::new(
+                n,
+                kd,
+                w,
+                vec![scale as f32 / 448.0; blocks],
+            )?)
+        }
+        other => {
+            return Err(Error::Unsupported {
+                op: "bench",
+                what: format!("format {other:?} (one of {FORMATS})"),
+            });
+        }
+    })
+}
+
+/// Replaces the routed experts of `layer` by random ones in `format`.
+fn pack_experts(
+    dev: &Device,
+    layer: MoeLayer<bf16>,
+    format: &str,
+    max_t: usize,
+    seed: u64,
+) -> Result<MoeLayer<bf16>, Error> {
+    let cfg = layer.config().clone();
+    let (h, i, e) = (cfg.hidden, cfg.intermediate, cfg.experts);
+    let mut rng = Rng::new(seed);
+    let mut layer_of = |n: usize, kd: usize| -> Result<ExpertWeights<bf16>, Error> {
+        let m: Vec<QuantMatrix> = (0..e)
+            .map(|_| random_matrix(format, n, kd, &mut rng))
+            .collect::<Result<_, _>>()?;
+        Ok(ExpertWeights::Packed(Box::new(QuantLayer::upload(
+            dev, &m,
+        )?)))
+    };
+    let mut w = layer.into_weights();
+    w.gate_up = layer_of(2 * i, h)?;
+    w.down = layer_of(h, i)?;
+    MoeLayer::from_device(dev, &cfg, w, max_t)
+}
+
 pub fn run(args: &BenchArgs) -> Result<(), Error> {
-    if args.format != "bf16" {
+    if !["bf16", "int4", "int8", "mxfp4", "fp8"].contains(&args.format.as_str()) {
         return Err(Error::Unsupported {
             op: "bench",
-            what: format!(
-                "format {:?}: the layer runs bf16 expert weights; the compressed formats have \
-                 their own kernels but are not wired into the layer yet",
-                args.format
-            ),
+            what: format!("format {:?} (one of {FORMATS})", args.format),
         });
     }
     let dev = Device::new(0)?;
@@ -157,6 +245,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             )
         }
     };
+    if args.format != "bf16" {
+        layer = pack_experts(&dev, layer, &args.format, max_t, args.seed)?;
+    }
     let cfg = layer.config().clone();
     let copy_gbs = copy_bandwidth(&dev)?;
     let matrix = args.matrix_tflops.or_else(|| {
@@ -265,7 +356,13 @@ fn time_stages(
     // The work: GEMM rows and experts with tokens come from the plan's counts.
     let counts = dev.download(&layer.plan().counts)?;
     let rows: f64 = counts.iter().map(|&c| f64::from(c.max(0))).sum();
-    let hit = counts.iter().filter(|&&c| c > 0).count() as f64;
+    // Weight bytes of the experts with tokens, as stored (compressed for packed formats).
+    let (mut w1, mut w2) = (0.0, 0.0);
+    for (e, _) in counts.iter().enumerate().filter(|(_, c)| **c > 0) {
+        let (a, b) = layer.expert_bytes(e);
+        w1 += a as f64;
+        w2 += b as f64;
+    }
     let (hf, i, et, k, tf) = (
         h as f64,
         cfg.intermediate as f64,
@@ -285,12 +382,9 @@ fn time_stages(
             Stage::Plan => (0.0, tf * k * 4.0 * 4.0),
             Stage::Gemm1 => (
                 2.0 * rows * 2.0 * i * hf,
-                hit * 2.0 * i * hf * b + tf * hf * b + 2.0 * rows * hf * b + rows * i * b,
+                w1 + tf * hf * b + 2.0 * rows * hf * b + rows * i * b,
             ),
-            Stage::Gemm2 => (
-                2.0 * rows * hf * i,
-                hit * hf * i * b + rows * i * b + rows * hf * b,
-            ),
+            Stage::Gemm2 => (2.0 * rows * hf * i, w2 + rows * i * b + rows * hf * b),
             Stage::Shared => (
                 2.0 * tf * 3.0 * is * hf,
                 3.0 * is * hf * b + 2.0 * tf * hf * b + tf * is * b,
@@ -424,4 +518,30 @@ fn print_json(
         "runs": runs,
     });
     println!("{v}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The random experts are valid containers with finite values of an init's size.
+    #[test]
+    fn random_experts_are_finite_and_init_sized() {
+        let mut rng = Rng::new(3);
+        for format in ["int4", "int8", "mxfp4", "fp8"] {
+            let (n, kd) = (256, 384);
+            let m = random_matrix(format, n, kd, &mut rng).unwrap();
+            assert_eq!(m.shape(), (n, kd));
+            let v = m.decode();
+            assert!(v.iter().all(|x| x.is_finite()), "{format}");
+            let rms =
+                (v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+            let init = 1.0 / (kd as f64).sqrt();
+            assert!(
+                rms > init / 4.0 && rms < init * 4.0,
+                "{format}: rms {rms} vs {init}"
+            );
+        }
+        assert!(random_matrix("int3", 8, 8, &mut rng).is_err());
+    }
 }

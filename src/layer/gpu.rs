@@ -645,6 +645,21 @@ impl<T: Float> MoeLayer<T> {
     pub fn weights(&self) -> &DeviceWeights<T> {
         &self.w
     }
+
+    /// Bytes of expert `e`'s gate/up and down weights as stored (compressed size for packed
+    /// experts): what a decode step reads for each expert it uses.
+    pub fn expert_bytes(&self, e: usize) -> (usize, usize) {
+        let of = |w: &ExpertWeights<T>| match w {
+            ExpertWeights::Plain(t) => t.numel() / t.shape()[0] * std::mem::size_of::<T>(),
+            ExpertWeights::Packed(q) => q.expert_bytes(e),
+        };
+        (of(&self.w.gate_up), of(&self.w.down))
+    }
+
+    /// The weights, giving up the workspace (to swap a projection for another format).
+    pub fn into_weights(self) -> DeviceWeights<T> {
+        self.w
+    }
 }
 
 /// Checks each device weight's shape (and presence) against `cfg`.
