@@ -9,8 +9,9 @@ use crate::dtype::Float;
 use crate::error::Result;
 use crate::gemm::ScaleAt;
 use crate::layer::{Experts as ExpertsW, LayerWeights, MoeConfig, SharedExpert};
-use crate::quant::{Mxfp4Matrix, QuantMatrix};
+use crate::quant::{Fp8Matrix, Mxfp4Matrix, QuantMatrix};
 use crate::routing::RouterConfig;
+use safetensors::Dtype;
 
 /// A model family, chosen by `model_type`.
 ///
@@ -345,6 +346,28 @@ pub(crate) struct Names {
     shared_gate: Option<String>,
 }
 
+/// Side of the square blocks of FP8 checkpoints' `weight_scale_inv`.
+const FP8_BLOCK: usize = 128;
+
+/// `name` as an FP8 matrix when it is stored in F8_E4M3 with its `{name}_scale_inv` blocks
+/// (`[ceil(N / 128), ceil(Kd / 128)]` f32), else `None`.
+fn read_fp8(dir: &ModelDir, name: &str, shape: &[usize]) -> Result<Option<Fp8Matrix>> {
+    let t = dir.raw(name)?;
+    if t.dtype != Dtype::F8_E4M3 {
+        return Ok(None);
+    }
+    t.expect_shape(shape)?;
+    let &[n, kd] = shape else {
+        unreachable!("Linear weights are rank 2")
+    };
+    let scale_name = format!("{name}_scale_inv");
+    let scales = dir.read::<f32>(
+        &scale_name,
+        &[n.div_ceil(FP8_BLOCK), kd.div_ceil(FP8_BLOCK)],
+    )?;
+    Ok(Some(Fp8Matrix::new(n, kd, t.bytes.to_vec(), scales)?))
+}
+
 /// `[E, R, C]` → `[E, C, R]`.
 fn transpose<S: Copy>(v: &[S], e: usize, r: usize, c: usize) -> Vec<S> {
     let mut out = Vec::with_capacity(v.len());
@@ -398,15 +421,65 @@ impl Names {
             cfg.experts,
             cfg.experts_total(),
         );
-        let read = |name: &str, shape: &[usize]| -> Result<Vec<S>> {
-            let v = dir.read::<S>(name, shape)?;
+        let tick = |bytes: usize| {
             if let Some(bar) = bar {
-                bar.inc((v.len() * std::mem::size_of::<S>()) as u64);
+                bar.inc(bytes as u64);
             }
+        };
+        // A Linear weight of `shape`: stored plain, or as FP8 with its 128 x 128 block scales
+        // (DeepSeek-V3's release), which is decoded exactly as the FP8 kernels do, then rounded.
+        let read = |name: &str, shape: &[usize]| -> Result<Vec<S>> {
+            let v: Vec<S> = match read_fp8(dir, name, shape)? {
+                Some(m) => m.decode().into_iter().map(S::from_f32).collect(),
+                None => dir.read::<S>(name, shape)?,
+            };
+            tick(v.len() * std::mem::size_of::<S>());
             Ok(v)
         };
         let read_f32 = |name: &str, shape: &[usize]| dir.read::<f32>(name, shape);
         let experts = match &self.experts {
+            Experts::PerExpert {
+                prefix,
+                names,
+                count,
+            } if dir.raw(&format!("{prefix}.0.{}.weight", names[0]))?.dtype == Dtype::F8_E4M3 => {
+                // FP8 experts stay packed: gate and up rows stacked into one [2I, H] matrix,
+                // whose block scales stack the same way when I is a multiple of the block.
+                if !i.is_multiple_of(FP8_BLOCK) {
+                    return Err(crate::Error::checkpoint(
+                        dir.dir().display(),
+                        "config `moe_intermediate_size`",
+                        format!("a multiple of {FP8_BLOCK} for FP8 experts"),
+                        format!("{i}"),
+                    ));
+                }
+                let mut gate_up = Vec::with_capacity(*count);
+                let mut down = Vec::with_capacity(*count);
+                for x in 0..*count {
+                    let name = |n: &String| format!("{prefix}.{x}.{n}.weight");
+                    let fp8 = |n: &String, shape: &[usize]| -> Result<Fp8Matrix> {
+                        let m = read_fp8(dir, &name(n), shape)?.ok_or_else(|| {
+                            crate::Error::checkpoint(
+                                dir.dir().display(),
+                                format!("tensor `{}`", name(n)),
+                                "F8_E4M3 like the other experts",
+                                "another dtype",
+                            )
+                        })?;
+                        tick(m.bytes());
+                        Ok(m)
+                    };
+                    let (g, u) = (fp8(&names[0], &[i, h])?, fp8(&names[1], &[i, h])?);
+                    gate_up.push(QuantMatrix::Fp8(Fp8Matrix::new(
+                        2 * i,
+                        h,
+                        [g.weight(), u.weight()].concat(),
+                        [g.scale_inv(), u.scale_inv()].concat(),
+                    )?));
+                    down.push(QuantMatrix::Fp8(fp8(&names[2], &[h, i])?));
+                }
+                ExpertsW::Packed { gate_up, down }
+            }
             Experts::PerExpert {
                 prefix,
                 names,
