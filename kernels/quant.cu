@@ -11,7 +11,8 @@
 //   mxfp4     e2m1(q) * 2^(e - 127)          exact (e = 255: NaN)
 //   fp8       e4m3(q) * scale_inv[r/128, k/128], one f32 product, __fmul_rn so it is never fused
 //   ternary   0, lo[r] or hi[r]              f16: exact
-// then rounded once (nearest even) to the output dtype, so GPU and CPU agree bit for bit.
+// then rounded once (nearest even) to the output dtype, so GPU and CPU agree bit for bit on
+// every number (a NaN is a NaN: CUDA writes 0x7fff where the host writes its own payload).
 //
 // dequant_{out}(QuantDequantParams p), out = bf16 | f16
 //   out [E, N, Kd] = every expert's decoded weight. Block (x, e): rows 8x .. 8x + 8 of expert e,

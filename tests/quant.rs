@@ -939,12 +939,17 @@ fn every_format(rng: &mut Rng, n: usize, kd: usize, nan: bool) -> Vec<QuantMatri
     let mut mx = Mxfp4Matrix::quantize(&w(rng), n, kd).unwrap();
     let mut fp8 = Fp8Matrix::quantize(&w(rng), n, kd).unwrap();
     if nan {
+        // NaN: one MXFP4 block's scale and one FP8 code. f32 subnormals: a block scaled by
+        // 2^-126 and the last FP8 block scaled by 1e-39, so a flush-to-zero build would differ.
         let mut scales = mx.scales().to_vec();
         scales[1] = 255;
+        scales[2] = 1;
         mx = Mxfp4Matrix::new(n, kd, mx.blocks().to_vec(), scales).unwrap();
         let mut codes = fp8.weight().to_vec();
         codes[3] = 0xff;
-        fp8 = Fp8Matrix::new(n, kd, codes, fp8.scale_inv().to_vec()).unwrap();
+        let mut scale_inv = fp8.scale_inv().to_vec();
+        *scale_inv.last_mut().unwrap() = 1e-39;
+        fp8 = Fp8Matrix::new(n, kd, codes, scale_inv).unwrap();
     }
     let t1 = ternarize(&w(rng), n, kd, 0.9).unwrap();
     let t2 = ternarize(&w(rng), n, kd, 0.6).unwrap();
@@ -967,7 +972,7 @@ fn every_format(rng: &mut Rng, n: usize, kd: usize, nan: bool) -> Vec<QuantMatri
 fn the_device_tests_layers_hold_what_they_claim() {
     // The GPU tests' mixed layer: eight experts, NaN exactly where it was planted (one MXFP4
     // block of 32 and one FP8 code), every other value finite, and no expert all zeros.
-    let mut rng = Rng::new(70);
+    let mut rng = Rng::new(71);
     let mixed = every_format(&mut rng, 72, 288, true);
     let names: Vec<String> = mixed.iter().map(QuantMatrix::name).collect();
     assert_eq!(
@@ -1046,6 +1051,9 @@ fn gpu_dequantize_matches_the_cpu_decoders_bit_for_bit() {
     let mixed = every_format(&mut rng, 72, 288, true);
     check_dequant::<bf16>(&dev, &mixed, "mixed");
     check_dequant::<f16>(&dev, &mixed, "mixed");
+    // N = 136 > 128 with Kd = 288: FP8 scale rows are ceil(Kd / 128) = 3 blocks apart.
+    let tall = every_format(&mut rng, 136, 288, true);
+    check_dequant::<bf16>(&dev, &tall, "mixed, N = 136");
     // Each format alone, over three experts; one row; Kd = 32.
     for i in 0..mixed.len() {
         let layer: Vec<QuantMatrix> = (0..3)
@@ -1248,6 +1256,14 @@ fn gpu_quant_gemv_matches_reference_per_format_and_mixed() {
     // activations with gpt-oss's clamped SwiGLU and a bias; everything on one expert.
     let mixed = every_format(&mut rng, 2 * 40, 288, false);
     run_gemv::<bf16, bf16>(&dev, &mixed, &gemv_case(5, 4, 80, 288, swiglu), "mixed");
+    // N = 136 rows (FP8 scale rows past one block), N_out = 68: a partial last block of 8.
+    let tall = every_format(&mut rng, 136, 288, false);
+    run_gemv::<bf16, bf16>(
+        &dev,
+        &tall,
+        &gemv_case(5, 4, 136, 288, swiglu),
+        "mixed, N = 136",
+    );
     run_gemv::<f16, f16>(
         &dev,
         &mixed,

@@ -87,6 +87,15 @@ impl QuantLayer {
                 ..Default::default()
             };
             let x = match m {
+                // The variant's fields are public: its length is checked here, not trusted.
+                QuantMatrix::Bf16 { w, .. } if w.len() != n * kdim => {
+                    return Err(Error::shape(
+                        OP,
+                        "experts",
+                        format!("a bf16 expert of {} values ([{n}, {kdim}])", n * kdim),
+                        format!("{} values", w.len()),
+                    ));
+                }
                 QuantMatrix::Bf16 { w, .. } => QuantExpert {
                     format: format::BF16,
                     codes: blob.push(bytemuck::cast_slice(w)),
@@ -208,7 +217,7 @@ fn grid(op: &'static str, rows: usize, experts: usize) -> Result<(u32, u32, u32)
 }
 
 /// `out [E, N, Kd]` = every expert's weight decoded and rounded to `T` (bf16 or f16), bit for bit
-/// what [`QuantMatrix::decode_to`] gives.
+/// what [`QuantMatrix::decode_to`] gives (NaN payloads aside).
 pub fn dequantize_into<T: Float>(
     dev: &Device,
     out: &mut Tensor<T>,

@@ -16,7 +16,7 @@
 //!
 //! The CPU decoders ([`QuantMatrix::decode`]) are the references: each gives the f32 value the
 //! GPU computes, and both round that f32 once to the output dtype, so GPU and CPU agree bit for
-//! bit. Every value is either exact in f32 (integer codes times f16 scales, e2m1 times powers of
+//! bit on every number (NaN payloads differ: any NaN matches any NaN). Every value is either exact in f32 (integer codes times f16 scales, e2m1 times powers of
 //! two, ternary lo/hi) or one f32 product (e4m3 times its f32 block scale), which IEEE rounds
 //! the same way on both sides.
 //!
