@@ -15,7 +15,7 @@ use moe_kernels::layer::{
 use moe_kernels::model::{Model, TensorFile};
 use moe_kernels::rng::Rng;
 use moe_kernels::routing::{RouterConfig, RouterRule};
-use moe_kernels::{DType, Device, Float};
+use moe_kernels::{Device, Float};
 
 /// One fixture: its folder, layer, input and transformers' outputs.
 struct Fixture {
@@ -99,11 +99,9 @@ fn cpu_forward_matches_transformers_on_every_fixture() {
     let mut checked = 0;
     for f in fixtures() {
         let model = Model::open(&f.dir).unwrap_or_else(|e| panic!("{}: {e}", f.name));
-        let (out, k) = match model.dtype {
-            DType::F32 => cpu_forward::<f32>(&model, &f),
-            DType::F16 => cpu_forward::<half::f16>(&model, &f),
-            _ => cpu_forward::<bf16>(&model, &f),
-        };
+        // f32 storage holds every checkpoint's weights exactly (bf16, f16, f32, and FP8 codes
+        // times their f32 block scales), as transformers' float32 run does.
+        let (out, k) = cpu_forward::<f32>(&model, &f);
         let (ids, weights) = sorted_routing(&out.routing.ids, &out.routing.weights, k);
         assert_eq!(ids, f.ids, "{}: chosen experts", f.name);
         for (g, w) in weights.iter().zip(&f.weights) {
@@ -121,7 +119,7 @@ fn cpu_forward_matches_transformers_on_every_fixture() {
         assert!(e16 <= 0.03, "{}: bf16 output off by {e16:.2e}", f.name);
         checked += 1;
     }
-    assert!(checked >= 13, "only {checked} fixtures checked");
+    assert!(checked >= 14, "only {checked} fixtures checked");
 }
 
 #[test]
@@ -136,6 +134,24 @@ fn gpt_oss_mxfp4_experts_load_packed() {
     // 4.25 bits per weight: a quarter of bf16's bytes plus the scales.
     let plain = 2 * cfg.experts * 3 * cfg.hidden * cfg.intermediate;
     assert_eq!(w.experts.bytes() * 64, plain * 17);
+}
+
+#[test]
+fn deepseek_v3_fp8_experts_load_packed() {
+    let f = common::fixtures_dir().join("deepseek_v3_fp8");
+    let (cfg, w) = Model::open(&f).unwrap().load_layer::<bf16>(1).unwrap();
+    let Experts::Packed { gate_up, down } = &w.experts else {
+        panic!("FP8 experts were decoded at load time");
+    };
+    assert!(
+        gate_up
+            .iter()
+            .chain(down)
+            .all(|m| m.name() == "fp8-e4m3-b128")
+    );
+    assert_eq!(gate_up[0].shape(), (2 * cfg.intermediate, cfg.hidden));
+    // The shared expert (FP8 on disk too) was decoded into the plain weights.
+    assert!(w.shared_gate_up.is_some());
 }
 
 #[test]
