@@ -337,3 +337,75 @@ fn bench_refuses_unknown_presets_and_formats() {
         assert_refused(&["bench", "--preset", "nope"], "nope");
     }
 }
+
+#[test]
+fn corrupted_files_are_refused_never_a_panic() {
+    // Seeded corruptions of a real checkpoint: bytes flipped in the header and in the data,
+    // truncations at many lengths, and config.json edits. Every load either works or returns an
+    // error; a panic fails the test. Loads that succeed must still give finite-shaped weights.
+    let src = fixture("qwen2_moe");
+    let model_bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let header_len = u64::from_le_bytes(model_bytes[..8].try_into().unwrap()) as usize;
+    let mut rng = moe_kernels::rng::Rng::new(99);
+    let d = scratch_copy("qwen2_moe", "corrupt");
+    let (mut refused, mut loaded) = (0, 0);
+    for case in 0..120 {
+        let mut bytes = model_bytes.clone();
+        let mut cfg = config.clone();
+        match case % 4 {
+            0 => {
+                // A few bytes of the header.
+                for _ in 0..3 {
+                    let at = 8 + rng.below(header_len as u64) as usize;
+                    bytes[at] = rng.below(256) as u8;
+                }
+            }
+            1 => bytes.truncate(rng.below(bytes.len() as u64) as usize),
+            2 => {
+                // The length field itself.
+                let v = rng.next_u64() >> rng.below(64);
+                bytes[..8].copy_from_slice(&v.to_le_bytes());
+            }
+            _ => {
+                // A number in config.json replaced by something else.
+                let keys = [
+                    "hidden_size",
+                    "num_experts",
+                    "num_experts_per_tok",
+                    "moe_intermediate_size",
+                    "shared_expert_intermediate_size",
+                    "num_hidden_layers",
+                ];
+                let key = keys[rng.below(keys.len() as u64) as usize];
+                let values = ["0", "-3", "1e30", "\"x\"", "null", "3", "100000000000"];
+                let value = values[rng.below(values.len() as u64) as usize];
+                let start = cfg.find(&format!("\"{key}\": ")).map(|i| i + key.len() + 4);
+                if let Some(s) = start {
+                    let end = s + cfg[s..].find([',', '\n']).unwrap();
+                    cfg.replace_range(s..end, value);
+                }
+            }
+        }
+        std::fs::write(d.join("model.safetensors"), &bytes).unwrap();
+        std::fs::write(d.join("config.json"), &cfg).unwrap();
+        let outcome = std::panic::catch_unwind(|| {
+            let m = Model::open(&d)?;
+            let layer = m.moe_layers()?.first().copied().unwrap_or(1);
+            m.load_layer::<f32>(layer).map(|_| ())
+        });
+        match outcome {
+            Ok(Ok(())) => loaded += 1,
+            Ok(Err(e)) => {
+                assert!(!e.to_string().is_empty());
+                refused += 1;
+            }
+            Err(_) => panic!("case {case} panicked"),
+        }
+    }
+    assert!(
+        refused >= 60,
+        "only {refused} of 120 corruptions were refused"
+    );
+    eprintln!("{refused} refused, {loaded} loaded");
+}

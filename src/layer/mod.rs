@@ -141,6 +141,27 @@ impl MoeConfig {
         {
             return bad("shared", "intermediate >= 1", "0".into());
         }
+        // Every weight's element count must fit in memory arithmetic (and the kernels' i32
+        // row and column indices): E * 2I * H and the shared expert's 2Is * H.
+        let count = |dims: &[usize]| dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let is = self.shared.map_or(1, |s| s.intermediate);
+        let fits = [self.hidden, self.intermediate, self.experts_total(), is]
+            .iter()
+            .all(|&d| d.checked_mul(2).is_some_and(|v| i32::try_from(v).is_ok()))
+            && count(&[self.experts_total(), 2, self.intermediate, self.hidden]).is_some()
+            && count(&[2, is, self.hidden]).is_some();
+        if !fits {
+            return bad(
+                "config",
+                "sizes whose weights fit in memory (each dimension below 2^30)",
+                format!(
+                    "hidden {}, intermediate {}, experts {}, shared {is}",
+                    self.hidden,
+                    self.intermediate,
+                    self.experts_total()
+                ),
+            );
+        }
         if self.weight_at == ScaleAt::Input && !self.zero_experts.is_empty() {
             return bad(
                 "zero_experts",

@@ -485,8 +485,9 @@ impl Names {
                 names,
                 count,
             } => {
-                let mut gate_up = Vec::with_capacity(count * 2 * i * h);
-                let mut down = Vec::with_capacity(count * h * i);
+                // Grown as read: the first tensor's shape check refuses a config whose sizes
+                // disagree with the files before anything large is allocated.
+                let (mut gate_up, mut down) = (Vec::new(), Vec::new());
                 for x in 0..*count {
                     let name = |n: &String| format!("{prefix}.{x}.{n}.weight");
                     gate_up.extend(read(&name(&names[0]), &[i, h])?);

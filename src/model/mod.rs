@@ -222,7 +222,9 @@ impl Model {
                 "a dense layer",
             ));
         }
-        self.family.moe_config(&text)
+        let cfg = self.family.moe_config(&text)?;
+        cfg.validate("Model::layer_config")?;
+        Ok(cfg)
     }
 
     /// Reads layer `layer`'s block, converting its weights to `S`. Shows a progress bar on a
