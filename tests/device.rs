@@ -154,6 +154,16 @@ fn gpu_fill_uniform_matches_its_host_twin() {
     assert!(got.iter().all(|v| (-1.0..1.0).contains(v)));
     assert!(got.windows(2).any(|w| w[0] != w[1]));
     assert!(dev.fill_uniform(&mut f, 7, 1.0, -1.0).is_err());
+    // f16, and a seed above 2^32 as MoeLayer::random uses.
+    let seed = (3u64 << 32) + 1;
+    let mut h = dev.zeros::<half::f16>(&[4099]).unwrap();
+    dev.fill_uniform(&mut h, seed, -0.25, 0.25).unwrap();
+    let got = dev.download(&h).unwrap();
+    for (i, g) in got.iter().enumerate() {
+        let want =
+            half::f16::from_f32(moe_kernels::device::uniform_at(seed, i as u64, -0.25, 0.25));
+        assert_eq!(g.to_bits(), want.to_bits(), "f16 element {i}");
+    }
 }
 
 #[test]

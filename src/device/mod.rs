@@ -175,6 +175,32 @@ impl Device {
         .op("Device::fill_bytes")
     }
 
+    /// Loads `modules` now rather than at their first launch: a module load may synchronise
+    /// the context, which must not happen inside a CUDA-graph capture.
+    pub(crate) fn preload(&self, op: &'static str, modules: &[Module]) -> Result<()> {
+        for &m in modules {
+            self.module(op, m)?;
+        }
+        Ok(())
+    }
+
+    fn module(&self, op: &'static str, module: Module) -> Result<Arc<CudaModule>> {
+        let mut modules = lock(&self.modules);
+        if let Some(m) = modules.get(&module) {
+            return Ok(m.clone());
+        }
+        let image = module.image().ok_or(Error::KernelsNotBuilt {
+            op,
+            module: module.name(),
+        })?;
+        let m = self
+            .ctx
+            .load_module(Ptx::from_binary(image.to_vec()))
+            .op(op)?;
+        modules.insert(module, m.clone());
+        Ok(m)
+    }
+
     /// The kernel `name` from `module`, loading the module on first use.
     pub(crate) fn function(
         &self,
@@ -185,24 +211,7 @@ impl Device {
         if let Some(f) = lock(&self.functions).get(name) {
             return Ok(f.clone());
         }
-        let image = module.image().ok_or(Error::KernelsNotBuilt {
-            op,
-            module: module.name(),
-        })?;
-        let module = {
-            let mut modules = lock(&self.modules);
-            match modules.get(&module) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = self
-                        .ctx
-                        .load_module(Ptx::from_binary(image.to_vec()))
-                        .op(op)?;
-                    modules.insert(module, m.clone());
-                    m
-                }
-            }
-        };
+        let module = self.module(op, module)?;
         let f = module.load_function(name).op(op)?;
         lock(&self.functions).insert(name.to_string(), f.clone());
         Ok(f)

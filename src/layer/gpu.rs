@@ -129,6 +129,12 @@ pub enum Stage {
     Combine,
 }
 
+/// Router logits in the model dtype or, for an f32 router, in f32.
+enum Logits<T> {
+    Model(Tensor<T>),
+    F32(Tensor<f32>),
+}
+
 /// The shared expert's buffers: its own one-expert plan puts the tokens in order.
 struct SharedWs<T> {
     plan: Plan,
@@ -147,8 +153,8 @@ pub struct MoeLayer<T: Float> {
     w: DeviceWeights<T>,
     zc_kinds: Option<Tensor<i32>>,
     // Workspace, sized for max_tokens.
-    logits: Tensor<T>,
-    logits_f32: Tensor<f32>,
+    /// `[max_tokens, E_total]` router logits, in the router's dtype.
+    logits: Logits<T>,
     ids: Tensor<i32>,
     weights: Tensor<f32>,
     plan: Plan,
@@ -347,6 +353,31 @@ impl<T: Float> MoeLayer<T> {
         }
         cfg.validate(OP)?;
         check_weights(OP, cfg, &w)?;
+        let is = cfg.shared.map_or(8, |s| s.intermediate);
+        for (arg, d) in [
+            ("hidden", cfg.hidden),
+            ("intermediate", cfg.intermediate),
+            ("shared", is),
+        ] {
+            if !d.is_multiple_of(8) {
+                return Err(Error::shape(
+                    OP,
+                    arg,
+                    "a multiple of 8 (the expert GEMMs read 16-byte rows)",
+                    format!("{d}"),
+                ));
+            }
+        }
+        // Every module a forward launches from, loaded now so that a capture never loads one.
+        dev.preload(
+            OP,
+            &[
+                crate::kernels::Module::Routing,
+                crate::kernels::Module::Permute,
+                crate::kernels::Module::GroupedGemm,
+                crate::kernels::Module::Quant,
+            ],
+        )?;
         let (h, i, e, et, k) = (
             cfg.hidden,
             cfg.intermediate,
@@ -398,8 +429,11 @@ impl<T: Float> MoeLayer<T> {
             zc_kinds: (!codes.is_empty())
                 .then(|| dev.upload(&codes, &[codes.len()]))
                 .transpose()?,
-            logits: dev.zeros(&[if f32_router { 0 } else { max_tokens }, et])?,
-            logits_f32: dev.zeros(&[if f32_router { max_tokens } else { 0 }, et])?,
+            logits: if f32_router {
+                Logits::F32(dev.zeros(&[max_tokens, et])?)
+            } else {
+                Logits::Model(dev.zeros(&[max_tokens, et])?)
+            },
             ids: dev.zeros(&[max_tokens, k])?,
             weights: dev.zeros(&[max_tokens, k])?,
             plan,
@@ -487,14 +521,14 @@ impl<T: Float> MoeLayer<T> {
         self.ids.set_shape(&[t, k])?;
         self.weights.set_shape(&[t, k])?;
         let corr = w.correction_bias.as_ref();
-        match &w.router {
-            RouterWeights::Model { w: rw, bias } => {
-                self.logits.set_shape(&[t, et])?;
+        match (&w.router, &mut self.logits) {
+            (RouterWeights::Model { w: rw, bias }, Logits::Model(logits)) => {
+                logits.set_shape(&[t, et])?;
                 routing::route_hidden_into(
                     dev,
                     &mut self.ids,
                     &mut self.weights,
-                    &mut self.logits,
+                    logits,
                     x,
                     rw,
                     bias.as_ref(),
@@ -502,13 +536,13 @@ impl<T: Float> MoeLayer<T> {
                     corr,
                 )?;
             }
-            RouterWeights::F32 { w: rw, bias } => {
-                self.logits_f32.set_shape(&[t, et])?;
+            (RouterWeights::F32 { w: rw, bias }, Logits::F32(logits)) => {
+                logits.set_shape(&[t, et])?;
                 routing::route_hidden_into(
                     dev,
                     &mut self.ids,
                     &mut self.weights,
-                    &mut self.logits_f32,
+                    logits,
                     x,
                     rw,
                     bias.as_ref(),
@@ -516,6 +550,7 @@ impl<T: Float> MoeLayer<T> {
                     corr,
                 )?;
             }
+            _ => unreachable!("from_device sizes the logits for the router's dtype"),
         }
         mark(Stage::Route)?;
 
