@@ -5,6 +5,7 @@
 # are compiled with the pinned toolchain (MOE_KERNELS_BUILD=require), binaries are stripped.
 #
 # Then, on the GPU machine, from the bundle folder:  ./gpu-check.sh LOGDIR
+# and the side-by-side with the peers (PyTorch, transformers):  peers/run.sh [--quick]
 #
 # usage: scripts/gpu-bundle.sh
 set -euo pipefail
@@ -45,6 +46,8 @@ done
 strip "$out/moe-kernels" "$out"/tests/* "$out"/benches/*
 cp scripts/gpu-check.sh "$out/"
 cp -r tests/fixtures "$out/fixtures"
+mkdir -p "$out/peers"
+cp benches/peers/*.py benches/peers/run.sh benches/peers/README.md "$out/peers/"
 {
     echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
