@@ -409,3 +409,156 @@ fn corrupted_files_are_refused_never_a_panic() {
     );
     eprintln!("{refused} refused, {loaded} loaded");
 }
+
+/// The parts of one Linear in a GPTQ (v2 zero points) or AWQ checkpoint, packed from `m`:
+/// (suffix, tensor) pairs.
+fn export_int(m: &moe_kernels::quant::IntMatrix, awq: bool) -> Vec<(&'static str, OwnedTensor)> {
+    let (n, kd, g) = (m.n(), m.kdim(), m.group());
+    let groups = kd / g;
+    let i32s = |shape: &[usize], v: &[u32]| OwnedTensor {
+        dtype: safetensors::Dtype::I32,
+        shape: shape.to_vec(),
+        bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    };
+    // AWQ's nibble j of a word holds column ORDER[j] of its eight.
+    const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+    let pack_n = |value: &dyn Fn(usize, usize) -> u32, rows: usize| -> Vec<u32> {
+        let mut out = vec![0u32; rows * n / 8];
+        for a in 0..rows {
+            for r in 0..n {
+                let j = if awq {
+                    ORDER.iter().position(|&o| o == r % 8).unwrap()
+                } else {
+                    r % 8
+                };
+                out[a * (n / 8) + r / 8] |= value(a, r) << (4 * j);
+            }
+        }
+        out
+    };
+    let qweight = if awq {
+        i32s(&[kd, n / 8], &pack_n(&|k, r| m.code(r, k), kd))
+    } else {
+        // GPTQ packs along Kd: word (i, r) holds inputs 8i..8i+8 of output r.
+        let mut v = vec![0u32; kd / 8 * n];
+        for r in 0..n {
+            for k in 0..kd {
+                v[(k / 8) * n + r] |= m.code(r, k) << (4 * (k % 8));
+            }
+        }
+        i32s(&[kd / 8, n], &v)
+    };
+    let qzeros = i32s(&[groups, n / 8], &pack_n(&|gi, r| m.zero(r, gi), groups));
+    let mut scales = vec![half::f16::ZERO; groups * n];
+    for r in 0..n {
+        for gi in 0..groups {
+            scales[gi * n + r] = m.scales()[r * groups + gi];
+        }
+    }
+    let scales = OwnedTensor {
+        dtype: safetensors::Dtype::F16,
+        shape: vec![groups, n],
+        bytes: scales.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    };
+    vec![("qweight", qweight), ("qzeros", qzeros), ("scales", scales)]
+}
+
+#[test]
+fn gptq_and_awq_experts_load_packed_and_decode_exactly() {
+    use moe_kernels::layer::{Experts, reference};
+    use moe_kernels::quant::{IntMatrix, QuantMatrix};
+    let src = TensorFile::open(&fixture("mixtral").join("model.safetensors")).unwrap();
+    let config = std::fs::read_to_string(fixture("mixtral").join("config.json")).unwrap();
+    for (method, awq) in [("gptq", false), ("awq", true)] {
+        // Layer 1's experts quantised to 4 bits in groups of 16 with zero points, written in
+        // the checkpoint's layout; everything else as it was.
+        let mut kept: Vec<(String, OwnedTensor)> = Vec::new();
+        let mut want: Vec<(String, IntMatrix)> = Vec::new();
+        for name in src.names() {
+            let t = src.raw(&name).unwrap();
+            let v: Vec<f32> = t.to_vec().unwrap();
+            let expert = name.starts_with("model.layers.1.block_sparse_moe.experts.");
+            if expert {
+                let base = name.strip_suffix(".weight").unwrap().to_string();
+                let m = IntMatrix::quantize(&v, t.shape[0], t.shape[1], 4, 16, true).unwrap();
+                for (part, tensor) in export_int(&m, awq) {
+                    kept.push((format!("{base}.{part}"), tensor));
+                }
+                want.push((base, m));
+            } else {
+                kept.push((name.clone(), OwnedTensor::f32(&t.shape, &v)));
+            }
+        }
+        let d = scratch_copy("mixtral", method);
+        write_tensors(&d.join("model.safetensors"), &kept).unwrap();
+        let quant = if awq {
+            r#""quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 16, "version": "gemm", "zero_point": true},"#
+        } else {
+            r#""quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": false, "sym": false, "checkpoint_format": "gptq_v2"},"#
+        };
+        std::fs::write(
+            d.join("config.json"),
+            config.replacen('{', &format!("{{{quant}"), 1),
+        )
+        .unwrap();
+
+        let model = Model::open(&d).unwrap();
+        let (cfg, w) = model.load_layer::<f32>(1).unwrap();
+        let Experts::Packed { gate_up, down } = &w.experts else {
+            panic!("{method}: experts were decoded at load time");
+        };
+        let find = |e: usize, p: &str| {
+            let base = format!("model.layers.1.block_sparse_moe.experts.{e}.{p}");
+            QuantMatrix::Int(want.iter().find(|(b, _)| *b == base).unwrap().1.clone())
+        };
+        for e in 0..cfg.experts {
+            let stacked = [find(e, "w1").decode(), find(e, "w3").decode()].concat();
+            assert_eq!(gate_up[e].decode(), stacked, "{method} expert {e} gate/up");
+            assert_eq!(
+                down[e].decode(),
+                find(e, "w2").decode(),
+                "{method} expert {e} down"
+            );
+        }
+        // The packed layer's CPU forward equals the same block with the decoded weights.
+        let plain = moe_kernels::layer::LayerWeights {
+            experts: Experts::Plain {
+                gate_up: gate_up.iter().flat_map(QuantMatrix::decode).collect(),
+                down: down.iter().flat_map(QuantMatrix::decode).collect(),
+            },
+            ..w.clone()
+        };
+        let x: Vec<f64> = (0..5 * cfg.hidden)
+            .map(|i| ((i * 7919 % 211) as f64 / 105.0) - 1.0)
+            .collect();
+        let (a, b) = (
+            reference::forward(&cfg, &w, &x).unwrap(),
+            reference::forward(&cfg, &plain, &x).unwrap(),
+        );
+        assert_eq!(a.y, b.y, "{method}");
+        assert_eq!(a.routing.ids, b.routing.ids);
+    }
+}
+
+#[test]
+fn refuses_quantisation_it_does_not_read() {
+    let config = std::fs::read_to_string(fixture("mixtral").join("config.json")).unwrap();
+    for (q, needle) in [
+        (r#"{"quant_method": "bitsandbytes"}"#, "bitsandbytes"),
+        (r#"{"quant_method": "gptq", "bits": 3}"#, "bits"),
+        (r#"{"quant_method": "awq", "version": "gemv"}"#, "gemv"),
+        (
+            r#"{"quant_method": "fp8", "weight_block_size": [64, 64]}"#,
+            "[128, 128]",
+        ),
+    ] {
+        let d = scratch_copy("mixtral", "quant-refused");
+        let cfg = config.replacen('{', &format!("{{\"quantization_config\": {q},"), 1);
+        std::fs::write(d.join("config.json"), cfg).unwrap();
+        let e = open_err(&d);
+        assert!(
+            e.contains("quantization_config") && e.contains(needle),
+            "{e}"
+        );
+    }
+}

@@ -3,15 +3,15 @@
 
 use indicatif::ProgressBar;
 
+use super::linear::{Quantization, read_packed};
 use super::{Config, ModelDir};
 use crate::activation::{GateLayout, GatedAct};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::gemm::ScaleAt;
 use crate::layer::{Experts as ExpertsW, LayerWeights, MoeConfig, SharedExpert};
-use crate::quant::{Fp8Matrix, Mxfp4Matrix, QuantMatrix};
+use crate::quant::{Mxfp4Matrix, QuantMatrix};
 use crate::routing::RouterConfig;
-use safetensors::Dtype;
 
 /// A model family, chosen by `model_type`.
 ///
@@ -346,28 +346,6 @@ pub(crate) struct Names {
     shared_gate: Option<String>,
 }
 
-/// Side of the square blocks of FP8 checkpoints' `weight_scale_inv`.
-const FP8_BLOCK: usize = 128;
-
-/// `name` as an FP8 matrix when it is stored in F8_E4M3 with its `{name}_scale_inv` blocks
-/// (`[ceil(N / 128), ceil(Kd / 128)]` f32), else `None`.
-fn read_fp8(dir: &ModelDir, name: &str, shape: &[usize]) -> Result<Option<Fp8Matrix>> {
-    let t = dir.raw(name)?;
-    if t.dtype != Dtype::F8_E4M3 {
-        return Ok(None);
-    }
-    t.expect_shape(shape)?;
-    let &[n, kd] = shape else {
-        unreachable!("Linear weights are rank 2")
-    };
-    let scale_name = format!("{name}_scale_inv");
-    let scales = dir.read::<f32>(
-        &scale_name,
-        &[n.div_ceil(FP8_BLOCK), kd.div_ceil(FP8_BLOCK)],
-    )?;
-    Ok(Some(Fp8Matrix::new(n, kd, t.bytes.to_vec(), scales)?))
-}
-
 /// `[E, R, C]` → `[E, C, R]`.
 fn transpose<S: Copy>(v: &[S], e: usize, r: usize, c: usize) -> Vec<S> {
     let mut out = Vec::with_capacity(v.len());
@@ -413,6 +391,7 @@ impl Names {
         &self,
         dir: &ModelDir,
         cfg: &MoeConfig,
+        quant: Quantization,
         bar: Option<&ProgressBar>,
     ) -> Result<LayerWeights<S>> {
         let (h, i, e, et) = (
@@ -426,11 +405,11 @@ impl Names {
                 bar.inc(bytes as u64);
             }
         };
-        // A Linear weight of `shape`: stored plain, or as FP8 with its 128 x 128 block scales
-        // (DeepSeek-V3's release), which is decoded exactly as the FP8 kernels do, then rounded.
+        // A Linear weight of `shape`: stored plain, or packed (FP8 blocks, GPTQ, AWQ), which is
+        // decoded exactly as the kernels decode it, then rounded to S.
         let read = |name: &str, shape: &[usize]| -> Result<Vec<S>> {
-            let v: Vec<S> = match read_fp8(dir, name, shape)? {
-                Some(m) => m.decode().into_iter().map(S::from_f32).collect(),
+            let v: Vec<S> = match read_packed(dir, quant, name, shape[0], shape[1])? {
+                Some(m) => m.decode_to(),
                 None => dir.read::<S>(name, shape)?,
             };
             tick(v.len() * std::mem::size_of::<S>());
@@ -442,41 +421,31 @@ impl Names {
                 prefix,
                 names,
                 count,
-            } if dir.raw(&format!("{prefix}.0.{}.weight", names[0]))?.dtype == Dtype::F8_E4M3 => {
-                // FP8 experts stay packed: gate and up rows stacked into one [2I, H] matrix,
-                // whose block scales stack the same way when I is a multiple of the block.
-                if !i.is_multiple_of(FP8_BLOCK) {
-                    return Err(crate::Error::checkpoint(
-                        dir.dir().display(),
-                        "config `moe_intermediate_size`",
-                        format!("a multiple of {FP8_BLOCK} for FP8 experts"),
-                        format!("{i}"),
-                    ));
-                }
+            } if read_packed(dir, quant, &format!("{prefix}.0.{}.weight", names[0]), i, h)?
+                .is_some() =>
+            {
+                // Packed experts stay packed: gate and up rows stacked into one [2I, H] matrix
+                // per expert (QuantMatrix::stack_rows says which formats and sizes allow it).
                 let mut gate_up = Vec::with_capacity(*count);
                 let mut down = Vec::with_capacity(*count);
                 for x in 0..*count {
                     let name = |n: &String| format!("{prefix}.{x}.{n}.weight");
-                    let fp8 = |n: &String, shape: &[usize]| -> Result<Fp8Matrix> {
-                        let m = read_fp8(dir, &name(n), shape)?.ok_or_else(|| {
-                            crate::Error::checkpoint(
-                                dir.dir().display(),
-                                format!("tensor `{}`", name(n)),
-                                "F8_E4M3 like the other experts",
-                                "another dtype",
-                            )
-                        })?;
+                    let packed = |n: &String, rows: usize, cols: usize| -> Result<QuantMatrix> {
+                        let m =
+                            read_packed(dir, quant, &name(n), rows, cols)?.ok_or_else(|| {
+                                crate::Error::checkpoint(
+                                    dir.dir().display(),
+                                    format!("tensor `{}`", name(n)),
+                                    "packed like the other experts",
+                                    "plain floats",
+                                )
+                            })?;
                         tick(m.bytes());
                         Ok(m)
                     };
-                    let (g, u) = (fp8(&names[0], &[i, h])?, fp8(&names[1], &[i, h])?);
-                    gate_up.push(QuantMatrix::Fp8(Fp8Matrix::new(
-                        2 * i,
-                        h,
-                        [g.weight(), u.weight()].concat(),
-                        [g.scale_inv(), u.scale_inv()].concat(),
-                    )?));
-                    down.push(QuantMatrix::Fp8(fp8(&names[2], &[h, i])?));
+                    let (g, u) = (packed(&names[0], i, h)?, packed(&names[1], i, h)?);
+                    gate_up.push(g.stack_rows(&u)?);
+                    down.push(packed(&names[2], h, i)?);
                 }
                 ExpertsW::Packed { gate_up, down }
             }

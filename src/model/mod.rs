@@ -7,11 +7,13 @@
 
 mod families;
 pub mod files;
+mod linear;
 
 use std::io::IsTerminal;
 
 pub use families::Family;
 pub use files::{ModelDir, OwnedTensor, RawTensor, TensorFile, write_tensors};
+pub use linear::Quantization;
 
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
@@ -132,6 +134,8 @@ pub struct Model {
     pub layers: usize,
     /// Name prefix of the decoder layers, e.g. `model.layers`.
     pub prefix: String,
+    /// How the Linear weights are stored (`quantization_config`).
+    pub quant: Quantization,
 }
 
 impl Model {
@@ -168,7 +172,9 @@ impl Model {
             }
         };
         let layers = text.usize("num_hidden_layers")?;
+        let quant = Quantization::from_config(&top)?;
         Ok(Model {
+            quant,
             prefix: family.layer_prefix(&model_type).to_string(),
             dir,
             family,
@@ -244,7 +250,7 @@ impl Model {
             bar.set_message(layer.to_string());
             bar
         });
-        let w = names.read(&self.dir, &cfg, bar.as_ref())?;
+        let w = names.read(&self.dir, &cfg, self.quant, bar.as_ref())?;
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }

@@ -127,6 +127,82 @@ impl QuantMatrix {
     pub fn decode_to<T: Float>(&self) -> Vec<T> {
         self.decode().into_iter().map(T::from_f32).collect()
     }
+
+    /// `[self; other]`: the rows of `other` under those of `self`, in the same format, as a
+    /// layer stacks an expert's gate and up projections into one `[2I, H]` weight. Refused when
+    /// the two cannot share one container: other formats or Kd, integer matrices of other bits,
+    /// groups or act-order, FP8 rows not a whole number of 128-row blocks, ternary matrices
+    /// (their row streams are stacked by recompressing instead).
+    pub fn stack_rows(&self, other: &QuantMatrix) -> Result<QuantMatrix> {
+        const OP: &str = "QuantMatrix::stack_rows";
+        let ((n1, kd1), (n2, kd2)) = (self.shape(), other.shape());
+        let refuse = |why: &str| {
+            Err(Error::shape(
+                OP,
+                "other",
+                why.to_string(),
+                format!(
+                    "{} [{n1}, {kd1}] over {} [{n2}, {kd2}]",
+                    self.name(),
+                    other.name()
+                ),
+            ))
+        };
+        if kd1 != kd2 {
+            return refuse("the same Kd");
+        }
+        let cat = |a: &[u8], b: &[u8]| [a, b].concat();
+        match (self, other) {
+            (QuantMatrix::Bf16 { w: a, .. }, QuantMatrix::Bf16 { w: b, .. }) => {
+                QuantMatrix::bf16([a.as_slice(), b].concat(), n1 + n2, kd1)
+            }
+            (QuantMatrix::Int(a), QuantMatrix::Int(b)) => {
+                if a.bits() != b.bits() || a.group() != b.group() || a.g_idx() != b.g_idx() {
+                    return refuse("integer matrices of the same bits, group and act-order");
+                }
+                // A symmetric matrix has no zero points: spell out its 2^(b-1) to stack.
+                let zeros = |m: &IntMatrix| -> Vec<u8> {
+                    m.zeros().map(<[u8]>::to_vec).unwrap_or_else(|| {
+                        vec![1u8 << (m.bits() - 1); m.n() * (m.kdim() / m.group())]
+                    })
+                };
+                let zeros = match (a.zeros(), b.zeros()) {
+                    (None, None) => None,
+                    _ => Some([zeros(a), zeros(b)].concat()),
+                };
+                Ok(QuantMatrix::Int(IntMatrix::new(
+                    a.bits(),
+                    a.group(),
+                    n1 + n2,
+                    kd1,
+                    [a.qweight(), b.qweight()].concat(),
+                    [a.scales(), b.scales()].concat(),
+                    zeros,
+                    a.g_idx().map(<[u32]>::to_vec),
+                )?))
+            }
+            (QuantMatrix::Mxfp4(a), QuantMatrix::Mxfp4(b)) => {
+                Ok(QuantMatrix::Mxfp4(Mxfp4Matrix::new(
+                    n1 + n2,
+                    kd1,
+                    cat(a.blocks(), b.blocks()),
+                    cat(a.scales(), b.scales()),
+                )?))
+            }
+            (QuantMatrix::Fp8(a), QuantMatrix::Fp8(b)) => {
+                if !n1.is_multiple_of(fp8::FP8_BLOCK) {
+                    return refuse("FP8 rows in whole 128-row blocks");
+                }
+                Ok(QuantMatrix::Fp8(Fp8Matrix::new(
+                    n1 + n2,
+                    kd1,
+                    cat(a.weight(), b.weight()),
+                    [a.scale_inv(), b.scale_inv()].concat(),
+                )?))
+            }
+            _ => refuse("two matrices of one stackable format"),
+        }
+    }
 }
 
 /// Refuses a buffer whose length is not `rows * cols / per` (`per` values packed in each
