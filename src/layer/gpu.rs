@@ -353,6 +353,9 @@ impl<T: Float> MoeLayer<T> {
         }
         cfg.validate(OP)?;
         check_weights(OP, cfg, &w)?;
+        if max_tokens == 0 {
+            return Err(Error::shape(OP, "max_tokens", ">= 1", "0"));
+        }
         let is = cfg.shared.map_or(8, |s| s.intermediate);
         for (arg, d) in [
             ("hidden", cfg.hidden),
