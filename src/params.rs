@@ -304,6 +304,21 @@ const _: () = assert!(offset_of!(GroupedGemmParams, alpha) == 96);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for GroupedGemmParams {}
 
+/// See `GroupedGemmV2Params` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GroupedGemmV2Params {
+    pub g: GroupedGemmParams,
+    pub x: u64,
+    pub tokens: i32,
+    pub top_k: i32,
+}
+const _: () = assert!(size_of::<GroupedGemmV2Params>() == 128);
+const _: () = assert!(offset_of!(GroupedGemmV2Params, x) == 112);
+const _: () = assert!(offset_of!(GroupedGemmV2Params, tokens) == 120);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for GroupedGemmV2Params {}
+
 /// See `FillParams` in params.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

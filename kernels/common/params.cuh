@@ -271,6 +271,20 @@ static_assert(sizeof(GroupedGemmParams) == 112, "mirror in src/params.rs");
 static_assert(offsetof(GroupedGemmParams, rows) == 64, "mirror in src/params.rs");
 static_assert(offsetof(GroupedGemmParams, alpha) == 96, "mirror in src/params.rs");
 
+// The prefill GEMM v2's argument: GroupedGemmParams (so the epilogue helpers take it unchanged),
+// plus the gather-free input. Kept apart so that v1, and QuantGemvParams which embeds
+// GroupedGemmParams, keep their layouts.
+struct GroupedGemmV2Params {
+    GroupedGemmParams g;          // g.a is read when x is null
+    const void* x;                // [T, Kd] layer input, or null: padded row r reads
+                                  // x[g.row_slots[r] / top_k]; slots outside [0, T*K) read zeros
+    int32_t tokens;               // T (x set)
+    int32_t top_k;                // K >= 1 (x set)
+};
+static_assert(sizeof(GroupedGemmV2Params) == 128, "mirror in src/params.rs");
+static_assert(offsetof(GroupedGemmV2Params, x) == 112, "mirror in src/params.rs");
+static_assert(offsetof(GroupedGemmV2Params, tokens) == 120, "mirror in src/params.rs");
+
 // Seeded uniform fill: out[i] = lo + (hi - lo) * u(seed, i), u a hash of the index in [0, 1),
 // rounded once to the dtype. Benches and the bench command fill weights of real shapes this way.
 struct FillParams {

@@ -9,15 +9,20 @@
 //!
 //! Two regimes, two kernels:
 //! - prefill, [`grouped_gemm_into`] over the padded layout: v1 (`grouped_gemm_*`) is the plain
-//!   tensor-core kernel, mma.sync m16n8k16 on sm_80 and later, no pipelining;
+//!   tensor-core kernel, mma.sync m16n8k16 on sm_80 and later, no pipelining. v2
+//!   (`grouped_gemm_v2_*`, through [`grouped_gemm_version_into`]) adds a four-stage cp.async
+//!   pipeline, 128 x 128 tiles and swizzled shared tiles, and can read the layer input `x`
+//!   directly through the plan ([`GemmRows::Indexed`]), so the gather and its `[P, Kd]` buffer
+//!   go away. v1 stays the default until v2 has been checked on hardware;
 //! - decode, [`grouped_gemv_into`] over the sorted layout: v1 (`grouped_gemv_*`) streams each
 //!   weight row once per 8 rows of its expert, gate and up in one pass.
 //!
-//! Faster versions (cp.async stages, Hopper wgmma + TMA, split-K decode) will sit beside these
-//! and be selectable, v1 staying the reference they are checked against.
+//! Faster versions (Hopper wgmma + TMA, split-K decode) will sit beside these and be
+//! selectable, v1 staying the reference they are checked against.
 
 pub mod reference;
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::activation::{Act, GateLayout, GatedAct};
@@ -25,13 +30,55 @@ use crate::device::{Device, Tensor};
 use crate::dtype::{DType, Float};
 use crate::error::{DriverResultExt, Error, Result};
 use crate::kernels::Module;
-use crate::params::GroupedGemmParams;
+use crate::params::{GroupedGemmParams, GroupedGemmV2Params};
 use crate::permute::{Layout, Plan};
 
 /// Output rows and columns per block of v1, as `kGemmBM` / `kGemmBN` in grouped_gemm.cu.
 pub const BLOCK_M: usize = 64;
 const BLOCK_N: usize = 64;
 const THREADS: u32 = 128;
+
+/// v2's rows per block and weight rows per block (`kV2BM`, `kV2BN`): 128 output columns plain,
+/// 64 gated (their gate and up rows make the 128).
+const V2_BLOCK_M: usize = 128;
+const V2_BLOCK_N: usize = 128;
+const V2_THREADS: u32 = 256;
+/// Four stages of a 128 x 32 A tile and a 128 x 32 weight tile, 2-byte elements
+/// (`kV2SmemBytes`): above the 48 KB a kernel gets without opting in.
+const V2_SMEM_BYTES: u32 = 65_536;
+
+/// Which prefill kernel [`grouped_gemm_version_into`] runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemmVersion {
+    /// `grouped_gemm_*`: 64 x 64 tiles, no pipelining. The reference the others are checked
+    /// against, and the default.
+    #[default]
+    V1,
+    /// `grouped_gemm_v2_*`: 128 x 128 tiles, a four-stage cp.async pipeline; reads gathered
+    /// rows or the layer input itself ([`GemmRows::Indexed`]).
+    V2,
+}
+
+impl GemmVersion {
+    /// Rows per block: the plan's `block_m` must be a multiple of this.
+    pub const fn block_m(self) -> usize {
+        match self {
+            GemmVersion::V1 => BLOCK_M,
+            GemmVersion::V2 => V2_BLOCK_M,
+        }
+    }
+}
+
+/// The rows a prefill GEMM multiplies.
+#[derive(Clone, Copy, Debug)]
+pub enum GemmRows<'a, T> {
+    /// `a [P, Kd]`: the plan's padded rows, gathered beforehand
+    /// ([`crate::permute::gather_into`] with [`Layout::Padded`]; padding rows zero).
+    Gathered(&'a Tensor<T>),
+    /// `x [T, Kd]`: the layer input itself. Padded row r reads `x[padded_slots[r] / K]`, and
+    /// padding rows read zeros; no gather and no `[P, Kd]` buffer. v2 only.
+    Indexed(&'a Tensor<T>),
+}
 
 /// What happens to each output element after the product.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,7 +123,7 @@ impl<T> Default for GemmOptions<'_, T> {
 /// `out [P, N_out] = epilogue(a [P, Kd] · w[e]ᵀ)` for every padded block of the plan, `w` being
 /// `[E, N, Kd]`; N_out is N, or N / 2 for a gated epilogue. Inputs bf16 or f16, accumulation in
 /// f32, output in the input dtype or f32. Needs Kd a multiple of 8 (16-byte rows) and the plan's
-/// `block_m` a multiple of 64. The prefill path.
+/// `block_m` a multiple of 64. The prefill path, v1; [`grouped_gemm_version_into`] chooses.
 pub fn grouped_gemm_into<T: Float, TO: Float>(
     dev: &Device,
     out: &mut Tensor<TO>,
@@ -85,47 +132,135 @@ pub fn grouped_gemm_into<T: Float, TO: Float>(
     plan: &Plan,
     opts: GemmOptions<'_, T>,
 ) -> Result<()> {
+    grouped_gemm_version_into(
+        dev,
+        out,
+        GemmRows::Gathered(a),
+        w,
+        plan,
+        opts,
+        GemmVersion::V1,
+    )
+}
+
+/// [`grouped_gemm_into`] with the kernel chosen: the same product, epilogue, dtypes and Kd rule,
+/// over gathered rows or (v2) the layer input read through the plan. The plan's `block_m` must be
+/// a multiple of [`GemmVersion::block_m`] (64 for v1, 128 for v2).
+pub fn grouped_gemm_version_into<T: Float, TO: Float>(
+    dev: &Device,
+    out: &mut Tensor<TO>,
+    rows: GemmRows<'_, T>,
+    w: &Tensor<T>,
+    plan: &Plan,
+    opts: GemmOptions<'_, T>,
+    version: GemmVersion,
+) -> Result<()> {
     const OP: &str = "grouped_gemm";
-    if !plan.block_m().is_multiple_of(BLOCK_M) {
+    let bm = version.block_m();
+    if !plan.block_m().is_multiple_of(bm) {
         return Err(Error::shape(
             OP,
             "plan",
-            format!("block_m a multiple of {BLOCK_M}"),
+            format!("block_m a multiple of {bm} ({version:?})"),
             format!("block_m = {}", plan.block_m()),
         ));
     }
-    let Some((params, n_out)) = prepare(OP, dev, out, a, w, plan, Layout::Padded, opts)? else {
+    let (a, indexed) = match rows {
+        GemmRows::Gathered(a) => (a, false),
+        GemmRows::Indexed(_) if version == GemmVersion::V1 => {
+            return Err(Error::Unsupported {
+                op: OP,
+                what: "reading x through the plan (GemmRows::Indexed) with V1; V2 does".into(),
+            });
+        }
+        GemmRows::Indexed(x) => (x, true),
+    };
+    let Some((params, n_out)) = prepare(OP, dev, out, a, indexed, w, plan, Layout::Padded, opts)?
+    else {
         return Ok(());
     };
-    let rows = plan.rows(Layout::Padded);
-    let m_blocks = u32::try_from(rows / BLOCK_M)
+    let p = plan.rows(Layout::Padded);
+    let m_blocks = u32::try_from(p / bm)
         .ok()
         .filter(|&b| b <= 65_535)
         .ok_or_else(|| {
             Error::shape(
                 OP,
-                "a",
-                format!("at most {} padded rows (grid.y)", 65_535 * BLOCK_M),
-                format!("{rows}"),
+                "plan",
+                format!("at most {} padded rows (grid.y)", 65_535 * bm),
+                format!("{p}"),
             )
         })?;
-    let name = format!("grouped_gemm_{}_{}", T::DTYPE, TO::DTYPE);
-    let func = dev.function(OP, Module::GroupedGemm, &name)?;
-    let cfg = LaunchConfig {
-        grid_dim: (grid_x(OP, n_out, BLOCK_N)?, m_blocks, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: `grouped_gemm_{in}_{out}` takes one GroupedGemmParams (mirrored in src/params.rs),
-    // instantiated for exactly the dtype pairs prepare() lets through. a is [P, Kd], w
-    // [E, N, Kd], out [P, N_out], bias [E, N] (all checked); P is a multiple of block_m, itself a
-    // multiple of 64, so block (x, y) reads rows 64y .. 64y + 64 < P and block_experts[64y /
-    // block_m] inside the plan's [P / block_m]; it skips ids outside [0, E). Weight rows it reads
-    // are below N (columns past N_out are zero-filled, not read); Kd % 8 == 0 with
-    // whole-allocation (256-byte-aligned) bases keeps every 16-byte load aligned and in its row.
-    // row_slots is the plan's [P] map and the slot weights hold T*K entries, indexed by slots in
-    // [0, T*K). grid.y <= 65535 was checked.
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    match version {
+        GemmVersion::V1 => {
+            let name = format!("grouped_gemm_{}_{}", T::DTYPE, TO::DTYPE);
+            let func = dev.function(OP, Module::GroupedGemm, &name)?;
+            let cfg = LaunchConfig {
+                grid_dim: (grid_x(OP, n_out, BLOCK_N)?, m_blocks, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `grouped_gemm_{in}_{out}` takes one GroupedGemmParams (mirrored in
+            // src/params.rs), instantiated for exactly the dtype pairs prepare() lets through. a
+            // is [P, Kd], w [E, N, Kd], out [P, N_out], bias [E, N] (all checked); P is a
+            // multiple of block_m, itself a multiple of 64, so block (x, y) reads rows 64y ..
+            // 64y + 64 < P and block_experts[64y / block_m] inside the plan's [P / block_m]; it
+            // skips ids outside [0, E). Weight rows it reads are below N (columns past N_out are
+            // zero-filled, not read); Kd % 8 == 0 with whole-allocation (256-byte-aligned) bases
+            // keeps every 16-byte load aligned and in its row. row_slots is the plan's [P] map
+            // and the slot weights hold T*K entries, indexed by slots in [0, T*K). grid.y <=
+            // 65535 was checked.
+            unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+        }
+        GemmVersion::V2 => {
+            let too_big = |v: usize| Error::shape(OP, "x", "a size below 2^31", format!("{v}"));
+            let (a_ptr, x, tokens, top_k) = if indexed {
+                let (t, k) = (plan.tokens(), plan.k());
+                let t = i32::try_from(t).map_err(|_| too_big(t))?;
+                let k = i32::try_from(k).map_err(|_| too_big(k))?;
+                (0, params.a, t, k)
+            } else {
+                (params.a, 0, 0, 0)
+            };
+            let params = GroupedGemmV2Params {
+                g: GroupedGemmParams { a: a_ptr, ..params },
+                x,
+                tokens,
+                top_k,
+            };
+            let name = format!("grouped_gemm_v2_{}_{}", T::DTYPE, TO::DTYPE);
+            let func = dev.function(OP, Module::GroupedGemm, &name)?;
+            // The opt-in above 48 KB is a property of the function, not a stream operation.
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                V2_SMEM_BYTES.cast_signed(),
+            )
+            .op(OP)?;
+            let per_block = if params.g.gated != 0 {
+                V2_BLOCK_N / 2
+            } else {
+                V2_BLOCK_N
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (grid_x(OP, n_out, per_block)?, m_blocks, 1),
+                block_dim: (V2_THREADS, 1, 1),
+                shared_mem_bytes: V2_SMEM_BYTES,
+            };
+            // SAFETY: `grouped_gemm_v2_{in}_{out}` takes one GroupedGemmV2Params (mirrored in
+            // src/params.rs) for the dtype pairs prepare() lets through, and the 64 KB of dynamic
+            // shared memory it was just allowed. Operands as for v1: w [E, N, Kd], out
+            // [P, N_out], bias [E, N] checked; P is a multiple of block_m, itself a multiple of
+            // 128, so block (x, y) reads rows 128y .. 128y + 128 < P of a (or of the plan's [P]
+            // padded_slots) and block_experts[128y / block_m] inside [P / block_m]; it skips ids
+            // outside [0, E). Gathered, a is [P, Kd]; indexed, x is [T, Kd] with T = plan.tokens()
+            // (checked) and the kernel reads row slot / K only for slots in [0, T*K), zero-filling
+            // the rest. Weight rows read are below N; columns past N_out, chunks past Kd and
+            // skipped rows are copied with src-size 0 from a valid base, so read nothing.
+            // Kd % 8 == 0 with whole-allocation bases keeps every 16-byte copy aligned and inside
+            // its row. grid.y <= 65535 was checked.
+            unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+        }
+    }
     Ok(())
 }
 
@@ -141,7 +276,8 @@ pub fn grouped_gemv_into<T: Float, TO: Float>(
     opts: GemmOptions<'_, T>,
 ) -> Result<()> {
     const OP: &str = "grouped_gemv";
-    let Some((params, n_out)) = prepare(OP, dev, out, a, w, plan, Layout::Sorted, opts)? else {
+    let Some((params, n_out)) = prepare(OP, dev, out, a, false, w, plan, Layout::Sorted, opts)?
+    else {
         return Ok(());
     };
     let name = format!("grouped_gemv_{}_{}", T::DTYPE, TO::DTYPE);
@@ -181,20 +317,22 @@ fn grid_x(op: &'static str, n_out: usize, per_block: usize) -> Result<u32> {
 }
 
 /// Checks every operand of a grouped GEMM or GEMV over `layout` and builds the kernel's
-/// parameters, with N_out; `None` when there is nothing to compute.
+/// parameters, with N_out; `None` when there is nothing to compute. `indexed`: `a` is the layer
+/// input `x [T, Kd]`, read through the plan's row map, rather than the rows of `layout`.
 #[allow(clippy::too_many_arguments)] // the entry points' arguments, plus the op and layout
 fn prepare<T: Float, TO: Float>(
     op: &'static str,
     dev: &Device,
     out: &mut Tensor<TO>,
     a: &Tensor<T>,
+    indexed: bool,
     w: &Tensor<T>,
     plan: &Plan,
     layout: Layout,
     opts: GemmOptions<'_, T>,
 ) -> Result<Option<(GroupedGemmParams, usize)>> {
     w.check_device(op, "w", dev)?;
-    let prepared = prepare_params(op, dev, out, a, w.shape(), plan, layout, opts)?;
+    let prepared = check_and_build(op, dev, out, a, indexed, w.shape(), plan, layout, opts)?;
     Ok(prepared.map(|(params, n_out)| {
         let w = w.device_ptr(dev);
         (GroupedGemmParams { w, ..params }, n_out)
@@ -209,6 +347,22 @@ pub(crate) fn prepare_params<T: Float, TO: Float>(
     dev: &Device,
     out: &mut Tensor<TO>,
     a: &Tensor<T>,
+    w_shape: &[usize],
+    plan: &Plan,
+    layout: Layout,
+    opts: GemmOptions<'_, T>,
+) -> Result<Option<(GroupedGemmParams, usize)>> {
+    check_and_build(op, dev, out, a, false, w_shape, plan, layout, opts)
+}
+
+/// The checks and parameters behind [`prepare`] and [`prepare_params`].
+#[allow(clippy::too_many_arguments)] // prepare's arguments
+fn check_and_build<T: Float, TO: Float>(
+    op: &'static str,
+    dev: &Device,
+    out: &mut Tensor<TO>,
+    a: &Tensor<T>,
+    indexed: bool,
     w_shape: &[usize],
     plan: &Plan,
     layout: Layout,
@@ -236,7 +390,15 @@ pub(crate) fn prepare_params<T: Float, TO: Float>(
         ));
     }
     let (n, kd) = (w_shape[1], w_shape[2]);
-    if a.shape() != [rows, kd] {
+    if indexed && a.shape() != [plan.tokens(), kd] {
+        return Err(Error::shape(
+            op,
+            "x",
+            format!("[{}, {kd}] (the plan's tokens, Kd)", plan.tokens()),
+            format!("{:?}", a.shape()),
+        ));
+    }
+    if !indexed && a.shape() != [rows, kd] {
         return Err(Error::shape(
             op,
             "a",
@@ -294,7 +456,7 @@ pub(crate) fn prepare_params<T: Float, TO: Float>(
         act.check(op)?;
     }
     out.check_device(op, "out", dev)?;
-    a.check_device(op, "a", dev)?;
+    a.check_device(op, if indexed { "x" } else { "a" }, dev)?;
     if let Some(b) = opts.bias {
         b.check_device(op, "bias", dev)?;
     }
