@@ -67,6 +67,10 @@ if [ "$bench" = 1 ]; then
     for preset in qwen3-30b-a3b mixtral-8x7b deepseek-v3 gpt-oss-120b olmoe qwen2-moe llama4-scout; do
         run "layer-$preset" ./moe-kernels bench --preset "$preset" --tokens 1,16,128,1024,4096
     done
+    for preset in qwen3-30b-a3b mixtral-8x7b deepseek-v3; do
+        run "layer-$preset-gemm-v2" ./moe-kernels bench --preset "$preset" --gemm v2 \
+            --tokens 128,1024,4096
+    done
     for format in int4 int8 mxfp4 fp8; do
         for preset in qwen3-30b-a3b mixtral-8x7b; do
             run "layer-$preset-$format" ./moe-kernels bench --preset "$preset" --format "$format" \

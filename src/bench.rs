@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use cudarc::driver::{CudaEvent, sys::CUevent_flags};
 use half::bf16;
 use moe_kernels::activation::{GateLayout, GatedAct};
-use moe_kernels::gemm::ScaleAt;
+use moe_kernels::gemm::{GemmVersion, ScaleAt};
 use moe_kernels::layer::{ExpertWeights, MoeConfig, MoeLayer, SharedExpert, Stage};
 use moe_kernels::model::Model;
 use moe_kernels::quant::{Fp8Matrix, IntMatrix, Mxfp4Matrix, QuantLayer, QuantMatrix};
@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// Expert weight format: bf16, int4, int8, mxfp4 or fp8 (random codes of that format).
     #[arg(long, default_value = "bf16")]
     pub format: String,
+    /// The prefill GEMM: v1 (default) or v2 (cp.async pipeline, gate/up rows read through the
+    /// plan).
+    #[arg(long, default_value = "v1")]
+    pub gemm: String,
     /// Timed iterations per token count (the median is reported).
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
@@ -201,6 +205,16 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             what: format!("format {:?} (one of {FORMATS})", args.format),
         });
     }
+    let version = match args.gemm.as_str() {
+        "v1" => GemmVersion::V1,
+        "v2" => GemmVersion::V2,
+        other => {
+            return Err(Error::Unsupported {
+                op: "bench",
+                what: format!("--gemm {other:?} (v1 or v2)"),
+            });
+        }
+    };
     let dev = Device::new(0)?;
     if !kernels::built() {
         return Err(Error::KernelsNotBuilt {
@@ -248,6 +262,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
     if args.format != "bf16" {
         layer = pack_experts(&dev, layer, &args.format, max_t, args.seed)?;
     }
+    layer.set_gemm_version(&dev, version)?;
     let cfg = layer.config().clone();
     let copy_gbs = copy_bandwidth(&dev)?;
     let matrix = args.matrix_tflops.or_else(|| {
@@ -508,6 +523,7 @@ fn print_json(
         "device": dev.info().name,
         "driver": dev.info().driver_version,
         "format": args.format,
+        "gemm": args.gemm,
         "hidden": cfg.hidden,
         "intermediate": cfg.intermediate,
         "experts": cfg.experts,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use half::bf16;
 use moe_kernels::activation::{GateLayout, GatedAct};
-use moe_kernels::gemm::ScaleAt;
+use moe_kernels::gemm::{GemmVersion, ScaleAt};
 use moe_kernels::layer::{
     Experts, LayerWeights, MoeConfig, MoeLayer, Path as GemmPath, SharedExpert, ZeroExpert,
     reference,
@@ -338,6 +338,17 @@ fn gpu_layer_matches_cpu_forward() {
             compared += check_against_cpu(&dev, &mut layer, &cfg, &w, t, name);
             total += t;
         }
+        // The v2 prefill GEMM, reading gate/up rows through the plan.
+        layer.set_gemm_version(&dev, GemmVersion::V2).unwrap();
+        for (t, path) in [
+            (5, GemmPath::Gemm),
+            (130, GemmPath::Auto),
+            (3, GemmPath::Auto),
+        ] {
+            layer.set_path(path);
+            compared += check_against_cpu(&dev, &mut layer, &cfg, &w, t, name);
+            total += t;
+        }
         assert!(
             4 * compared >= 3 * total,
             "{name}: only {compared} of {total} tokens routed as the CPU forward routes them"
@@ -444,6 +455,9 @@ fn gpu_layer_replays_from_a_cuda_graph() {
         let w = random_weights(cfg, 9);
         for t in [4, 100] {
             let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
+            if t == 100 {
+                layer.set_gemm_version(&dev, GemmVersion::V2).unwrap();
+            }
             let mut rng = Rng::new(t as u64);
             let mut draw = || -> Vec<bf16> {
                 (0..t * cfg.hidden)

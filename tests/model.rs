@@ -333,6 +333,7 @@ fn forward_refuses_bad_input_with_one_error_line() {
 #[test]
 fn bench_refuses_unknown_presets_and_formats() {
     assert_refused(&["bench", "--format", "int3"], "int3");
+    assert_refused(&["bench", "--gemm", "v9"], "v9");
     if moe_kernels::Device::new(0).is_ok() && moe_kernels::kernels::built() {
         assert_refused(&["bench", "--preset", "nope"], "nope");
     }

@@ -6,7 +6,7 @@ use crate::activation::GateLayout;
 use crate::device::{Device, Tensor};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
-use crate::gemm::{self, Epilogue, GemmOptions, ScaleAt};
+use crate::gemm::{self, Epilogue, GemmOptions, GemmRows, GemmVersion, ScaleAt};
 use crate::permute::{self, CombineInputs, Layout, Plan, reference::padded_capacity};
 use crate::quant::{self, QuantLayer};
 use crate::routing;
@@ -52,26 +52,44 @@ impl<T: Float> ExpertWeights<T> {
         }
     }
 
-    /// Runs the projection for the plan's rows: GEMV (sorted) or GEMM (padded) layout.
+    /// Runs the projection for the plan's rows: GEMV (sorted layout, `rows` gathered) or the
+    /// GEMM `version` (padded layout; v2 may read the layer input through the plan).
     #[allow(clippy::too_many_arguments)] // the GEMM's operands, plus the path and scratch
     fn run<TO: Float>(
         &mut self,
         dev: &Device,
         gemv: bool,
+        version: GemmVersion,
         out: &mut Tensor<TO>,
-        a: &Tensor<T>,
+        rows: GemmRows<'_, T>,
         plan: &Plan,
         opts: GemmOptions<'_, T>,
         scratch: Option<&mut Tensor<T>>,
     ) -> Result<()> {
+        let a = match rows {
+            GemmRows::Gathered(a) => Some(a),
+            GemmRows::Indexed(_) => None,
+        };
+        let gathered = || {
+            a.ok_or_else(|| Error::Unsupported {
+                op: "MoeLayer::forward",
+                what: "rows read through the plan outside the v2 GEMM".into(),
+            })
+        };
         match (self, gemv) {
-            (ExpertWeights::Plain(w), true) => gemm::grouped_gemv_into(dev, out, a, w, plan, opts),
-            (ExpertWeights::Plain(w), false) => gemm::grouped_gemm_into(dev, out, a, w, plan, opts),
-            (ExpertWeights::Packed(q), true) => quant::quant_gemv_into(dev, out, a, q, plan, opts),
+            (ExpertWeights::Plain(w), true) => {
+                gemm::grouped_gemv_into(dev, out, gathered()?, w, plan, opts)
+            }
+            (ExpertWeights::Plain(w), false) => {
+                gemm::grouped_gemm_version_into(dev, out, rows, w, plan, opts, version)
+            }
+            (ExpertWeights::Packed(q), true) => {
+                quant::quant_gemv_into(dev, out, gathered()?, q, plan, opts)
+            }
             (ExpertWeights::Packed(q), false) => {
                 let scratch = scratch.expect("allocated for packed experts");
                 scratch.set_shape(&[q.experts(), q.n(), q.kdim()])?;
-                quant::quant_gemm_into(dev, out, a, q, plan, opts, scratch)
+                quant::quant_gemm_into(dev, out, gathered()?, q, plan, opts, scratch)
             }
         }
     }
@@ -150,6 +168,8 @@ pub struct MoeLayer<T: Float> {
     cfg: MoeConfig,
     max_tokens: usize,
     path: Path,
+    /// The prefill GEMM; the plan's block height is its tile height.
+    version: GemmVersion,
     w: DeviceWeights<T>,
     zc_kinds: Option<Tensor<i32>>,
     // Workspace, sized for max_tokens.
@@ -428,6 +448,7 @@ impl<T: Float> MoeLayer<T> {
             cfg: cfg.clone(),
             max_tokens,
             path: Path::Auto,
+            version: GemmVersion::V1,
             w,
             zc_kinds: (!codes.is_empty())
                 .then(|| dev.upload(&codes, &[codes.len()]))
@@ -459,6 +480,32 @@ impl<T: Float> MoeLayer<T> {
     /// Chooses the expert GEMM of later forwards.
     pub fn set_path(&mut self, path: Path) {
         self.path = path;
+    }
+
+    /// Chooses the prefill GEMM version (v1 by default). v2 plans in blocks of 128 rows and
+    /// reads the routed experts' gate/up rows straight from the layer input (no gather), so the
+    /// plan and the row buffers are made again here, outside any forward. Packed experts keep
+    /// their own prefill path.
+    pub fn set_gemm_version(&mut self, dev: &Device, version: GemmVersion) -> Result<()> {
+        if version == self.version {
+            return Ok(());
+        }
+        let (h, i, e, et, k) = (
+            self.cfg.hidden,
+            self.cfg.intermediate,
+            self.cfg.experts,
+            self.cfg.experts_total(),
+            self.cfg.k(),
+        );
+        let block_m = version.block_m().max(Self::BLOCK_M);
+        let slots = self.max_tokens * k;
+        let rows = slots.max(padded_capacity(slots, e, block_m));
+        self.plan = Plan::new(dev, self.max_tokens, k, e, et, block_m)?;
+        self.a = dev.zeros(&[rows, h])?;
+        self.hmid = dev.zeros(&[rows, i])?;
+        self.out = dev.zeros(&[rows, h])?;
+        self.version = version;
+        Ok(())
     }
 
     /// The routing of the last forward: ids and weights `[T, K]` in selection order.
@@ -568,10 +615,16 @@ impl<T: Float> MoeLayer<T> {
             }
         };
         let rows = self.plan.rows(layout);
-        self.a.set_shape(&[rows, h])?;
         self.hmid.set_shape(&[rows, cfg.intermediate])?;
         self.out.set_shape(&[rows, h])?;
-        permute::gather_into(dev, &mut self.a, x, &mut self.plan, layout)?;
+        // v2 reads the plain experts' gate/up rows through the plan; the others gather them.
+        let indexed = !gemv
+            && self.version == GemmVersion::V2
+            && matches!(w.gate_up, ExpertWeights::Plain(_));
+        if !indexed {
+            self.a.set_shape(&[rows, h])?;
+            permute::gather_into(dev, &mut self.a, x, &mut self.plan, layout)?;
+        }
         let up = GemmOptions {
             bias: w.gate_up_bias.as_ref(),
             epilogue: Epilogue::Gated {
@@ -584,8 +637,13 @@ impl<T: Float> MoeLayer<T> {
         w.gate_up.run(
             dev,
             gemv,
+            self.version,
             &mut self.hmid,
-            &self.a,
+            if indexed {
+                GemmRows::Indexed(x)
+            } else {
+                GemmRows::Gathered(&self.a)
+            },
             &self.plan,
             up,
             self.scratch.as_mut(),
@@ -603,8 +661,9 @@ impl<T: Float> MoeLayer<T> {
         w.down.run(
             dev,
             gemv,
+            self.version,
             &mut self.out,
-            &self.hmid,
+            GemmRows::Gathered(&self.hmid),
             &self.plan,
             down,
             self.scratch.as_mut(),
