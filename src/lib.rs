@@ -28,6 +28,7 @@
 //! | permute | [`permute::combine_into`] | `combine_{dtype}` (v1) | see GPU_LOG.md |
 //! | permute | [`permute::ep_send_into`] | `ep_send` (v1) | see GPU_LOG.md |
 //! | gemm | [`gemm::grouped_gemm_into`] (prefill) | `grouped_gemm_{bf16,f16}_{same,f32}` (v1) | see GPU_LOG.md |
+//! | gemm | [`gemm::grouped_gemm_version_into`] (prefill, v2: cp.async pipeline, gather-free rows) | `grouped_gemm_v2_{bf16,f16}_{same,f32}` | compiled only |
 //! | gemm | [`gemm::grouped_gemv_into`] (decode) | `grouped_gemv_{bf16,f16}_{same,f32}` (v1) | see GPU_LOG.md |
 //! | layer | [`layer::MoeLayer::forward_into`], CPU: [`layer::reference::forward`] | all of the above | see GPU_LOG.md |
 //! | device | [`Device::fill_uniform`] | `fill_uniform_{f32,bf16,f16}` (v1) | see GPU_LOG.md |
@@ -36,7 +37,8 @@
 //! | quant | [`quant::quant_gemm_into`] (prefill: dequantise, then the grouped GEMM) | `dequant_*` + `grouped_gemm_*` | compiled only |
 //!
 //! [`model::Model`] loads one MoE block of a Hugging Face checkpoint into a
-//! [`layer::LayerWeights`].
+//! [`layer::LayerWeights`]: plain bf16/f16/f32 weights, or packed experts from FP8 (128 × 128
+//! blocks), GPTQ, AWQ and gpt-oss's MXFP4 checkpoints.
 
 pub mod activation;
 pub mod check;
