@@ -6,17 +6,22 @@
 #   3. the benches, briefly;
 # then a short summary last. Full logs go to LOGDIR (default ./logs).
 #
-# usage: ./gpu-check.sh [LOGDIR] [--no-bench] [--no-sanitizer]
+# usage: ./gpu-check.sh [LOGDIR] [--no-bench] [--no-sanitizer] [--no-tests]
+#
+# A GPU machine allows 10 minutes per command: run the tests and sanitizers in one call
+# (--no-bench) and the benches in another (--no-tests --no-sanitizer).
 set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
 logdir="$here/logs"
 bench=1
 sanitize=1
+tests=1
 for arg in "$@"; do
     case "$arg" in
         --no-bench) bench=0 ;;
         --no-sanitizer) sanitize=0 ;;
+        --no-tests) tests=0 ;;
         *) logdir="$arg" ;;
     esac
 done
@@ -46,10 +51,12 @@ run() {
 export MOE_FIXTURES="$here/fixtures" MOE_KERNELS_BIN="$here/moe-kernels"
 
 run info ./moe-kernels info --ptxas
-run demo ./moe-kernels
-for t in tests/*; do
-    run "test-$(basename "$t")" env MOE_REQUIRE_GPU=1 "$t" --test-threads=1
-done
+if [ "$tests" = 1 ]; then
+    run demo ./moe-kernels
+    for t in tests/*; do
+        run "test-$(basename "$t")" env MOE_REQUIRE_GPU=1 "$t" --test-threads=1
+    done
+fi
 if [ "$sanitize" = 1 ]; then
     if command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck synccheck; do
