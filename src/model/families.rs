@@ -408,7 +408,11 @@ impl Names {
         // A Linear weight of `shape`: stored plain, or packed (FP8 blocks, GPTQ, AWQ), which is
         // decoded exactly as the kernels decode it, then rounded to S.
         let read = |name: &str, shape: &[usize]| -> Result<Vec<S>> {
-            let v: Vec<S> = match read_packed(dir, quant, name, shape[0], shape[1])? {
+            let packed = match *shape {
+                [n, kd] => read_packed(dir, quant, name, n, kd)?,
+                _ => None, // fused expert tensors are plain, or gpt-oss's MXFP4 (below)
+            };
+            let v: Vec<S> = match packed {
                 Some(m) => m.decode_to(),
                 None => dir.read::<S>(name, shape)?,
             };
