@@ -230,7 +230,10 @@ pub fn grouped_gemm_version_into<T: Float, TO: Float>(
             };
             let name = format!("grouped_gemm_v2_{}_{}", T::DTYPE, TO::DTYPE);
             let func = dev.function(OP, Module::GroupedGemm, &name)?;
-            // The opt-in above 48 KB is a property of the function, not a stream operation.
+            // The opt-in above 48 KB is a property of the function, not a stream operation (so
+            // it is allowed inside a capture); cuFuncSetAttribute acts in the current context,
+            // which need not be this device's on this thread yet.
+            dev.context().bind_to_thread().op(OP)?;
             func.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 V2_SMEM_BYTES.cast_signed(),
