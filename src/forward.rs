@@ -52,6 +52,10 @@ pub struct ForwardArgs {
     /// The checkpoint's dtype unless given.
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+    /// Also run the CPU forward (f64 over the exact weights) and compare: the experts must
+    /// agree except at near-ties, and the output within 3% of its scale. Runs on cuda.
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// The block's result on the host.
@@ -67,7 +71,19 @@ pub fn run(args: &ForwardArgs) -> Result<(), Error> {
     let (x, tokens) = read_input(&args.input, cfg.hidden)?;
     let dtype = args.dtype.map_or(model.dtype, DtypeArg::dtype);
 
-    let device = match args.device {
+    // --check compares the cuda path with the cpu one, so it needs cuda.
+    let want = if args.check {
+        args.device.or(Some(DeviceArg::Cuda))
+    } else {
+        args.device
+    };
+    let device = match want {
+        Some(DeviceArg::Cpu) if args.check => {
+            return Err(Error::Unsupported {
+                op: "forward",
+                what: "--check compares the cuda path with the cpu one; drop --device cpu".into(),
+            });
+        }
         Some(DeviceArg::Cpu) => None,
         Some(DeviceArg::Cuda) => {
             if dtype == DType::F32 {
@@ -99,6 +115,9 @@ pub fn run(args: &ForwardArgs) -> Result<(), Error> {
         (Some(dev), DType::F16) => on_gpu::<f16>(dev, &model, args.layer, &x, tokens)?,
         (Some(dev), _) => on_gpu::<bf16>(dev, &model, args.layer, &x, tokens)?,
     };
+    if args.check {
+        check_against_cpu(&model, args.layer, &x, dtype, &r)?;
+    }
 
     // Each row's ids ascending, the weights in the same order.
     let k = cfg.k();
@@ -194,6 +213,71 @@ fn on_cpu<S: Float>(model: &Model, layer: usize, x: &[f32]) -> Result<Outcome, E
         ids: f.routing.ids,
         weights: f.routing.weights.iter().map(|&v| v as f32).collect(),
     })
+}
+
+/// Compares the GPU result with the CPU forward on the same input, rounded to the compute
+/// dtype as the GPU saw it, over weights held exactly in f32.
+fn check_against_cpu(
+    model: &Model,
+    layer: usize,
+    x: &[f32],
+    dtype: DType,
+    gpu: &Outcome,
+) -> Result<(), Error> {
+    let (cfg, w) = model.load_layer::<f32>(layer)?;
+    let xs: Vec<f64> = x
+        .iter()
+        .map(|&v| match dtype {
+            DType::F16 => f16::from_f32(v).to_f64(),
+            _ => bf16::from_f32(v).to_f64(),
+        })
+        .collect();
+    let f = reference::forward(&cfg, &w, &xs)?;
+    let (h, k) = (cfg.hidden, cfg.k());
+    let scale = f.y.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let (mut max_err, mut compared, mut ties) = (0f64, 0, 0);
+    let mut differ = Vec::new();
+    for t in 0..xs.len() / h {
+        let sorted = |v: &[i32]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v
+        };
+        if sorted(&gpu.ids[t * k..(t + 1) * k]) != sorted(&f.routing.ids[t * k..(t + 1) * k]) {
+            // bf16 logits may flip a choice decided by less than a few of their roundings.
+            if f.routing.margin[t] < 0.06 {
+                ties += 1;
+            } else {
+                differ.push(t);
+            }
+            continue;
+        }
+        compared += 1;
+        for c in 0..h {
+            max_err = max_err.max((f64::from(gpu.y[t * h + c]) - f.y[t * h + c]).abs());
+        }
+    }
+    let rel = if scale > 0.0 {
+        max_err / scale
+    } else {
+        max_err
+    };
+    println!(
+        "check: {compared} tokens compared with the cpu forward, max |err| {max_err:.3e} \
+         ({:.2}% of the output's scale {scale:.3e}); {ties} near-tie(s) routed differently",
+        100.0 * rel
+    );
+    if !differ.is_empty() || rel > 0.03 {
+        return Err(Error::DeviceCheck {
+            op: "forward --check",
+            what: format!(
+                "the cuda path disagrees with the cpu forward: tokens {differ:?} routed \
+                 differently with a clear margin; output error {:.2}% of its scale (limit 3%)",
+                100.0 * rel
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn on_gpu<T: Float>(

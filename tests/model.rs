@@ -304,6 +304,10 @@ fn forward_refuses_bad_input_with_one_error_line() {
     check(run(&nan, "1"), "finite");
     check(run(&garbage, "1"), "header");
     check(run(&truncated, "1"), "header");
+    // --check compares cuda with cpu: not with --device cpu.
+    let mut with_check = run(&good, "1");
+    with_check.push("--check".into());
+    check(with_check, "--check");
     check(run(&good, "2"), "layer index below 2");
     check(
         run(&tmp.join("absent.safetensors"), "1"),
