@@ -56,6 +56,16 @@ if [ "$tests" = 1 ]; then
     for t in tests/*; do
         run "test-$(basename "$t")" env MOE_REQUIRE_GPU=1 "$t" --test-threads=1
     done
+    # The command end to end on every fixture: cuda against the CPU forward.
+    for f in fixtures/*/io.safetensors; do
+        dir=$(dirname "$f")
+        layer=$(python3 -c 'import json, struct, sys
+b = open(sys.argv[1], "rb").read()
+n = struct.unpack("<Q", b[:8])[0]
+print(json.loads(b[8:8 + n])["__metadata__"]["layer"])' "$f")
+        run "forward-check-$(basename "$dir")" ./moe-kernels forward --model "$dir" \
+            --layer "$layer" --input "$f" --output "$logdir/$(basename "$dir").safetensors" --check
+    done
 fi
 if [ "$sanitize" = 1 ]; then
     if command -v compute-sanitizer >/dev/null; then
