@@ -18,6 +18,10 @@
 //   shared running count across warps), which keeps token order; no float, no atomics on
 //   positions, so the plan is deterministic.
 //
+// plan_identity(PlanIdentityParams p): the plan of E = 1, K = 1 (a shared expert's), where row
+//   r is token r: the arrays plan_count/scan/scatter would give for ids all zero, written over
+//   the whole allocated buffers in one grid-stride launch instead of three launches and memsets.
+//
 // gather_{dtype}(GatherParams p): out[r] = x[row_slots[r] / K]; one block per row, 16-byte copies.
 //
 // combine_{dtype}(CombineParams p): y[t] = sum_k w[t,k] * c(t,k) + sigmoid(gate[t]) * shared[t]
@@ -33,7 +37,8 @@
 //   then the block copies each segment; thread r sums rank r's send count.
 //
 // History
-//   v1: the three-launch plan, row-per-block gather and token-per-block combine described above.
+//   v1: the three-launch plan, row-per-block gather and token-per-block combine described above;
+//       plan_identity for one-expert plans.
 
 #include "dtype.cuh"
 #include "params.cuh"
@@ -44,6 +49,30 @@ namespace moe {
 constexpr int kPlanChunk = 256;      // slots per block in count and scatter (8 warps)
 constexpr int kPlanMaxExperts = 1024;
 constexpr int kScanThreads = 1024;
+
+__device__ __forceinline__ void plan_identity_v1(const PlanIdentityParams& p) {
+    const int64_t n = p.max_slots > p.max_padded ? p.max_slots : p.max_padded;
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const int32_t v = i < p.tokens ? int32_t(i) : -1;
+        if (i < p.max_slots) {
+            p.sorted_slots[i] = v;
+            p.slot_rows[i] = v;
+            p.slot_padded_rows[i] = v;
+        }
+        if (i < p.max_padded) p.padded_slots[i] = v;
+        if (i < p.max_padded / p.block_m) p.block_experts[i] = i * p.block_m < p.tokens ? 0 : -1;
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        const int32_t padded = (p.tokens + p.block_m - 1) / p.block_m * p.block_m;
+        p.counts[0] = p.tokens;
+        p.offsets[0] = 0;
+        p.offsets[1] = p.tokens;
+        p.padded_offsets[0] = 0;
+        p.padded_offsets[1] = padded;
+        p.status[0] = 0;
+    }
+}
 
 __device__ __forceinline__ int valid_gemm_id(const PlanParams& p, int id) {
     if (id < -1 || id >= p.experts_total) {
@@ -363,6 +392,7 @@ extern "C" __global__ void __launch_bounds__(moe::kEpThreads) ep_send(const moe:
 extern "C" __global__ void __launch_bounds__(moe::kPlanChunk) plan_count(const moe::PlanParams p) { moe::plan_count_v1(p); }
 extern "C" __global__ void __launch_bounds__(moe::kScanThreads) plan_scan(const moe::PlanParams p) { moe::plan_scan_v1(p); }
 extern "C" __global__ void __launch_bounds__(moe::kPlanChunk) plan_scatter(const moe::PlanParams p) { moe::plan_scatter_v1(p); }
+extern "C" __global__ void __launch_bounds__(256) plan_identity(const moe::PlanIdentityParams p) { moe::plan_identity_v1(p); }
 
 #define MOE_PERMUTE(SUFFIX, T) \
     extern "C" __global__ void __launch_bounds__(128) gather_##SUFFIX(const moe::GatherParams p) { moe::gather_v1<T>(p); } \

@@ -23,7 +23,7 @@
 //! | routing | [`routing::apply_capacity_into`] | `route_capacity` (v1) | see GPU_LOG.md |
 //! | routing | [`routing::router_stats_into`] | `router_lse_{dtype}`, `router_prob_mean_{dtype}` (v1) | see GPU_LOG.md |
 //! | routing | [`routing::router_logits_into`], [`routing::route_hidden_into`] | `router_logits_{x}_{w}` (v1) | see GPU_LOG.md |
-//! | permute | [`permute::Plan::build`] | `plan_count`, `plan_scan`, `plan_scatter`, `plan_masked` (v1) | see GPU_LOG.md |
+//! | permute | [`permute::Plan::build`], [`permute::Plan::build_identity`] | `plan_count`, `plan_scan`, `plan_scatter`, `plan_masked`, `plan_identity` (v1) | see GPU_LOG.md |
 //! | permute | [`permute::gather_into`] | `gather_{dtype}` (v1) | see GPU_LOG.md |
 //! | permute | [`permute::combine_into`] | `combine_{dtype}` (v1) | see GPU_LOG.md |
 //! | permute | [`permute::ep_send_into`] | `ep_send` (v1) | see GPU_LOG.md |

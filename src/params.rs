@@ -334,3 +334,27 @@ const _: () = assert!(offset_of!(FillParams, lo) == 24);
 
 // SAFETY: plain old data with the C layout the kernel declares; passed by value.
 unsafe impl DeviceRepr for FillParams {}
+
+/// See `PlanIdentityParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PlanIdentityParams {
+    pub counts: u64,
+    pub offsets: u64,
+    pub padded_offsets: u64,
+    pub sorted_slots: u64,
+    pub slot_rows: u64,
+    pub padded_slots: u64,
+    pub slot_padded_rows: u64,
+    pub block_experts: u64,
+    pub status: u64,
+    pub tokens: i32,
+    pub max_slots: i32,
+    pub max_padded: i32,
+    pub block_m: i32,
+}
+const _: () = assert!(size_of::<PlanIdentityParams>() == 88);
+const _: () = assert!(offset_of!(PlanIdentityParams, tokens) == 72);
+
+// SAFETY: plain old data with the C layout the kernel declares; passed by value.
+unsafe impl DeviceRepr for PlanIdentityParams {}

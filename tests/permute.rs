@@ -467,3 +467,50 @@ fn gpu_masked_overflow_and_ep_send_match_reference() {
         assert_eq!(dev.download(&plan.status).unwrap()[0], before + 1);
     }
 }
+
+#[test]
+fn gpu_identity_plan_equals_the_plan_of_zero_ids() {
+    let Some(dev) = common::gpu("gpu_identity_plan_equals_the_plan_of_zero_ids") else {
+        return;
+    };
+    for block_m in [64, 128] {
+        let max_t = 300;
+        let mut built = Plan::new(&dev, max_t, 1, 1, 1, block_m).unwrap();
+        let mut ident = Plan::new(&dev, max_t, 1, 1, 1, block_m).unwrap();
+        // Large T then small: every entry past T must be reset, as the full build resets it.
+        for t in [300, 1, 0, 64, 65, 129, 7] {
+            let ids = dev.zeros::<i32>(&[t, 1]).unwrap();
+            built.build(&dev, &ids).unwrap();
+            ident.build_identity(&dev, t).unwrap();
+            let s = t;
+            let p = reference::padded_capacity(s, 1, block_m);
+            let get = |plan: &Plan| {
+                let d = |x: &moe_kernels::Tensor<i32>| dev.download(x).unwrap();
+                (
+                    d(&plan.counts),
+                    d(&plan.offsets),
+                    d(&plan.padded_offsets),
+                    d(&plan.sorted_slots),
+                    d(&plan.padded_slots),
+                    d(&plan.slot_rows)[..s].to_vec(),
+                    d(&plan.slot_padded_rows)[..s].to_vec(),
+                    d(&plan.block_experts)[..p / block_m].to_vec(),
+                    d(&plan.status),
+                )
+            };
+            assert_eq!(get(&ident), get(&built), "block_m {block_m}, T = {t}");
+            assert_eq!(ident.tokens(), t);
+            let want = reference::plan(&vec![0; t], 1, 1, block_m);
+            assert_eq!(
+                dev.download(&ident.padded_offsets).unwrap(),
+                want.padded_offsets
+            );
+        }
+        let mut wide = Plan::new(&dev, 8, 2, 1, 1, 64).unwrap();
+        assert!(
+            wide.build_identity(&dev, 4).is_err(),
+            "K = 2 is not an identity"
+        );
+        assert!(ident.build_identity(&dev, max_t + 1).is_err());
+    }
+}

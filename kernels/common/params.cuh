@@ -285,6 +285,26 @@ static_assert(sizeof(GroupedGemmV2Params) == 128, "mirror in src/params.rs");
 static_assert(offsetof(GroupedGemmV2Params, x) == 112, "mirror in src/params.rs");
 static_assert(offsetof(GroupedGemmV2Params, tokens) == 120, "mirror in src/params.rs");
 
+// The plan of one expert and one slot per token (a shared expert's): every row is its token.
+// One launch writes what plan_count/scan/scatter would for ids all zero, over whole buffers.
+struct PlanIdentityParams {
+    int32_t* counts;            // [1] = T
+    int32_t* offsets;           // [2] = 0, T
+    int32_t* padded_offsets;    // [2] = 0, T rounded up to block_m
+    int32_t* sorted_slots;      // [max_slots] r for r < T, else -1
+    int32_t* slot_rows;         // [max_slots] the same
+    int32_t* padded_slots;      // [max_padded] r for r < T, else -1
+    int32_t* slot_padded_rows;  // [max_slots] the same as sorted_slots
+    int32_t* block_experts;     // [max_padded / block_m] 0 for blocks holding a token, else -1
+    int32_t* status;            // [1] = 0
+    int32_t tokens;             // T <= max_slots
+    int32_t max_slots;          // S_max, the allocated slots
+    int32_t max_padded;         // P_max, the allocated padded rows, a multiple of block_m
+    int32_t block_m;
+};
+static_assert(sizeof(PlanIdentityParams) == 88, "mirror in src/params.rs");
+static_assert(offsetof(PlanIdentityParams, tokens) == 72, "mirror in src/params.rs");
+
 // Seeded uniform fill: out[i] = lo + (hi - lo) * u(seed, i), u a hash of the index in [0, 1),
 // rounded once to the dtype. Benches and the bench command fill weights of real shapes this way.
 struct FillParams {

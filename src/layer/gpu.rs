@@ -153,10 +153,10 @@ enum Logits<T> {
     F32(Tensor<f32>),
 }
 
-/// The shared expert's buffers: its own one-expert plan puts the tokens in order.
+/// The shared expert's buffers: its own one-expert plan (built in one launch by
+/// [`Plan::build_identity`]) puts the tokens in order.
 struct SharedWs<T> {
     plan: Plan,
-    zero_ids: Tensor<i32>,
     a: Tensor<T>,
     h: Tensor<T>,
     out: Tensor<T>,
@@ -415,7 +415,6 @@ impl<T: Float> MoeLayer<T> {
                 let rows = padded_capacity(max_tokens, 1, Self::BLOCK_M);
                 Some(SharedWs {
                     plan: Plan::new(dev, max_tokens, 1, 1, 1, Self::BLOCK_M)?,
-                    zero_ids: dev.zeros(&[max_tokens, 1])?,
                     a: dev.zeros(&[rows, h])?,
                     h: dev.zeros(&[rows, s.intermediate])?,
                     out: dev.zeros(&[rows, h])?,
@@ -673,8 +672,7 @@ impl<T: Float> MoeLayer<T> {
         if let (Some(s), Some(gate_up), Some(sdown)) =
             (&mut self.shared, &w.shared_gate_up, &w.shared_down)
         {
-            s.zero_ids.set_shape(&[t, 1])?;
-            s.plan.build(dev, &s.zero_ids)?;
+            s.plan.build_identity(dev, t)?;
             let srows = s.plan.rows(layout);
             s.h.set_shape(&[srows, sdown.shape()[2]])?;
             s.out.set_shape(&[srows, h])?;

@@ -6,7 +6,7 @@ use super::{Layout, MAX_PLAN_EXPERTS, reference};
 use crate::device::{Device, Tensor};
 use crate::error::{DriverResultExt, Error, Result};
 use crate::kernels::Module;
-use crate::params::{MaskedParams, PlanParams};
+use crate::params::{MaskedParams, PlanIdentityParams, PlanParams};
 
 /// Slots per block of plan_count and plan_scatter, as `kPlanChunk` in permute.cu.
 const PLAN_CHUNK: usize = 256;
@@ -298,6 +298,73 @@ impl Plan {
             }
         }
         self.build_masked(dev)
+    }
+
+    /// The plan of a one-expert, one-slot plan (`Plan::new(dev, max_tokens, 1, 1, 1, block_m)`,
+    /// a shared expert's) for `tokens` tokens: row r is token r. Equal to [`Plan::build`] of ids
+    /// all zero, in one launch and no memset; no ids are read. Resets `status`.
+    pub fn build_identity(&mut self, dev: &Device, tokens: usize) -> Result<()> {
+        const OP: &str = "Plan::build_identity";
+        if self.experts != 1 || self.experts_total != 1 || self.k != 1 || self.masked.is_some() {
+            return Err(Error::shape(
+                OP,
+                "plan",
+                "a plan of one expert, one slot per token and no masked layout",
+                format!(
+                    "E = {}, E_total = {}, K = {}{}",
+                    self.experts,
+                    self.experts_total,
+                    self.k,
+                    if self.masked.is_some() {
+                        ", masked"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        if tokens > self.max_tokens {
+            return Err(Error::shape(
+                OP,
+                "tokens",
+                format!("at most {}", self.max_tokens),
+                format!("{tokens}"),
+            ));
+        }
+        self.counts.check_device(OP, "plan", dev)?;
+        self.tokens = tokens;
+        // Sizes bounded by Plan::new (P_max < 2^31).
+        let small = |v: usize| i32::try_from(v).expect("bounded by Plan::new");
+        let (max_slots, max_padded) = (self.sorted_slots.capacity(), self.padded_slots.capacity());
+        let params = PlanIdentityParams {
+            counts: self.counts.device_ptr_mut(dev),
+            offsets: self.offsets.device_ptr_mut(dev),
+            padded_offsets: self.padded_offsets.device_ptr_mut(dev),
+            sorted_slots: self.sorted_slots.device_ptr_mut(dev),
+            slot_rows: self.slot_rows.device_ptr_mut(dev),
+            padded_slots: self.padded_slots.device_ptr_mut(dev),
+            slot_padded_rows: self.slot_padded_rows.device_ptr_mut(dev),
+            block_experts: self.block_experts.device_ptr_mut(dev),
+            status: self.status.device_ptr_mut(dev),
+            tokens: small(tokens),
+            max_slots: small(max_slots),
+            max_padded: small(max_padded),
+            block_m: small(self.block_m),
+        };
+        let func = dev.function(OP, Module::Permute, "plan_identity")?;
+        let blocks = max_slots.max(max_padded).div_ceil(256).clamp(1, 4096) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `plan_identity` takes one PlanIdentityParams (mirrored in src/params.rs). Plan::new
+        // with E = K = 1 made counts [1], offsets and padded_offsets [2], sorted_slots, slot_rows
+        // and slot_padded_rows [S_max], padded_slots [P_max] and block_experts
+        // [P_max / block_m], P_max a multiple of block_m; the kernel writes index i of each only
+        // below those lengths (grid-stride loop), and element 0/1 of the small arrays.
+        unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+        Ok(())
     }
 
     fn build_masked(&mut self, dev: &Device) -> Result<()> {
