@@ -232,12 +232,27 @@ fn forward_on_cpu_reproduces_the_fixture() {
         ids.to_i64().unwrap(),
         want.raw("topk_ids").unwrap().to_i64().unwrap()
     );
+    assert_eq!(ids.dtype, safetensors::Dtype::I64);
     let y: Vec<f32> = got.raw("output").unwrap().to_vec().unwrap();
     let r: Vec<f32> = want.raw("output").unwrap().to_vec().unwrap();
     let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
     for (a, b) in y.iter().zip(&r) {
         assert!((a - b).abs() <= 1e-5 * scale, "{a} vs {b}");
     }
+    // The weights in the ids' (ascending) order, f32.
+    let w = got.raw("topk_weights").unwrap();
+    assert_eq!(
+        (w.dtype, w.shape.as_slice()),
+        (safetensors::Dtype::F32, &[7, 4][..])
+    );
+    let (w, rw): (Vec<f32>, Vec<f32>) = (
+        w.to_vec().unwrap(),
+        want.raw("topk_weights").unwrap().to_vec().unwrap(),
+    );
+    for (a, b) in w.iter().zip(&rw) {
+        assert!((a - b).abs() <= 1e-6, "weight {a} vs {b}");
+    }
+    assert_eq!(got.raw("output").unwrap().dtype, safetensors::Dtype::F32);
 }
 
 #[test]
@@ -474,7 +489,11 @@ fn gptq_and_awq_experts_load_packed_and_decode_exactly() {
     use moe_kernels::quant::{IntMatrix, QuantMatrix};
     let src = TensorFile::open(&fixture("mixtral").join("model.safetensors")).unwrap();
     let config = std::fs::read_to_string(fixture("mixtral").join("config.json")).unwrap();
-    for (method, awq) in [("gptq", false), ("awq", true)] {
+    for (method, awq, per_channel) in [
+        ("gptq", false, false),
+        ("awq", true, false),
+        ("gptq", false, true),
+    ] {
         // Layer 1's experts quantised to 4 bits in groups of 16 with zero points, written in
         // the checkpoint's layout; everything else as it was.
         let mut kept: Vec<(String, OwnedTensor)> = Vec::new();
@@ -485,7 +504,9 @@ fn gptq_and_awq_experts_load_packed_and_decode_exactly() {
             let expert = name.starts_with("model.layers.1.block_sparse_moe.experts.");
             if expert {
                 let base = name.strip_suffix(".weight").unwrap().to_string();
-                let m = IntMatrix::quantize(&v, t.shape[0], t.shape[1], 4, 16, true).unwrap();
+                // group_size -1: one group per row, whatever the Linear's width.
+                let group = if per_channel { t.shape[1] } else { 16 };
+                let m = IntMatrix::quantize(&v, t.shape[0], t.shape[1], 4, group, true).unwrap();
                 for (part, tensor) in export_int(&m, awq) {
                     kept.push((format!("{base}.{part}"), tensor));
                 }
@@ -494,10 +515,12 @@ fn gptq_and_awq_experts_load_packed_and_decode_exactly() {
                 kept.push((name.clone(), OwnedTensor::f32(&t.shape, &v)));
             }
         }
-        let d = scratch_copy("mixtral", method);
+        let d = scratch_copy("mixtral", &format!("{method}-{per_channel}"));
         write_tensors(&d.join("model.safetensors"), &kept).unwrap();
         let quant = if awq {
             r#""quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 16, "version": "gemm", "zero_point": true},"#
+        } else if per_channel {
+            r#""quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": false, "sym": false, "checkpoint_format": "gptq_v2"},"#
         } else {
             r#""quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": false, "sym": false, "checkpoint_format": "gptq_v2"},"#
         };
@@ -566,4 +589,61 @@ fn refuses_quantisation_it_does_not_read() {
             "{e}"
         );
     }
+}
+
+#[test]
+fn refuses_a_misshapen_expert_by_name_through_the_loader() {
+    let src = TensorFile::open(&fixture("mixtral").join("model.safetensors")).unwrap();
+    let bent = "model.layers.1.block_sparse_moe.experts.5.w1.weight";
+    let kept: Vec<(String, OwnedTensor)> = src
+        .names()
+        .into_iter()
+        .map(|name| {
+            let t = src.raw(&name).unwrap();
+            let v: Vec<f32> = t.to_vec().unwrap();
+            let shape = if name == bent {
+                vec![t.shape[1], t.shape[0]]
+            } else {
+                t.shape.clone()
+            };
+            (name, OwnedTensor::f32(&shape, &v))
+        })
+        .collect();
+    let d = scratch_copy("mixtral", "bent");
+    write_tensors(&d.join("model.safetensors"), &kept).unwrap();
+    let e = Model::open(&d)
+        .unwrap()
+        .load_layer::<f32>(1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(bent) && e.contains("[16, 32]") && e.contains("[32, 16]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn absent_config_keys_take_the_config_class_defaults() {
+    // DeepSeek-V3 without its group and scaling keys: transformers' defaults are n_group 8,
+    // topk_group 4, routed_scaling_factor 2.5.
+    let d = scratch_copy("deepseek_v3", "defaults");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    for key in ["n_group", "topk_group", "routed_scaling_factor"] {
+        v.as_object_mut().unwrap().remove(key);
+    }
+    std::fs::write(d.join("config.json"), v.to_string()).unwrap();
+    let cfg = Model::open(&d).unwrap().layer_config(1).unwrap();
+    assert_eq!(cfg.router.rule.groups(), Some((8, 4)));
+    assert_eq!(cfg.router.scale, 2.5);
+    // Without first_k_dense_replace, its default of 3 makes layers 0..3 dense.
+    v.as_object_mut().unwrap().remove("first_k_dense_replace");
+    std::fs::write(d.join("config.json"), v.to_string()).unwrap();
+    let m = Model::open(&d).unwrap();
+    assert!(m.moe_layers().unwrap().is_empty());
+    // A layer count no model has is refused when the folder is opened.
+    v["num_hidden_layers"] = serde_json::json!(10_000_000_000_000u64);
+    std::fs::write(d.join("config.json"), v.to_string()).unwrap();
+    let e = open_err(&d);
+    assert!(e.contains("num_hidden_layers"), "{e}");
 }

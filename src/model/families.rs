@@ -96,13 +96,12 @@ impl Family {
             Family::Qwen2Moe | Family::Qwen3Moe => {
                 let step = c.usize_or("decoder_sparse_step", 1)?.max(1);
                 !c.usizes("mlp_only_layers")?.contains(&layer)
-                    && c.usize_any(&["num_experts", "num_local_experts"])
-                        .is_ok_and(|e| e > 0)
+                    && self.qwen_experts(c)? > 0
                     && (layer + 1).is_multiple_of(step)
             }
             // transformers reads neither `moe_layer_freq` nor `n_routed_experts` here.
             Family::DeepseekV2 | Family::DeepseekV3 => {
-                layer >= c.usize_or("first_k_dense_replace", 0)?
+                layer >= c.usize_or("first_k_dense_replace", deepseek_defaults(c)?.first_dense)?
             }
             Family::Llama4 => {
                 let listed = c.usizes("moe_layers")?;
@@ -137,7 +136,7 @@ impl Family {
             ),
             Family::Qwen2Moe | Family::Qwen3Moe => {
                 let mut cfg = base(
-                    c.usize_any(&["num_experts", "num_local_experts"])?,
+                    self.qwen_experts(c)?,
                     c.usize("moe_intermediate_size")?,
                     RouterConfig::qwen(k, c.bool_or("norm_topk_prob", false)?),
                 );
@@ -158,8 +157,13 @@ impl Family {
                 let experts =
                     c.usize_any(&["n_routed_experts", "num_experts", "num_local_experts"])?;
                 let inter = c.usize("moe_intermediate_size")?;
-                let scale = c.f64_or("routed_scaling_factor", 1.0)? as f32;
-                let groups = (c.usize_or("n_group", 1)?, c.usize_or("topk_group", 1)?);
+                // Absent keys take the defaults of the model's transformers config class.
+                let d = deepseek_defaults(c)?;
+                let scale = c.f64_or("routed_scaling_factor", d.scale)? as f32;
+                let groups = (
+                    c.usize_or("n_group", d.n_group)?,
+                    c.usize_or("topk_group", d.topk_group)?,
+                );
                 let router = if *self == Family::DeepseekV3 {
                     RouterConfig::deepseek_v3(
                         k,
@@ -187,7 +191,7 @@ impl Family {
                 // Both keep `gate.weight` in f32 and route from f32 logits.
                 cfg.router_f32 = true;
                 cfg.correction_bias = *self == Family::DeepseekV3;
-                let shared = c.usize_or("n_shared_experts", 0)?;
+                let shared = c.usize_or("n_shared_experts", d.shared)?;
                 cfg.shared = (shared > 0).then_some(SharedExpert {
                     intermediate: shared * inter,
                     gated: false,
@@ -229,6 +233,18 @@ impl Family {
                 RouterConfig::gpt_oss(k),
             ),
         })
+    }
+
+    /// Qwen2-MoE's and Qwen3-MoE's expert count (`num_experts`, also spelled
+    /// `num_local_experts`), with their config classes' defaults (60 and 128).
+    fn qwen_experts(&self, c: &Config) -> Result<usize> {
+        match c.usize_any(&["num_experts", "num_local_experts"]) {
+            Ok(e) => Ok(e),
+            Err(_) if c.get("num_experts").is_none() && c.get("num_local_experts").is_none() => {
+                Ok(if *self == Family::Qwen2Moe { 60 } else { 128 })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The tensor names of layer `layer`'s block.
@@ -301,6 +317,32 @@ impl Family {
             }
         }
     }
+}
+
+/// Defaults of the DeepSeek-style config classes for keys a config.json may leave out.
+struct DeepseekDefaults {
+    first_dense: usize,
+    n_group: usize,
+    topk_group: usize,
+    scale: f64,
+    shared: usize,
+}
+
+/// transformers 5.24's defaults: DeepseekV3Config, Glm4MoeConfig, DeepseekV2Config (whose
+/// `n_group` defaults to none; one group is the same rule).
+fn deepseek_defaults(c: &Config) -> Result<DeepseekDefaults> {
+    let (first_dense, n_group, topk_group, scale, shared) = match c.str_or("model_type", "")? {
+        "deepseek_v3" => (3, 8, 4, 2.5, 1),
+        "glm4_moe" => (1, 1, 1, 1.0, 1),
+        _ => (0, 1, 1, 1.0, 2),
+    };
+    Ok(DeepseekDefaults {
+        first_dense,
+        n_group,
+        topk_group,
+        scale,
+        shared,
+    })
 }
 
 /// How a checkpoint stores the routed experts.
@@ -448,7 +490,14 @@ impl Names {
                         Ok(m)
                     };
                     let (g, u) = (packed(&names[0], i, h)?, packed(&names[1], i, h)?);
-                    gate_up.push(g.stack_rows(&u)?);
+                    gate_up.push(g.stack_rows(&u).map_err(|e| {
+                        crate::Error::checkpoint(
+                            dir.dir().display(),
+                            format!("expert {x}'s `{}` and `{}`", names[0], names[1]),
+                            "gate and up matrices that stack into one",
+                            e.to_string(),
+                        )
+                    })?);
                     down.push(packed(&names[2], h, i)?);
                 }
                 ExpertsW::Packed { gate_up, down }

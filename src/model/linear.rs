@@ -42,18 +42,24 @@ pub enum Quantization {
 impl Quantization {
     /// From `quantization_config`, refusing methods and settings the crate does not read.
     pub(crate) fn from_config(c: &Config) -> Result<Self> {
-        let Some(q) = c.get("quantization_config").filter(|v| v.is_object()) else {
+        let Some(q) = c.get("quantization_config") else {
             return Ok(Quantization::None);
         };
+        if !q.is_object() {
+            return Err(c.refuse("quantization_config", "an object", q));
+        }
         let q = Config {
             file: format!("{} (quantization_config)", c.file),
             v: q,
         };
         let group = |q: &Config| -> Result<Option<usize>> {
-            match q.get("group_size").and_then(serde_json::Value::as_i64) {
-                None | Some(-1) => Ok(None),
+            let Some(v) = q.get("group_size") else {
+                return Ok(None);
+            };
+            match v.as_i64() {
+                Some(-1) => Ok(None),
                 Some(g) if g > 0 => Ok(Some(g as usize)),
-                Some(g) => Err(q.refuse("group_size", "a positive group size or -1", g)),
+                _ => Err(q.refuse("group_size", "a positive group size or -1", v)),
             }
         };
         Ok(match q.str_or("quant_method", "")? {
@@ -107,6 +113,25 @@ impl Quantization {
 /// stored as plain floats. FP8 is recognised by the weight's dtype whatever the config says;
 /// GPTQ and AWQ by their `qweight`.
 pub(crate) fn read_packed(
+    dir: &ModelDir,
+    quant: Quantization,
+    name: &str,
+    n: usize,
+    kd: usize,
+) -> Result<Option<QuantMatrix>> {
+    read_packed_parts(dir, quant, name, n, kd).map_err(|e| match e {
+        // Errors of the format's own checks name an argument, not the tensor: add it.
+        Error::Shape { .. } => Error::checkpoint(
+            dir.dir().display(),
+            format!("Linear `{name}` [{n}, {kd}]"),
+            "a well-formed packed weight",
+            e.to_string(),
+        ),
+        e => e,
+    })
+}
+
+fn read_packed_parts(
     dir: &ModelDir,
     quant: Quantization,
     name: &str,

@@ -123,6 +123,9 @@ impl<'a> Config<'a> {
     }
 }
 
+/// More decoder layers than any published model has, by far: a larger count is a broken config.
+const MAX_LAYERS: usize = 4096;
+
 /// An opened model: its folder, family, and the facts of `config.json` the MoE blocks need.
 pub struct Model {
     pub dir: ModelDir,
@@ -157,8 +160,9 @@ impl Model {
             )
         })?;
         let text = family.text_config(&top)?;
-        // `torch_dtype` (transformers 4) or `dtype` (5), in the text config or at the top.
-        let dtype_name = [&text, &top]
+        // `torch_dtype` (transformers 4) or `dtype` (5): the top-level one wins, as transformers
+        // applies it to the sub-configs; else the text config's.
+        let dtype_name = [&top, &text]
             .iter()
             .flat_map(|c| ["torch_dtype", "dtype"].map(|k| (c, k)))
             .find(|(c, k)| c.get(k).is_some())
@@ -172,6 +176,13 @@ impl Model {
             }
         };
         let layers = text.usize("num_hidden_layers")?;
+        if layers > MAX_LAYERS {
+            return Err(text.refuse(
+                "num_hidden_layers",
+                &format!("at most {MAX_LAYERS}"),
+                layers,
+            ));
+        }
         let quant = Quantization::from_config(&top)?;
         Ok(Model {
             quant,
@@ -229,7 +240,14 @@ impl Model {
             ));
         }
         let cfg = self.family.moe_config(&text)?;
-        cfg.validate("Model::layer_config")?;
+        cfg.validate("Model::layer_config").map_err(|e| {
+            Error::checkpoint(
+                &text.file,
+                "the MoE block it describes",
+                "a block the crate can run",
+                e.to_string(),
+            )
+        })?;
         Ok(cfg)
     }
 
@@ -250,10 +268,12 @@ impl Model {
             bar.set_message(layer.to_string());
             bar
         });
-        let w = names.read(&self.dir, &cfg, self.quant, bar.as_ref())?;
+        let w = names.read(&self.dir, &cfg, self.quant, bar.as_ref());
+        // Cleared on success and on error, so an error stays the one line on the terminal.
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
+        let w = w?;
         w.check("Model::load_layer", &cfg)?;
         Ok((cfg, w))
     }
