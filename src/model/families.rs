@@ -192,6 +192,13 @@ impl Family {
                 cfg.router_f32 = true;
                 cfg.correction_bias = *self == Family::DeepseekV3;
                 let shared = c.usize_or("n_shared_experts", d.shared)?;
+                if c.bool_or("mlp_bias", false)? {
+                    return Err(c.refuse(
+                        "mlp_bias",
+                        "false (shared-expert biases are not read)",
+                        true,
+                    ));
+                }
                 cfg.shared = (shared > 0).then_some(SharedExpert {
                     intermediate: shared * inter,
                     gated: false,
