@@ -535,3 +535,112 @@ fn layer_refuses_bad_configurations_and_weights() {
     };
     assert!(bias_without_rule.validate("test").is_err());
 }
+
+#[test]
+fn compressed_layer_error_against_bf16_is_reported() {
+    use moe_kernels::quant::{
+        Dictionary, Fp8Matrix, IntMatrix, Mxfp4Matrix, QuantMatrix, TernaryMatrix, ternarize,
+    };
+    use std::sync::Arc;
+    // A Qwen3-style block (softmax top-4 of 16, renormalised) with Gaussian 1/sqrt(fan-in)
+    // weights, its experts compressed by plain round-to-nearest (no calibration), against the
+    // same block in bf16, on 32 tokens: the relative RMS error of the layer output.
+    let cfg = MoeConfig::new(256, 128, 16, RouterConfig::qwen(4, true));
+    let (h, i, e) = (cfg.hidden, cfg.intermediate, cfg.experts);
+    let mut rng = Rng::new(2024);
+    let mut gauss = |n: usize, fan_in: usize| -> Vec<f32> {
+        let std = 1.0 / (fan_in as f64).sqrt();
+        (0..n).map(|_| (rng.normal() * std) as f32).collect()
+    };
+    let gate_up: Vec<Vec<f32>> = (0..e).map(|_| gauss(2 * i * h, h)).collect();
+    let down: Vec<Vec<f32>> = (0..e).map(|_| gauss(h * i, i)).collect();
+    let router: Vec<f32> = gauss(e * h, h).iter().map(|v| 4.0 * v).collect();
+    let x: Vec<f64> = gauss(32 * h, 1).iter().map(|&v| f64::from(v)).collect();
+    let plain = LayerWeights::<bf16> {
+        router: router.clone(),
+        router_bias: None,
+        correction_bias: None,
+        experts: Experts::Plain {
+            gate_up: gate_up
+                .iter()
+                .flatten()
+                .map(|&v| bf16::from_f32(v))
+                .collect(),
+            down: down.iter().flatten().map(|&v| bf16::from_f32(v)).collect(),
+        },
+        gate_up_bias: None,
+        down_bias: None,
+        shared_gate_up: None,
+        shared_down: None,
+        shared_gate: None,
+        const_w: None,
+        const_v: None,
+    };
+    let want = reference::forward(&cfg, &plain, &x).unwrap();
+    let norm = want.y.iter().map(|v| v * v).sum::<f64>().sqrt();
+    type Pack = dyn Fn(&[f32], usize, usize) -> QuantMatrix;
+    let ternary = |w: &[f32], n: usize, kd: usize| {
+        let t = ternarize(w, n, kd, 0.9).unwrap();
+        let sample: Vec<Vec<u8>> = (0..n.min(32)).map(|r| t.symbols(r)).collect();
+        let dict = Arc::new(Dictionary::build(&sample, 4096).unwrap());
+        QuantMatrix::Ternary(TernaryMatrix::compress(&t, dict).unwrap())
+    };
+    let formats: [(&str, Box<Pack>, f64); 5] = [
+        (
+            "int8-g128",
+            Box::new(|w, n, kd| {
+                QuantMatrix::Int(IntMatrix::quantize(w, n, kd, 8, 128, false).unwrap())
+            }),
+            0.03,
+        ),
+        (
+            "fp8-b128",
+            Box::new(|w, n, kd| QuantMatrix::Fp8(Fp8Matrix::quantize(w, n, kd).unwrap())),
+            0.10,
+        ),
+        (
+            "int4-g128-zp",
+            Box::new(|w, n, kd| {
+                QuantMatrix::Int(IntMatrix::quantize(w, n, kd, 4, 128, true).unwrap())
+            }),
+            0.35,
+        ),
+        (
+            "mxfp4",
+            Box::new(|w, n, kd| QuantMatrix::Mxfp4(Mxfp4Matrix::quantize(w, n, kd).unwrap())),
+            0.40,
+        ),
+        ("ternary-90%", Box::new(ternary), 1.5),
+    ];
+    let mut errors = Vec::new();
+    for (name, pack, bound) in &formats {
+        let packed = LayerWeights::<bf16> {
+            experts: Experts::Packed {
+                gate_up: gate_up.iter().map(|w| pack(w, 2 * i, h)).collect(),
+                down: down.iter().map(|w| pack(w, h, i)).collect(),
+            },
+            ..plain.clone()
+        };
+        let got = reference::forward(&cfg, &packed, &x).unwrap();
+        assert_eq!(
+            got.routing.ids, want.routing.ids,
+            "{name}: the router is not compressed"
+        );
+        let err = got
+            .y
+            .iter()
+            .zip(&want.y)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f64>()
+            .sqrt()
+            / norm;
+        eprintln!(
+            "layer output error against bf16, {name}: {:.2}%",
+            100.0 * err
+        );
+        assert!(err > 0.0 && err < *bound, "{name}: {err}");
+        errors.push(err);
+    }
+    // More bits, less error.
+    assert!(errors[0] < errors[1] && errors[1] < errors[2] && errors[2] < errors[4]);
+}
