@@ -119,7 +119,7 @@ fn cpu_forward_matches_transformers_on_every_fixture() {
         assert!(e16 <= 0.03, "{}: bf16 output off by {e16:.2e}", f.name);
         checked += 1;
     }
-    assert!(checked >= 14, "only {checked} fixtures checked");
+    assert!(checked >= 19, "only {checked} fixtures checked");
 }
 
 #[test]

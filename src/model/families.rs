@@ -22,7 +22,10 @@ use crate::routing::RouterConfig;
 /// | Qwen3-MoE | qwen3_moe | as Qwen2-MoE | per expert | |
 /// | OLMoE | olmoe | as Qwen2-MoE | per expert | |
 /// | DeepSeek-V2 | deepseek_v2 | softmax, greedy or group-limited, × scaling | per expert | shared experts, dense first layers |
-/// | DeepSeek-V3 | deepseek_v3, glm4_moe | sigmoid + correction bias, groups, f32 | per expert | shared experts, dense first layers |
+/// | DeepSeek-V3 | deepseek_v3, deepseek_v32, glm4_moe, glm4_moe_lite | sigmoid + correction bias, groups, f32 | per expert | shared experts, dense first layers (`mlp_layer_types` where given) |
+/// | Qwen3-Next | qwen3_next | as Qwen2-MoE, renormalised by default | per expert | shared expert with sigmoid gate |
+/// | Qwen3.5-MoE | qwen3_5_moe (text part) | softmax, top-k, always renormalised | per expert | shared expert with sigmoid gate |
+/// | MiniMax-M2 | minimax_m2 | sigmoid + correction bias (on the block), renormalised; logits in the model dtype | `w1`/`w3`/`w2` per expert | |
 /// | gpt-oss | gpt_oss | top-k on biased logits, softmax | fused `[E, H, 2I]`, interleaved | biases, clamped SwiGLU |
 /// | Llama 4 | llama4_text, llama4 | top-k, sigmoid, scales the input | fused `[E, H, 2I]` | shared expert, interleaved MoE layers |
 /// | GraniteMoE | granitemoe | top-k, softmax | fused `[E, 2I, H]` | |
@@ -37,6 +40,9 @@ pub enum Family {
     GptOss,
     Llama4,
     GraniteMoe,
+    Qwen3Next,
+    Qwen35Moe,
+    MiniMaxM2,
 }
 
 impl Family {
@@ -52,6 +58,11 @@ impl Family {
         "llama4_text",
         "llama4",
         "granitemoe",
+        "deepseek_v32",
+        "glm4_moe_lite",
+        "qwen3_next",
+        "qwen3_5_moe",
+        "minimax_m2",
     ];
 
     pub fn from_model_type(t: &str) -> Option<Family> {
@@ -61,7 +72,10 @@ impl Family {
             "qwen3_moe" => Family::Qwen3Moe,
             "olmoe" => Family::Olmoe,
             "deepseek_v2" => Family::DeepseekV2,
-            "deepseek_v3" | "glm4_moe" => Family::DeepseekV3,
+            "deepseek_v3" | "deepseek_v32" | "glm4_moe" | "glm4_moe_lite" => Family::DeepseekV3,
+            "qwen3_next" => Family::Qwen3Next,
+            "qwen3_5_moe" | "qwen3_5_moe_text" => Family::Qwen35Moe,
+            "minimax_m2" => Family::MiniMaxM2,
             "gpt_oss" => Family::GptOss,
             "llama4_text" | "llama4" => Family::Llama4,
             "granitemoe" => Family::GraniteMoe,
@@ -69,10 +83,10 @@ impl Family {
         })
     }
 
-    /// The configuration the decoder reads: Llama 4's multimodal config nests it.
+    /// The configuration the decoder reads: Llama 4's and Qwen3.5's multimodal configs nest it.
     pub(crate) fn text_config<'a>(&self, top: &Config<'a>) -> Result<Config<'a>> {
         match (self, top.get("text_config")) {
-            (Family::Llama4, Some(v)) if v.is_object() => Ok(Config {
+            (Family::Llama4 | Family::Qwen35Moe, Some(v)) if v.is_object() => Ok(Config {
                 file: format!("{} (text_config)", top.file),
                 v,
             }),
@@ -86,23 +100,50 @@ impl Family {
     pub(crate) fn layer_prefix(&self, model_type: &str) -> &'static str {
         match model_type {
             "llama4" => "language_model.model.layers",
+            "qwen3_5_moe" => "model.language_model.layers",
             _ => "model.layers",
         }
     }
 
     pub(crate) fn is_moe(&self, c: &Config, layer: usize) -> Result<bool> {
         Ok(match self {
-            Family::Mixtral | Family::Olmoe | Family::GptOss | Family::GraniteMoe => true,
-            Family::Qwen2Moe | Family::Qwen3Moe => {
+            Family::Mixtral
+            | Family::Olmoe
+            | Family::GptOss
+            | Family::GraniteMoe
+            | Family::Qwen35Moe
+            | Family::MiniMaxM2 => true,
+            Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen3Next => {
                 let step = c.usize_or("decoder_sparse_step", 1)?.max(1);
                 !c.usizes("mlp_only_layers")?.contains(&layer)
                     && self.qwen_experts(c)? > 0
                     && (layer + 1).is_multiple_of(step)
             }
             // transformers reads neither `moe_layer_freq` nor `n_routed_experts` here.
-            Family::DeepseekV2 | Family::DeepseekV3 => {
-                layer >= c.usize_or("first_k_dense_replace", deepseek_defaults(c)?.first_dense)?
-            }
+            // DeepSeek-V3.2 and GLM-4.7-Flash list each layer in `mlp_layer_types`; without it,
+            // GLM-4.7-Flash's layer 0 alone is dense.
+            Family::DeepseekV2 | Family::DeepseekV3 => match c.get("mlp_layer_types") {
+                Some(v) => {
+                    let kind = v
+                        .as_array()
+                        .and_then(|a| a.get(layer))
+                        .and_then(serde_json::Value::as_str)
+                        .ok_or_else(|| {
+                            c.refuse(
+                                "mlp_layer_types",
+                                "a list of \"dense\" or \"sparse\", one per layer",
+                                v,
+                            )
+                        })?;
+                    kind == "sparse"
+                }
+                // GLM-4.7-Flash's config class ignores `first_k_dense_replace`.
+                None if c.str_or("model_type", "")? == "glm4_moe_lite" => layer >= 1,
+                None => {
+                    layer
+                        >= c.usize_or("first_k_dense_replace", deepseek_defaults(c)?.first_dense)?
+                }
+            },
             Family::Llama4 => {
                 let listed = c.usizes("moe_layers")?;
                 if c.get("moe_layers").is_some() {
@@ -134,13 +175,19 @@ impl Family {
                 c.usize("intermediate_size")?,
                 RouterConfig::mixtral(k),
             ),
-            Family::Qwen2Moe | Family::Qwen3Moe => {
+            Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen3Next | Family::Qwen35Moe => {
+                // Qwen3-Next renormalises unless told otherwise; Qwen3.5 always does.
+                let renormalize = match self {
+                    Family::Qwen35Moe => true,
+                    Family::Qwen3Next => c.bool_or("norm_topk_prob", true)?,
+                    _ => c.bool_or("norm_topk_prob", false)?,
+                };
                 let mut cfg = base(
                     self.qwen_experts(c)?,
                     c.usize("moe_intermediate_size")?,
-                    RouterConfig::qwen(k, c.bool_or("norm_topk_prob", false)?),
+                    RouterConfig::qwen(k, renormalize),
                 );
-                if *self == Family::Qwen2Moe {
+                if *self != Family::Qwen3Moe {
                     cfg.shared = Some(SharedExpert {
                         intermediate: c.usize("shared_expert_intermediate_size")?,
                         gated: true,
@@ -239,16 +286,30 @@ impl Family {
                 c.usize("intermediate_size")?,
                 RouterConfig::gpt_oss(k),
             ),
+            // One group: the grouped sigmoid rule reduces to the biased top-k, renormalised.
+            Family::MiniMaxM2 => MoeConfig {
+                correction_bias: true,
+                ..base(
+                    c.usize_any(&["num_local_experts", "num_experts"])?,
+                    c.usize("intermediate_size")?,
+                    RouterConfig::deepseek_v3(k, 1, 1, true, 1.0),
+                )
+            },
         })
     }
 
-    /// Qwen2-MoE's and Qwen3-MoE's expert count (`num_experts`, also spelled
-    /// `num_local_experts`), with their config classes' defaults (60 and 128).
+    /// The Qwen MoE families' expert count (`num_experts`, also spelled `num_local_experts`),
+    /// with their config classes' defaults.
     fn qwen_experts(&self, c: &Config) -> Result<usize> {
         match c.usize_any(&["num_experts", "num_local_experts"]) {
             Ok(e) => Ok(e),
             Err(_) if c.get("num_experts").is_none() && c.get("num_local_experts").is_none() => {
-                Ok(if *self == Family::Qwen2Moe { 60 } else { 128 })
+                Ok(match self {
+                    Family::Qwen2Moe => 60,
+                    Family::Qwen3Next => 512,
+                    Family::Qwen35Moe => 256,
+                    _ => 128,
+                })
             }
             Err(e) => Err(e),
         }
@@ -274,7 +335,16 @@ impl Family {
         };
         match self {
             Family::Mixtral => per_expert("block_sparse_moe", "gate", "w1", "w3", "w2"),
-            Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => {
+            Family::MiniMaxM2 => {
+                let mut n = per_expert("block_sparse_moe", "gate", "w1", "w3", "w2");
+                n.correction_bias = Some(format!("{p}.block_sparse_moe.e_score_correction_bias"));
+                n
+            }
+            Family::Qwen2Moe
+            | Family::Qwen3Moe
+            | Family::Olmoe
+            | Family::Qwen3Next
+            | Family::Qwen35Moe => {
                 let mut n = per_expert("mlp", "gate", "gate_proj", "up_proj", "down_proj");
                 if cfg.shared.is_some() {
                     n.shared = mlp_names(format!("{p}.mlp.shared_expert"));
@@ -335,12 +405,13 @@ struct DeepseekDefaults {
     shared: usize,
 }
 
-/// transformers 5.24's defaults: DeepseekV3Config, Glm4MoeConfig, DeepseekV2Config (whose
-/// `n_group` defaults to none; one group is the same rule).
+/// transformers 5.24's defaults: DeepseekV3Config (and V3.2), Glm4MoeConfig, Glm4MoeLiteConfig,
+/// DeepseekV2Config (whose `n_group` defaults to none; one group is the same rule).
 fn deepseek_defaults(c: &Config) -> Result<DeepseekDefaults> {
     let (first_dense, n_group, topk_group, scale, shared) = match c.str_or("model_type", "")? {
-        "deepseek_v3" => (3, 8, 4, 2.5, 1),
+        "deepseek_v3" | "deepseek_v32" => (3, 8, 4, 2.5, 1),
         "glm4_moe" => (1, 1, 1, 1.0, 1),
+        "glm4_moe_lite" => (1, 1, 1, 1.8, 1),
         _ => (0, 1, 1, 1.0, 2),
     };
     Ok(DeepseekDefaults {
