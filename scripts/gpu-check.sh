@@ -88,7 +88,7 @@ if [ "$bench" = 1 ]; then
         run "layer-$preset-gemm-v2" ./moe-kernels bench --preset "$preset" --gemm v2 \
             --tokens 128,1024,4096
     done
-    for format in int4 int8 mxfp4 fp8; do
+    for format in int4 int8 mxfp4 fp8 ternary; do
         for preset in qwen3-30b-a3b mixtral-8x7b; do
             run "layer-$preset-$format" ./moe-kernels bench --preset "$preset" --format "$format" \
                 --tokens 1,16,1024

@@ -2,6 +2,7 @@
 //! with CUDA events, beside the card's measured copy bandwidth and its matrix rate.
 
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaEvent, sys::CUevent_flags};
 use half::bf16;
@@ -9,7 +10,9 @@ use moe_kernels::activation::{GateLayout, GatedAct};
 use moe_kernels::gemm::{GemmVersion, ScaleAt};
 use moe_kernels::layer::{ExpertWeights, MoeConfig, MoeLayer, SharedExpert, Stage};
 use moe_kernels::model::Model;
-use moe_kernels::quant::{Fp8Matrix, IntMatrix, Mxfp4Matrix, QuantLayer, QuantMatrix};
+use moe_kernels::quant::{
+    Dictionary, Fp8Matrix, IntMatrix, Mxfp4Matrix, QuantLayer, QuantMatrix, TernaryMatrix,
+};
 use moe_kernels::rng::Rng;
 use moe_kernels::routing::RouterConfig;
 use moe_kernels::{Device, Error, Tensor, kernels};
@@ -28,7 +31,8 @@ pub struct BenchArgs {
     /// Token counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,16,128,1024,4096")]
     pub tokens: Vec<usize>,
-    /// Expert weight format: bf16, int4, int8, mxfp4 or fp8 (random codes of that format).
+    /// Expert weight format: bf16, int4, int8, mxfp4, fp8 or ternary (random codes of that
+    /// format).
     #[arg(long, default_value = "bf16")]
     pub format: String,
     /// The prefill GEMM: v1 (default) or v2 (cp.async pipeline, gate/up rows read through the
@@ -164,6 +168,28 @@ fn random_matrix(format: &str, n: usize, kd: usize, rng: &mut Rng) -> Result<Qua
                 vec![scale as f32 / 448.0; blocks],
             )?)
         }
+        "ternary" => {
+            // Every codeword a run of eight symbols (16 weights): 1 bit per weight, near QMoE's
+            // 0.8; rows of Kd/2 symbols need Kd a multiple of 16.
+            if !kd.is_multiple_of(16) {
+                return Err(Error::Unsupported {
+                    op: "bench",
+                    what: format!("random ternary experts with Kd = {kd} (a multiple of 16)"),
+                });
+            }
+            let per_row = kd / 16;
+            let codes: Vec<u16> = (0..n * per_row).map(|_| rng.next_u64() as u16).collect();
+            let offsets: Vec<u32> = (0..=n).map(|r| (r * per_row) as u32).collect();
+            let a = half::f16::from_f64(2.0 * scale);
+            QuantMatrix::Ternary(TernaryMatrix::new(
+                n,
+                kd,
+                [-a, a].repeat(n),
+                offsets,
+                codes,
+                ternary_dictionary(),
+            )?)
+        }
         other => {
             return Err(Error::Unsupported {
                 op: "bench",
@@ -171,6 +197,29 @@ fn random_matrix(format: &str, n: usize, kd: usize, rng: &mut Rng) -> Result<Qua
             });
         }
     })
+}
+
+/// One dictionary for every random ternary expert (a layer shares its dictionary): 65536 runs
+/// of eight symbols, each pair zero with probability 0.8 as in a ternarised expert.
+fn ternary_dictionary() -> Arc<Dictionary> {
+    static DICT: OnceLock<Arc<Dictionary>> = OnceLock::new();
+    DICT.get_or_init(|| {
+        let mut rng = Rng::new(0x7e27);
+        let entries: Vec<u64> = (0..1 << 16)
+            .map(|_| {
+                (0..8).fold(8u64, |e, j| {
+                    let sym = if rng.below(10) < 8 {
+                        0
+                    } else {
+                        1 + rng.below(8)
+                    };
+                    e | sym << (4 + 4 * j)
+                })
+            })
+            .collect();
+        Arc::new(Dictionary::new(entries).expect("runs of eight symbols below 9"))
+    })
+    .clone()
 }
 
 /// Replaces the routed experts of `layer` by random ones in `format`.
@@ -199,7 +248,7 @@ fn pack_experts(
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), Error> {
-    if !["bf16", "int4", "int8", "mxfp4", "fp8"].contains(&args.format.as_str()) {
+    if !["bf16", "int4", "int8", "mxfp4", "fp8", "ternary"].contains(&args.format.as_str()) {
         return Err(Error::Unsupported {
             op: "bench",
             what: format!("format {:?} (one of {FORMATS})", args.format),
@@ -547,7 +596,7 @@ mod tests {
     #[test]
     fn random_experts_are_finite_and_init_sized() {
         let mut rng = Rng::new(3);
-        for format in ["int4", "int8", "mxfp4", "fp8"] {
+        for format in ["int4", "int8", "mxfp4", "fp8", "ternary"] {
             let (n, kd) = (256, 384);
             let m = random_matrix(format, n, kd, &mut rng).unwrap();
             assert_eq!(m.shape(), (n, kd));
