@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, everything the GPU check needs into gpu-bundle/ (git-ignored):
-# the release test binaries, the bench binaries, the `moe-kernels` CLI, the transformers fixtures
-# and gpu-check.sh. Kernels
-# are compiled with the pinned toolchain (MOE_KERNELS_BUILD=require), binaries are stripped.
+# the release test binaries, the bench binaries, the `moe-kernels` CLI, the peer scripts and
+# gpu-check.sh. The bundle sits in a checkout of the repository on the GPU machine, whose
+# tests/fixtures the tests read (or set MOE_FIXTURES). Kernels are compiled with the pinned
+# toolchain (MOE_KERNELS_BUILD=require), binaries are stripped.
 #
 # Then, on the GPU machine, from the bundle folder:  ./gpu-check.sh LOGDIR
 # and the side-by-side with the peers (PyTorch, transformers):  peers/run.sh [--quick]
@@ -48,7 +49,6 @@ executables bench --no-run | while read -r kind name path; do
 done
 strip "$out/moe-kernels" "$out"/tests/* "$out"/benches/*
 cp scripts/gpu-check.sh "$out/"
-cp -r tests/fixtures "$out/fixtures"
 mkdir -p "$out/peers"
 cp benches/peers/*.py benches/peers/run.sh benches/peers/README.md "$out/peers/"
 {

@@ -47,8 +47,9 @@ run() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 } >"$logdir/environment.txt" 2>&1
 
-# The tests find the fixtures and the command in the bundle, not where they were built.
-export MOE_FIXTURES="$here/fixtures" MOE_KERNELS_BIN="$here/moe-kernels"
+# The tests find the fixtures in the checkout around the bundle and the command in the bundle,
+# not where they were built.
+export MOE_FIXTURES="${MOE_FIXTURES:-$here/../tests/fixtures}" MOE_KERNELS_BIN="$here/moe-kernels"
 
 run info ./moe-kernels info --ptxas
 if [ "$tests" = 1 ]; then
@@ -57,7 +58,7 @@ if [ "$tests" = 1 ]; then
         run "test-$(basename "$t")" env MOE_REQUIRE_GPU=1 "$t" --test-threads=1
     done
     # The command end to end on every fixture: cuda against the CPU forward.
-    for f in fixtures/*/io.safetensors; do
+    for f in "$MOE_FIXTURES"/*/io.safetensors; do
         dir=$(dirname "$f")
         layer=$(python3 -c 'import json, struct, sys
 b = open(sys.argv[1], "rb").read()
