@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use moe_kernels::layer::{MoeLayer, reference};
 use moe_kernels::model::{Model, OwnedTensor, TensorFile, write_tensors};
+use moe_kernels::routing::reference as route_ref;
 use moe_kernels::{DType, Device, Error, Float, kernels};
 
 /// Where the block runs.
@@ -238,14 +239,12 @@ fn check_against_cpu(
     let (mut max_err, mut compared, mut ties) = (0f64, 0, 0);
     let mut differ = Vec::new();
     for t in 0..xs.len() / h {
-        let sorted = |v: &[i32]| {
-            let mut v = v.to_vec();
-            v.sort_unstable();
-            v
-        };
-        if sorted(&gpu.ids[t * k..(t + 1) * k]) != sorted(&f.routing.ids[t * k..(t + 1) * k]) {
+        if !route_ref::same_experts(
+            &gpu.ids[t * k..(t + 1) * k],
+            &f.routing.ids[t * k..(t + 1) * k],
+        ) {
             // bf16 logits may flip a choice decided by less than a few of their roundings.
-            if f.routing.margin[t] < 0.06 {
+            if f.routing.margin[t] < route_ref::BF16_LOGIT_TIE {
                 ties += 1;
             } else {
                 differ.push(t);

@@ -570,35 +570,28 @@ impl<T: Float> MoeLayer<T> {
         self.ids.set_shape(&[t, k])?;
         self.weights.set_shape(&[t, k])?;
         let corr = w.correction_bias.as_ref();
+        // The two arms differ only in the logits' dtype.
+        macro_rules! route {
+            ($rw:expr, $bias:expr, $logits:expr) => {{
+                $logits.set_shape(&[t, et])?;
+                routing::route_hidden_into(
+                    dev,
+                    &mut self.ids,
+                    &mut self.weights,
+                    $logits,
+                    x,
+                    $rw,
+                    $bias.as_ref(),
+                    &cfg.router,
+                    corr,
+                )?;
+            }};
+        }
         match (&w.router, &mut self.logits) {
             (RouterWeights::Model { w: rw, bias }, Logits::Model(logits)) => {
-                logits.set_shape(&[t, et])?;
-                routing::route_hidden_into(
-                    dev,
-                    &mut self.ids,
-                    &mut self.weights,
-                    logits,
-                    x,
-                    rw,
-                    bias.as_ref(),
-                    &cfg.router,
-                    corr,
-                )?;
+                route!(rw, bias, logits)
             }
-            (RouterWeights::F32 { w: rw, bias }, Logits::F32(logits)) => {
-                logits.set_shape(&[t, et])?;
-                routing::route_hidden_into(
-                    dev,
-                    &mut self.ids,
-                    &mut self.weights,
-                    logits,
-                    x,
-                    rw,
-                    bias.as_ref(),
-                    &cfg.router,
-                    corr,
-                )?;
-            }
+            (RouterWeights::F32 { w: rw, bias }, Logits::F32(logits)) => route!(rw, bias, logits),
             _ => unreachable!("from_device sizes the logits for the router's dtype"),
         }
         mark(Stage::Route)?;

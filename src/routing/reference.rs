@@ -17,6 +17,21 @@ pub struct Routing {
     pub margin: Vec<f64>,
 }
 
+/// The routing margin (see [`Routing::margin`]) under which a router whose logits are rounded to
+/// bf16 may choose otherwise than this f64 reference: half a bf16 ulp is 0.016 at |logit| = 6
+/// and moves a gap by twice that; 0.06 leaves room.
+pub const BF16_LOGIT_TIE: f64 = 0.06;
+
+/// Whether two tokens' slots name the same experts, in any order.
+pub fn same_experts(a: &[i32], b: &[i32]) -> bool {
+    let sorted = |v: &[i32]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v
+    };
+    sorted(a) == sorted(b)
+}
+
 /// Routes `logits` (`[T, E]` row-major, `experts` = E) by `cfg`; `bias` is the `[E]` correction
 /// bias of the grouped sigmoid rule.
 pub fn route(
