@@ -20,38 +20,6 @@ use moe_kernels::permute::{Layout, Plan};
 use moe_kernels::rng::Rng;
 use moe_kernels::{Device, Tensor};
 
-struct Model {
-    name: &'static str,
-    h: usize,
-    i: usize,
-    e: usize,
-    k: usize,
-}
-
-const MODELS: [Model; 3] = [
-    Model {
-        name: "mixtral-8x7b",
-        h: 4096,
-        i: 14336,
-        e: 8,
-        k: 2,
-    },
-    Model {
-        name: "qwen3-30b-a3b",
-        h: 2048,
-        i: 768,
-        e: 128,
-        k: 8,
-    },
-    Model {
-        name: "deepseek-v3",
-        h: 7168,
-        i: 2048,
-        e: 256,
-        k: 8,
-    },
-];
-
 /// A plan of one block height and the buffers of one forward over it.
 struct Padded {
     plan: Plan,
@@ -63,7 +31,7 @@ struct Padded {
     out: Tensor<bf16>,
 }
 
-fn padded(dev: &Device, m: &Model, ids: &Tensor<i32>, t: usize, block_m: usize) -> Padded {
+fn padded(dev: &Device, m: &common::Model, ids: &Tensor<i32>, t: usize, block_m: usize) -> Padded {
     let mut plan = Plan::new(dev, t, m.k, m.e, m.e, block_m).unwrap();
     plan.build(dev, ids).unwrap();
     let rows = plan.rows(Layout::Padded);
@@ -82,7 +50,7 @@ const VARIANTS: [(&str, GemmVersion, bool); 3] = [
     ("v2-gather-free", GemmVersion::V2, true),
 ];
 
-fn bench_model(c: &mut Criterion, dev: &Device, m: &Model) {
+fn bench_model(c: &mut Criterion, dev: &Device, m: &common::Model) {
     // 0x3c3c is bf16 0.0115: finite, and the same for every element.
     let w1: Tensor<bf16> = dev.filled_bytes(&[m.e, 2 * m.i, m.h], 0x3c).unwrap();
     let w2: Tensor<bf16> = dev.filled_bytes(&[m.e, m.h, m.i], 0x3c).unwrap();
@@ -190,7 +158,7 @@ fn main() {
         return;
     };
     let mut c = Criterion::default().configure_from_args();
-    for m in &MODELS {
+    for m in &common::MODELS {
         bench_model(&mut c, &dev, m);
     }
     c.final_summary();

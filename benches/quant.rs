@@ -27,31 +27,6 @@ use moe_kernels::quant::{
 use moe_kernels::rng::Rng;
 use moe_kernels::{Device, Tensor};
 
-struct Model {
-    name: &'static str,
-    h: usize,
-    i: usize,
-    e: usize,
-    k: usize,
-}
-
-const MODELS: [Model; 2] = [
-    Model {
-        name: "mixtral-8x7b",
-        h: 4096,
-        i: 14336,
-        e: 8,
-        k: 2,
-    },
-    Model {
-        name: "qwen3-30b-a3b",
-        h: 2048,
-        i: 768,
-        e: 128,
-        k: 8,
-    },
-];
-
 const FORMATS: [&str; 6] = [
     "int4-g128",
     "int8-g128",
@@ -132,7 +107,7 @@ fn expert(rng: &mut Rng, format: &str, n: usize, kd: usize) -> QuantMatrix {
     }
 }
 
-fn bench_model(c: &mut Criterion, dev: &Device, m: &Model) {
+fn bench_model(c: &mut Criterion, dev: &Device, m: &common::Model) {
     let mut rng = Rng::new(5);
     let swiglu = Epilogue::Gated {
         act: GatedAct::Silu,
@@ -256,7 +231,8 @@ fn main() {
         return;
     };
     let mut c = Criterion::default().configure_from_args();
-    for m in &MODELS {
+    // Mixtral-8x7B and Qwen3-30B-A3B, the decode targets' shapes.
+    for m in &common::MODELS[..2] {
         bench_model(&mut c, &dev, m);
     }
     c.final_summary();

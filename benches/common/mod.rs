@@ -45,3 +45,37 @@ pub fn time_iters(
         })
         .expect("timed launches")
 }
+
+/// An MoE block's shape, from the model's published config.json.
+pub struct Model {
+    pub name: &'static str,
+    pub h: usize,
+    pub i: usize,
+    pub e: usize,
+    pub k: usize,
+}
+
+/// Mixtral-8x7B, Qwen3-30B-A3B and DeepSeek-V3.
+pub const MODELS: [Model; 3] = [
+    Model {
+        name: "mixtral-8x7b",
+        h: 4096,
+        i: 14336,
+        e: 8,
+        k: 2,
+    },
+    Model {
+        name: "qwen3-30b-a3b",
+        h: 2048,
+        i: 768,
+        e: 128,
+        k: 8,
+    },
+    Model {
+        name: "deepseek-v3",
+        h: 7168,
+        i: 2048,
+        e: 256,
+        k: 8,
+    },
+];
