@@ -30,6 +30,7 @@
 #include "dtype.cuh"
 #include "epilogue.cuh"
 #include "params.cuh"
+#include "ptx.cuh"
 #include "reduce.cuh"
 
 namespace moe {
@@ -41,34 +42,7 @@ constexpr int kGemmThreads = 128;        // 2 x 2 warps, 32 x 32 each
 constexpr int kGemmLd = kGemmBK + 8;     // 80-byte rows: ldmatrix's eight rows hit distinct banks
 constexpr int kChunks = kGemmBK / 8;     // 16-byte chunks per tile row
 
-template <typename T> struct Mma;
-
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
+using ptx::Mma;
 
 template <typename T, typename TO>
 __device__ __forceinline__ void grouped_gemm_v1(const GroupedGemmParams& p) {
@@ -122,7 +96,7 @@ __device__ __forceinline__ void grouped_gemm_v1(const GroupedGemmParams& p) {
             uint32_t af[2][4];  // (mi) 16 x 16 A fragments
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi)
-                ldmatrix_x4(af[mi], &sA[wm + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+                ptx::ldmatrix(af[mi], &sA[wm + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
             // Unrolled with a guard, so acc stays in registers (a runtime bound would index it
             // dynamically and put it in local memory).
 #pragma unroll
@@ -133,7 +107,7 @@ __device__ __forceinline__ void grouped_gemm_v1(const GroupedGemmParams& p) {
                     // Two n8 x k16 B fragments: matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
                     // (n 8-15, k 0-7), (n 8-15, k 8-15).
                     uint32_t bf[4];
-                    ldmatrix_x4(bf, &sB[mat][wn + nj * 16 + (lane >> 4) * 8 + (lane & 7)][kk + ((lane >> 3) & 1) * 8]);
+                    ptx::ldmatrix(bf, &sB[mat][wn + nj * 16 + (lane >> 4) * 8 + (lane & 7)][kk + ((lane >> 3) & 1) * 8]);
 #pragma unroll
                     for (int mi = 0; mi < 2; ++mi) {
                         Mma<T>::run(acc[mat][mi][2 * nj], af[mi], bf[0], bf[1]);
@@ -196,16 +170,6 @@ __device__ __forceinline__ int v2_swizzle(int row, int chunk) {
     return row * kV2BK + ((chunk ^ ((row >> 1) & 3)) << 3);
 }
 
-// 16 bytes global -> shared, asynchronously; src_bytes 0 reads nothing and writes zeros.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    const int src_bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 template <typename T, typename TO>
 __device__ __forceinline__ void grouped_gemm_v2(const GroupedGemmV2Params& q) {
     const GroupedGemmParams& p = q.g;
@@ -255,8 +219,8 @@ __device__ __forceinline__ void grouped_gemm_v2(const GroupedGemmV2Params& q) {
             const int row = lrow + i * kV2Half;
             const int off = stage * kV2TileElems + v2_swizzle(row, kc / 8);
             const bool a_ok = in_k && gA[i] != nullptr, b_ok = in_k && gB[i] != nullptr;
-            cp_async16(sA + off, a_ok ? static_cast<const void*>(gA[i] + k) : any, a_ok);
-            cp_async16(sB + off, b_ok ? static_cast<const void*>(gB[i] + k) : any, b_ok);
+            ptx::cp_async_cg16(sA + off, a_ok ? static_cast<const void*>(gA[i] + k) : any, a_ok ? 16 : 0);
+            ptx::cp_async_cg16(sB + off, b_ok ? static_cast<const void*>(gB[i] + k) : any, b_ok ? 16 : 0);
         }
     };
 
@@ -270,16 +234,16 @@ __device__ __forceinline__ void grouped_gemm_v2(const GroupedGemmV2Params& q) {
 #pragma unroll
     for (int s = 0; s < kV2Stages - 1; ++s) {
         if (s < ktiles) load_tile(s, s * kV2BK);
-        cp_async_commit();
+        ptx::cp_async_commit();
     }
     for (int kt = 0; kt < ktiles; ++kt) {
-        cp_async_wait<kV2Stages - 2>();  // this thread's copies of tile kt have landed
+        ptx::cp_async_wait<kV2Stages - 2>();  // this thread's copies of tile kt have landed
         // The one barrier per step: everyone's copies of tile kt are visible, and everyone has
         // finished reading stage (kt - 1) % S, which the copies issued next overwrite.
         __syncthreads();
         const int next = kt + kV2Stages - 1;
         if (next < ktiles) load_tile(next % kV2Stages, next * kV2BK);
-        cp_async_commit();
+        ptx::cp_async_commit();
 
         const T* sa = sA + (kt % kV2Stages) * kV2TileElems;
         const T* sb = sB + (kt % kV2Stages) * kV2TileElems;
@@ -288,7 +252,7 @@ __device__ __forceinline__ void grouped_gemm_v2(const GroupedGemmV2Params& q) {
             uint32_t af[2][4];  // (mi) 16 x 16 A fragments
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi)
-                ldmatrix_x4(af[mi], sa + v2_swizzle(wm + mi * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+                ptx::ldmatrix(af[mi], sa + v2_swizzle(wm + mi * 16 + (lane & 15), 2 * ks + (lane >> 4)));
 #pragma unroll
             for (int mat = 0; mat < 2; ++mat) {
 #pragma unroll
@@ -296,7 +260,7 @@ __device__ __forceinline__ void grouped_gemm_v2(const GroupedGemmV2Params& q) {
                     // Two n8 x k16 B fragments, as in v1.
                     uint32_t bf[4];
                     const int row = mat * kV2Half + wn + nj * 16 + (lane >> 4) * 8 + (lane & 7);
-                    ldmatrix_x4(bf, sb + v2_swizzle(row, 2 * ks + ((lane >> 3) & 1)));
+                    ptx::ldmatrix(bf, sb + v2_swizzle(row, 2 * ks + ((lane >> 3) & 1)));
 #pragma unroll
                     for (int mi = 0; mi < 2; ++mi) {
                         Mma<T>::run(acc[mat][mi][2 * nj], af[mi], bf[0], bf[1]);
@@ -306,7 +270,7 @@ __device__ __forceinline__ void grouped_gemm_v2(const GroupedGemmV2Params& q) {
             }
         }
     }
-    cp_async_wait<0>();  // only empty groups remain; leave nothing in flight all the same
+    ptx::cp_async_wait<0>();  // only empty groups remain; leave nothing in flight all the same
 
     TO* out = static_cast<TO*>(p.out);
     const int g = lane >> 2, tig = lane & 3;
