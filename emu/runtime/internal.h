@@ -1,0 +1,205 @@
+// The emulator's runtime: device memory, the block scheduler, warp collectives and the
+// instruction twins. Compiled without sanitizers; the kernels it runs are compiled with them
+// (emu/build.rs) and call into it through moe_emu/cuda.h and moe_emu/ptx.h.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "moe_emu/cuda.h"
+#include "moe_emu/ptx.h"
+
+namespace moe_emu {
+
+// Launch outcomes, mapped to CUDA driver error codes by the Rust driver (emu/src/lib.rs).
+enum Status : int {
+    kOk = 0,
+    kIllegalAddress = 1,     // an access outside every allocation, or outside the shared window
+    kMisaligned = 2,         // an access not aligned to its size
+    kLaunchFailed = 3,       // undefined behaviour, a misused collective, a deadlock
+    kInvalidValue = 4,       // a launch or call the hardware refuses
+    kOutOfResources = 5,     // shared memory past the block's limit
+    kOutOfMemory = 6,
+};
+
+// Device memory is host memory inside one reserved range: every allocation sits in its own
+// region of 64 KiB slots, between an inaccessible leading and trailing guard page, its end
+// 256-byte aligned up against the trailing guard. Fresh allocations are poisoned. Freed regions
+// stay inaccessible (a use after free faults) until the range is exhausted.
+struct Alloc {
+    uintptr_t base;
+    size_t size;
+    uintptr_t region;
+    size_t region_len;
+    bool live;
+};
+
+constexpr uint32_t kPoison32 = 0x7fff7fffu;  // NaN as f32, bf16 and f16; an absurd int
+constexpr size_t kSlotShift = 16;
+constexpr size_t kPage = 4096;
+
+struct Heap {
+    uintptr_t lo = 0;
+    size_t span = 0;
+    uint32_t* slots = nullptr;  // slot -> alloc index + 1, 0 for none
+    Alloc* allocs = nullptr;
+    size_t nallocs = 0, max_allocs = 0;
+    uintptr_t bump = 0;
+    size_t used = 0, limit = 0;
+    std::vector<std::pair<uintptr_t, size_t>> free_regions;
+    std::mutex mu;
+};
+extern Heap heap;
+
+// The allocation whose region holds `a`, or null.
+inline const Alloc* region_of(uintptr_t a) {
+    const uintptr_t off = a - heap.lo;
+    if (off >= heap.span) return nullptr;
+    const uint32_t id = heap.slots[off >> kSlotShift];
+    return id ? &heap.allocs[id - 1] : nullptr;
+}
+
+bool heap_init();
+Status heap_alloc(size_t n, uintptr_t* out, std::string* msg);
+Status heap_free(uintptr_t p, std::string* msg);
+// True when [p, p + n) lies inside one live allocation; else explains why not in *msg.
+bool heap_contains(uintptr_t p, size_t n, std::string* msg);
+void poison(void* p, size_t n);
+std::string describe_address(uintptr_t a, size_t n);
+
+// ---- threads, warps, blocks ----------------------------------------------------------------
+
+enum FiberState : uint8_t { kFresh, kReady, kWaitWarp, kWaitBarrier, kExited };
+enum CollOp : uint8_t { kCollShfl, kCollVote, kCollMatchAny, kCollMatchAll, kCollSyncWarp, kCollMma, kCollLdmatrix };
+
+// What one lane brings to a warp collective, and what it gets back.
+struct Coll {
+    uint8_t op;
+    uint8_t sub;     // shfl mode, vote mode, mma kind, ldmatrix count | trans << 4
+    uint32_t mask;
+    uint32_t in[10]; // operands (mma: a[4], b[2], c[4] as bits)
+    uint64_t wide;   // match: the 64-bit value
+    uint32_t out[4];
+};
+
+struct AsyncCopy {
+    uint8_t* dst;
+    uint8_t bytes[16];
+    uint8_t size;
+    uint32_t group;  // 0: not committed yet
+};
+
+struct Stack;
+
+struct Fiber {
+    void* sp = nullptr;
+    Stack* stack = nullptr;
+    uint3 idx{};
+    uint32_t tid = 0;
+    uint32_t lane = 0, warp = 0;
+    FiberState state = kExited;
+    Coll coll{};
+    std::vector<AsyncCopy> async;
+    uint32_t groups = 0;   // groups committed so far
+    uint32_t landed = 0;   // groups landed so far
+    long long clock = 0;
+};
+
+struct Warp {
+    uint32_t present = 0;  // lanes that exist
+    uint32_t exited = 0;
+    uint32_t waiting = 0;  // lanes blocked in a collective
+};
+
+struct Launch;
+
+enum Order : int { kForward = 0, kReverse = 1, kShuffle = 2 };
+
+struct Worker {
+    int index = 0;
+    void* sched_sp = nullptr;
+    std::vector<Fiber> fibers;
+    std::vector<Stack*> free_stacks;
+    std::vector<Stack*> all_stacks;
+    std::vector<uint32_t> order;
+    std::vector<Warp> warps;
+    // The block now running.
+    Launch* launch = nullptr;
+    uint64_t block_linear = 0;
+    uint32_t nthreads = 0, live = 0, at_barrier = 0;
+    uint64_t barriers = 0;
+    Fiber* current = nullptr;
+    // Shared memory: statics from the window's start, the dynamic part against its end.
+    uint8_t* sh_lo = nullptr;   // window start (after a guard page)
+    uint8_t* sh_hi = nullptr;   // window end (a guard page follows)
+    size_t static_used = 0;
+    uint8_t* dyn_base = nullptr;
+    size_t dyn_bytes = 0;
+    std::vector<std::pair<const void*, uint8_t*>> statics;
+    // Where a fault inside a kernel thread lands: a stack of its own.
+    uint8_t* fault_stack = nullptr;
+    size_t fault_stack_size = 0;
+    std::string fault_msg;
+    Status fault_status = kOk;
+};
+extern thread_local Worker* tls_worker __attribute__((tls_model("initial-exec")));
+
+constexpr size_t kSharedWindow = 256 * 1024;  // > 227 KB, the sm_90 opt-in maximum
+constexpr size_t kMaxSharedPerBlock = 232448;   // 227 KB
+constexpr size_t kMaxStaticShared = 48 * 1024;
+
+struct KernelDef;
+
+struct Launch {
+    const KernelDef* kernel;
+    dim3 grid, block;
+    uint32_t dyn_smem;
+    void* const* args;
+    Order order;
+    uint64_t seed;
+    uint64_t nblocks;
+    std::atomic<uint64_t> next{0};
+    std::atomic<bool> abort{false};
+    std::mutex mu;
+    Status status = kOk;
+    std::string msg;
+};
+
+// Fails the launch from inside a kernel thread: records the first failure with where it
+// happened, then abandons the block. Never returns.
+[[noreturn]] void fail(Status s, const std::string& what);
+// printf into a std::string.
+std::string strf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+// "thread (x,y,z) of block (x,y,z) of kernel NAME"
+std::string where();
+
+Fiber& current_fiber();
+void yield_to_scheduler();
+
+// Fibers (fiber.cpp).
+struct Stack {
+    uint8_t* base;  // lowest usable byte (a guard page lies below)
+    size_t size;
+};
+Stack* stack_new(size_t size);
+void fiber_prepare(Fiber& f, Stack* s);
+void fiber_switch(void** save_sp, void* load_sp);
+void install_fault_handlers();
+void worker_enter_kernel(Worker* w);  // sigaltstack and the fault landing for this thread
+
+// Run one launch (sched.cpp).
+Status run_launch(Launch& l);
+
+// Shared memory of the running block: whether [a, a + n) lies in it, and why not.
+bool shared_ok(const Worker& w, uintptr_t a, size_t n);
+std::string describe_shared(const Worker& w, uintptr_t a, size_t n);
+
+// Completes a warp collective once every lane of `mask` has arrived at it (warp.cpp).
+void complete_collective(Worker& w, uint32_t warp, uint32_t mask);
+void land_async(Fiber& f, uint32_t through_group);
+
+}  // namespace moe_emu
