@@ -119,7 +119,7 @@ fn main() {
     let mut r = cc::Build::new();
     r.cpp(true)
         .std("c++17")
-        .opt_level(2)
+        .opt_level(3)
         .debug(false)
         .include(&include)
         .flag("-fno-strict-aliasing")

@@ -81,8 +81,8 @@ struct TypeDescriptor {
 
 std::string loc(const SourceLocation& l) {
     const char* f = l.file ? l.file : "?";
-    // Paths from the kernels' line markers: keep the part from kernels/ or emu/.
-    for (const char* key : {"/kernels/", "/emu/"}) {
+    // Paths from the kernels' line markers: keep the part from emu/ or kernels/.
+    for (const char* key : {"/emu/", "/kernels/"}) {
         if (const char* k = strstr(f, key)) {
             f = k + 1;
             break;
@@ -201,8 +201,8 @@ MOE_EMU_UBSAN(divrem_overflow, (OverflowData * d, uintptr_t a, uintptr_t b), {
 })
 MOE_EMU_UBSAN(shift_out_of_bounds, (ShiftData * d, uintptr_t a, uintptr_t b), {
     ub(kLaunchFailed, d->loc,
-       strf("shift %s << or >> %s of type %s out of range", value(d->lhs, a).c_str(), value(d->rhs, b).c_str(),
-            tname(d->lhs)));
+       strf("a shift of %s by %s bits, out of range for type %s", value(d->lhs, a).c_str(),
+            value(d->rhs, b).c_str(), tname(d->lhs)));
 })
 MOE_EMU_UBSAN(out_of_bounds, (OutOfBoundsData * d, uintptr_t i), {
     ub(kIllegalAddress, d->loc, strf("index %s out of bounds for type %s", value(d->index, i).c_str(), tname(d->array)));

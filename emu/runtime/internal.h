@@ -133,6 +133,7 @@ struct Worker {
     uint32_t nthreads = 0, live = 0, at_barrier = 0;
     uint64_t barriers = 0;
     Fiber* current = nullptr;
+    uint32_t pos = 0;  // the running thread's position in `order`
     // Shared memory: statics from the window's start, the dynamic part against its end.
     uint8_t* sh_lo = nullptr;   // window start (after a guard page)
     uint8_t* sh_hi = nullptr;   // window end (a guard page follows)
@@ -177,7 +178,13 @@ std::string strf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 // "thread (x,y,z) of block (x,y,z) of kernel NAME"
 std::string where();
 
-Fiber& current_fiber();
+[[noreturn]] void outside_kernel();
+inline Fiber& current_fiber() {
+    Worker* w = tls_worker;
+    if (__builtin_expect(w == nullptr || w->current == nullptr, 0)) outside_kernel();
+    return *w->current;
+}
+// Blocks the running thread (at a barrier or collective) and runs the next one in order.
 void yield_to_scheduler();
 
 // Fibers (fiber.cpp).

@@ -137,16 +137,37 @@ Stack* take_stack(Worker& w) {
     return s;
 }
 
-void resume(Worker& w, Fiber& f) {
+// The order position of the next thread that can run, at or after `from`; nthreads if none.
+uint32_t next_runnable(const Worker& w, uint32_t from) {
+    for (uint32_t k = from; k < w.nthreads; ++k) {
+        const FiberState s = w.fibers[w.order[k]].state;
+        if (s == kFresh || s == kReady) return k;
+    }
+    return w.nthreads;
+}
+
+// Makes the thread at order position k the running one and returns it.
+Fiber& enter(Worker& w, uint32_t k) {
+    Fiber& f = w.fibers[w.order[k]];
     if (f.state == kFresh) fiber_prepare(f, take_stack(w));
     f.state = kReady;
+    w.pos = k;
     w.current = &f;
     builtins.thread_idx = f.idx;
+    return f;
+}
+
+// Runs threads from order position k on: each one that blocks hands the OS thread straight to
+// the next runnable one; control comes back here when a thread exits, when the pass reaches its
+// end, or when a check fails.
+void run_from(Worker& w, uint32_t k) {
+    Fiber& f = enter(w, k);
     fiber_switch(&w.sched_sp, f.sp);
+    Fiber* last = w.current;
     w.current = nullptr;
-    if (f.state == kExited && f.stack != nullptr) {
-        w.free_stacks.push_back(f.stack);
-        f.stack = nullptr;
+    if (last != nullptr && last->state == kExited && last->stack != nullptr) {
+        w.free_stacks.push_back(last->stack);
+        last->stack = nullptr;
     }
 }
 
@@ -169,8 +190,8 @@ void run_block(Worker& w, Launch& l, uint64_t b) {
     w.block_linear = b;
     const dim3 g = l.grid, bd = l.block;
     builtins.block_idx = uint3{unsigned(b % g.x), unsigned((b / g.x) % g.y), unsigned(b / (uint64_t(g.x) * g.y))};
-    builtins.block_dim = bd;
-    builtins.grid_dim = g;
+    builtins.block_dim = uint3{bd.x, bd.y, bd.z};
+    builtins.grid_dim = uint3{g.x, g.y, g.z};
     const uint32_t n = bd.x * bd.y * bd.z;
     w.nthreads = n;
     w.live = n;
@@ -211,10 +232,8 @@ void run_block(Worker& w, Launch& l, uint64_t b) {
 
     for (;;) {
         bool progress = false;
-        for (uint32_t k = 0; k < n; ++k) {
-            Fiber& f = w.fibers[w.order[k]];
-            if (f.state != kFresh && f.state != kReady) continue;
-            resume(w, f);
+        for (uint32_t k = next_runnable(w, 0); k < n; k = next_runnable(w, w.pos + 1)) {
+            run_from(w, k);
             progress = true;
             if (l.abort.load(std::memory_order_relaxed)) return;
         }
@@ -358,19 +377,22 @@ void fail(Status s, const std::string& what) {
     __builtin_trap();
 }
 
-Fiber& current_fiber() {
-    Worker* w = tls_worker;
-    if (w == nullptr || w->current == nullptr) {
-        fprintf(stderr, "moe-emu: a device intrinsic was called outside a kernel thread\n");
-        abort();
-    }
-    return *w->current;
+void outside_kernel() {
+    fprintf(stderr, "moe-emu: a device intrinsic was called outside a kernel thread\n");
+    abort();
 }
 
 void yield_to_scheduler() {
     Worker& w = *tls_worker;
     Fiber& f = *w.current;
-    fiber_switch(&f.sp, w.sched_sp);
+    const uint32_t k = next_runnable(w, w.pos + 1);
+    if (k < w.nthreads) {
+        Fiber& g = enter(w, k);
+        fiber_switch(&f.sp, g.sp);
+    } else {
+        fiber_switch(&f.sp, w.sched_sp);
+    }
+    // Resumed: whoever switched here made this thread the running one again.
 }
 
 void syncthreads() {

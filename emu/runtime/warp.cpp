@@ -11,6 +11,9 @@
 // the block all fail the launch. Vote, match and __syncwarp wait only for live lanes, as the
 // CUDA programming guide says (exited lanes vote 0).
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cmath>
 
 #include "internal.h"
@@ -45,57 +48,68 @@ bool ready(const Worker& w, uint32_t warp, const Coll& c) {
     return true;
 }
 
-double bf16_or_f16(int kind, uint32_t h) {
-    h &= 0xffffu;
-    if (kind == kMmaBf16) {
-        const uint32_t u = h << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-    // IEEE binary16
-    const uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ff;
-    const double sign = (h & 0x8000) ? -1.0 : 1.0;
-    if (e == 0x1f) return m ? NAN : sign * INFINITY;
-    if (e == 0) return sign * std::ldexp(double(m), -24);
-    return sign * std::ldexp(double(m | 0x400), int(e) - 25);
+// A bf16 or f16 element as f32 (exact for both), by the host build's own conversions.
+float unpack16(int kind, uint32_t h) {
+    const unsigned short bits = static_cast<unsigned short>(h & 0xffffu);
+    return kind == kMmaBf16 ? __bfloat162float(__nv_bfloat16{bits}) : __half2float(__half{bits});
 }
 
 // "Matrix Fragments for mma.m16n8k16 with floating point type" (PTX ISA 9.7.14.5.8); g = lane/4,
-// t = lane%4. The products of bf16/f16 values are exact in f64; the sum of the 16 products and
-// the accumulator is taken in f64 and rounded once to f32 (the tensor cores' own summation
-// order and rounding are not modelled).
+// t = lane%4. Each output is the accumulator plus the 16 products in k order, summed in f64
+// (the products of bf16/f16 values are exact there) and rounded once to f32; the tensor cores'
+// own summation order and rounding are not modelled. A row of A that is all zeros (the padding
+// rows of the contiguous layout) against finite B adds only signed zeros: its result is the
+// accumulator, with IEEE's rule for the sign of a zero sum, without the multiplications.
 void mma(Worker& w, uint32_t warp, int kind) {
-    double A[16][16], B[16][8], C[16][8];
+    float A[16][16], B[16][8], C[16][8];
     for (uint32_t l = 0; l < 32; ++l) {
         const Coll& c = w.fibers[warp * 32 + l].coll;
         const uint32_t g = l >> 2, t = l & 3;
         for (uint32_t r = 0; r < 4; ++r) {
             const uint32_t row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
-            A[row][col] = bf16_or_f16(kind, c.in[r]);
-            A[row][col + 1] = bf16_or_f16(kind, c.in[r] >> 16);
+            A[row][col] = unpack16(kind, c.in[r]);
+            A[row][col + 1] = unpack16(kind, c.in[r] >> 16);
         }
         for (uint32_t r = 0; r < 2; ++r) {
             const uint32_t k = 2 * t + 8 * r;
-            B[k][g] = bf16_or_f16(kind, c.in[4 + r]);
-            B[k + 1][g] = bf16_or_f16(kind, c.in[4 + r] >> 16);
+            B[k][g] = unpack16(kind, c.in[4 + r]);
+            B[k + 1][g] = unpack16(kind, c.in[4 + r] >> 16);
         }
-        for (uint32_t i = 0; i < 4; ++i) {
-            float v;
-            memcpy(&v, &c.in[6 + i], 4);
-            C[g + 8 * (i >> 1)][2 * t + (i & 1)] = v;
+        for (uint32_t i = 0; i < 4; ++i) memcpy(&C[g + 8 * (i >> 1)][2 * t + (i & 1)], &c.in[6 + i], 4);
+    }
+    bool b_finite = true;
+    for (uint32_t k = 0; k < 16; ++k)
+        for (uint32_t n = 0; n < 8; ++n) b_finite = b_finite && std::isfinite(B[k][n]);
+    float D[16][8];
+    for (uint32_t m = 0; m < 16; ++m) {
+        bool zero_row = b_finite;
+        for (uint32_t k = 0; k < 16 && zero_row; ++k) zero_row = A[m][k] == 0.f;
+        if (zero_row) {
+            for (uint32_t n = 0; n < 8; ++n) {
+                float d = C[m][n];
+                if (d == 0.f && std::signbit(d)) {
+                    // A sum of zeros is -0 only when every term is -0; a product is -0 when its
+                    // factors' signs differ.
+                    uint32_t k = 0;
+                    while (k < 16 && std::signbit(A[m][k]) != std::signbit(B[k][n])) ++k;
+                    if (k < 16) d = 0.f;
+                }
+                D[m][n] = d;
+            }
+            continue;
         }
+        double acc[8];
+        for (uint32_t n = 0; n < 8; ++n) acc[n] = C[m][n];
+        for (uint32_t k = 0; k < 16; ++k) {
+            const double a = A[m][k];
+            for (uint32_t n = 0; n < 8; ++n) acc[n] += a * double(B[k][n]);
+        }
+        for (uint32_t n = 0; n < 8; ++n) D[m][n] = float(acc[n]);
     }
     for (uint32_t l = 0; l < 32; ++l) {
         Coll& c = w.fibers[warp * 32 + l].coll;
         const uint32_t g = l >> 2, t = l & 3;
-        for (uint32_t i = 0; i < 4; ++i) {
-            const uint32_t m = g + 8 * (i >> 1), n = 2 * t + (i & 1);
-            double d = C[m][n];
-            for (uint32_t k = 0; k < 16; ++k) d += A[m][k] * B[k][n];
-            const float f = float(d);
-            memcpy(&c.out[i], &f, 4);
-        }
+        for (uint32_t i = 0; i < 4; ++i) memcpy(&c.out[i], &D[g + 8 * (i >> 1)][2 * t + (i & 1)], 4);
     }
 }
 

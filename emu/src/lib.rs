@@ -24,7 +24,7 @@
 #![allow(non_snake_case)]
 #![allow(clippy::missing_safety_doc)] // every export is a CUDA driver function: cuda.h is their contract
 
-mod stubs;
+pub mod stubs;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -225,6 +225,52 @@ fn status(rc: c_int, msg: &[u8]) -> CUresult {
     fail(code, text())
 }
 
+// ---- MOE_EMU_PROFILE=1: the time each kernel took, printed when the process exits --------------
+
+mod profile {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    static TIMES: Mutex<Option<HashMap<String, (u64, Duration)>>> = Mutex::new(None);
+
+    unsafe extern "C" {
+        fn atexit(f: extern "C" fn()) -> std::ffi::c_int;
+    }
+
+    pub fn start() {
+        if std::env::var("MOE_EMU_PROFILE").is_ok_and(|v| v == "1") {
+            *TIMES.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
+            // SAFETY: registers a plain function with no arguments.
+            unsafe { atexit(report) };
+        }
+    }
+
+    pub fn add(kernel: &str, t: Duration) {
+        if let Some(m) = TIMES.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            let e = m.entry(kernel.to_string()).or_default();
+            e.0 += 1;
+            e.1 += t;
+        }
+    }
+
+    extern "C" fn report() {
+        let Some(m) = TIMES.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let mut rows: Vec<_> = m.into_iter().collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1.1));
+        let total: Duration = rows.iter().map(|r| r.1.1).sum();
+        eprintln!(
+            "moe-emu profile (CPU emulator wall time, not GPU time): {:.2} s in kernels",
+            total.as_secs_f64()
+        );
+        for (name, (n, t)) in rows.iter().take(25) {
+            eprintln!("  {:>9.3} s {:>7} launches  {name}", t.as_secs_f64(), n);
+        }
+    }
+}
+
 // ---- state --------------------------------------------------------------------------------------
 
 struct Function {
@@ -412,6 +458,7 @@ fn run(d: &Driver, op: &Op) -> CUresult {
             let ptrs: Vec<*mut c_void> = params.iter().map(|p| p.as_ptr() as *mut c_void).collect();
             let (order, seed) = d.order().code();
             let mut m = msg_buf();
+            let start = Instant::now();
             // SAFETY: def comes from the kernel table; ptrs point at one copy of each parameter,
             // of the size and alignment the table gives; grid and block hold three values each;
             // the runtime writes at most m.len() bytes into m.
@@ -428,6 +475,7 @@ fn run(d: &Driver, op: &Op) -> CUresult {
                     m.len(),
                 )
             };
+            profile::add(def.name(), start.elapsed());
             status(rc, &m)
         }
         Op::Memset {
@@ -534,6 +582,7 @@ pub unsafe extern "C" fn cuInit(_flags: c_uint) -> CUresult {
         Ok(o) => d.order = Some(o),
         Err(e) => return fail(E::CUDA_ERROR_INVALID_VALUE, e),
     }
+    profile::start();
     d.init = true;
     E::CUDA_SUCCESS
 }

@@ -33,6 +33,7 @@ struct uint3 { unsigned x, y, z; };
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+    constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
 };
 struct alignas(8) uint2 { unsigned x, y; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
@@ -54,11 +55,12 @@ namespace moe_emu {
 
 // The built-in variables of the thread now running on this OS thread. The scheduler sets
 // thread_idx before it switches to a thread; all threads of a block run on one OS thread.
+// Plain uint3s, so that the thread-local needs no initialisation call at each access.
 struct Builtins {
     uint3 thread_idx;
     uint3 block_idx;
-    dim3 block_dim;
-    dim3 grid_dim;
+    uint3 block_dim;
+    uint3 grid_dim;
 };
 extern thread_local Builtins builtins __attribute__((tls_model("initial-exec")));
 
@@ -182,8 +184,8 @@ constexpr uint32_t shfl_c(int width, bool up) { return (uint32_t(32 - width) << 
 
 #define threadIdx (static_cast<const uint3&>(::moe_emu::builtins.thread_idx))
 #define blockIdx (static_cast<const uint3&>(::moe_emu::builtins.block_idx))
-#define blockDim (static_cast<const dim3&>(::moe_emu::builtins.block_dim))
-#define gridDim (static_cast<const dim3&>(::moe_emu::builtins.grid_dim))
+#define blockDim (static_cast<const uint3&>(::moe_emu::builtins.block_dim))
+#define gridDim (static_cast<const uint3&>(::moe_emu::builtins.grid_dim))
 constexpr int warpSize = 32;
 
 // ---- synchronisation and warp intrinsics --------------------------------------------------------
