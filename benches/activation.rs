@@ -33,14 +33,15 @@ fn ceiling_copy(c: &mut Criterion, dev: &Device) {
 fn softmax<T: Float>(c: &mut Criterion, dev: &Device) {
     let mut g = c.benchmark_group("activation/softmax");
     // Router widths (E = 8, 60, 128, 256) at many tokens, a hidden-sized row, a vocabulary row.
-    for (rows, cols) in [
+    let all = [
         (16384, 8),
         (16384, 60),
         (16384, 128),
         (16384, 256),
         (4096, 4096),
         (256, 151_936),
-    ] {
+    ];
+    for (rows, cols) in common::sizes(dev, &all, |&(r, c)| r * c <= 1 << 20) {
         let bytes = rows * cols * std::mem::size_of::<T>();
         let copies = common::rotation(dev, 2 * bytes);
         let mut rng = Rng::new(1);
@@ -70,7 +71,7 @@ fn main() {
     let Some(dev) = common::gpu("activation") else {
         return;
     };
-    let mut c = Criterion::default().configure_from_args();
+    let mut c = common::criterion(&dev);
     ceiling_copy(&mut c, &dev);
     softmax::<f32>(&mut c, &dev);
     softmax::<bf16>(&mut c, &dev);

@@ -55,7 +55,7 @@ fn bench_model(c: &mut Criterion, dev: &Device, m: &common::Model) {
     let w1: Tensor<bf16> = dev.filled_bytes(&[m.e, 2 * m.i, m.h], 0x3c).unwrap();
     let w2: Tensor<bf16> = dev.filled_bytes(&[m.e, m.h, m.i], 0x3c).unwrap();
     let mut rng = Rng::new(3);
-    for t in [1usize, 16, 128, 1024, 4096, 16384] {
+    for t in common::sizes(dev, &[1usize, 16, 128, 1024, 4096, 16384], |&t| t <= 128) {
         let ids: Vec<i32> = (0..t * m.k).map(|_| rng.below(m.e as u64) as i32).collect();
         let idd = dev.upload(&ids, &[t, m.k]).unwrap();
         let mut p64 = padded(dev, m, &idd, t, GemmVersion::V1.block_m());
@@ -157,8 +157,8 @@ fn main() {
     let Some(dev) = common::gpu("grouped_gemm") else {
         return;
     };
-    let mut c = Criterion::default().configure_from_args();
-    for m in &common::MODELS {
+    let mut c = common::criterion(&dev);
+    for m in common::models(&dev) {
         bench_model(&mut c, &dev, m);
     }
     c.final_summary();

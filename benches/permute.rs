@@ -24,7 +24,7 @@ fn bench_plan(c: &mut Criterion, dev: &Device) {
     let mut g = c.benchmark_group("permute/plan");
     let mut rng = Rng::new(1);
     for k in [2usize, 8] {
-        for t in TOKENS {
+        for t in common::sizes(dev, &TOKENS, |&t| t <= 512) {
             let ids = dev.upload(&random_ids(&mut rng, t * k), &[t, k]).unwrap();
             let mut plan = Plan::new(dev, t, k, E, E, 128).unwrap();
             // ids read; sorted, inverse, padded maps written.
@@ -40,8 +40,8 @@ fn bench_plan(c: &mut Criterion, dev: &Device) {
 fn bench_gather_combine(c: &mut Criterion, dev: &Device) {
     let mut rng = Rng::new(2);
     for k in [2usize, 8] {
-        for h in [2048usize, 4096, 7168] {
-            for t in TOKENS {
+        for h in common::sizes(dev, &[2048usize, 4096, 7168], |&h| h == 2048) {
+            for t in common::sizes(dev, &TOKENS, |&t| t <= 512) {
                 let s = t * k;
                 let ids_h = random_ids(&mut rng, s);
                 let ids = dev.upload(&ids_h, &[t, k]).unwrap();
@@ -109,7 +109,7 @@ fn main() {
     let Some(dev) = common::gpu("permute") else {
         return;
     };
-    let mut c = Criterion::default().configure_from_args();
+    let mut c = common::criterion(&dev);
     bench_plan(&mut c, &dev);
     bench_gather_combine(&mut c, &dev);
     c.final_summary();

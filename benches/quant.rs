@@ -230,9 +230,14 @@ fn main() {
     let Some(dev) = common::gpu("quant") else {
         return;
     };
-    let mut c = Criterion::default().configure_from_args();
-    // Mixtral-8x7B and Qwen3-30B-A3B, the decode targets' shapes.
-    for m in &common::MODELS[..2] {
+    let mut c = common::criterion(&dev);
+    // Mixtral-8x7B and Qwen3-30B-A3B, the decode targets' shapes (on the emulator, its small one).
+    let models = if dev.info().emulated {
+        &common::EMULATED_MODELS[..]
+    } else {
+        &common::MODELS[..2]
+    };
+    for m in models {
         bench_model(&mut c, &dev, m);
     }
     c.final_summary();

@@ -24,7 +24,7 @@ fn bench_route<T: Float>(
     let bias_h: Vec<f32> = (0..e).map(|_| rng.uniform(-0.05, 0.05) as f32).collect();
     let bias = dev.upload(&bias_h, &[e]).unwrap();
     let bias = cfg.needs_bias().then_some(&bias);
-    for t in [1usize, 64, 4096, 16384] {
+    for t in common::sizes(dev, &[1usize, 64, 4096, 16384], |&t| t <= 64) {
         let bytes = t * e * std::mem::size_of::<T>() + t * cfg.k * 8;
         let copies = common::rotation(dev, bytes);
         let xs: Vec<Tensor<T>> = (0..copies)
@@ -56,7 +56,7 @@ fn main() {
     let Some(dev) = common::gpu("routing") else {
         return;
     };
-    let mut c = Criterion::default().configure_from_args();
+    let mut c = common::criterion(&dev);
     bench_route::<bf16>(&mut c, &dev, "mixtral-E8-K2", 8, RouterConfig::mixtral(2));
     bench_route::<bf16>(
         &mut c,

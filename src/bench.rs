@@ -17,7 +17,7 @@ use moe_kernels::rng::Rng;
 use moe_kernels::routing::RouterConfig;
 use moe_kernels::{Device, Error, Tensor, kernels};
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct BenchArgs {
     /// mixtral-8x7b, qwen3-30b-a3b, qwen2-moe, deepseek-v3, gpt-oss-120b, olmoe, llama4-scout.
     #[arg(long, default_value = "qwen3-30b-a3b")]
@@ -28,9 +28,9 @@ pub struct BenchArgs {
     /// With --model: the decoder layer (default: its first MoE layer).
     #[arg(long)]
     pub layer: Option<usize>,
-    /// Token counts, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,16,128,1024,4096")]
-    pub tokens: Vec<usize>,
+    /// Token counts, comma-separated (default 1,16,128,1024,4096; on the CPU emulator 1,16).
+    #[arg(long, value_delimiter = ',')]
+    pub tokens: Option<Vec<usize>>,
     /// Expert weight format: bf16, int4, int8, mxfp4, fp8 or ternary (random codes of that
     /// format).
     #[arg(long, default_value = "bf16")]
@@ -39,9 +39,10 @@ pub struct BenchArgs {
     /// plan).
     #[arg(long, default_value = "v1")]
     pub gemm: String,
-    /// Timed iterations per token count (the median is reported).
-    #[arg(long, default_value_t = 20)]
-    pub iters: usize,
+    /// Timed iterations per token count, the median reported (default 20; on the CPU
+    /// emulator 2).
+    #[arg(long)]
+    pub iters: Option<usize>,
     /// The card's dense bf16 matrix rate in TFLOP/s, as measured elsewhere (for example by
     /// benches/peers); default: the datasheet figure for H100/H200 SXM, else none.
     #[arg(long)]
@@ -271,8 +272,18 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             module: "all",
         });
     }
-    let max_t = args.tokens.iter().copied().max().unwrap_or(0);
-    if max_t == 0 || args.iters == 0 {
+    // The CPU emulator runs every kernel thread by thread: the defaults stay at decode sizes.
+    let emulated = dev.info().emulated;
+    let tokens = args.tokens.clone().unwrap_or_else(|| {
+        if emulated {
+            vec![1, 16]
+        } else {
+            vec![1, 16, 128, 1024, 4096]
+        }
+    });
+    let iters = args.iters.unwrap_or(if emulated { 2 } else { 20 });
+    let max_t = tokens.iter().copied().max().unwrap_or(0);
+    if max_t == 0 || iters == 0 {
         return Err(Error::Unsupported {
             op: "bench",
             what: "--tokens needs a count >= 1 and --iters >= 1".into(),
@@ -319,10 +330,15 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
         (n.contains("H100") || n.contains("H200")).then_some(989.4)
     });
     let mut results = Vec::new();
-    for &t in &args.tokens {
-        let rows = time_stages(&dev, &mut layer, t, args.iters)?;
+    for &t in &tokens {
+        let rows = time_stages(&dev, &mut layer, t, iters)?;
         results.push((t, rows));
     }
+    let args = &BenchArgs {
+        tokens: Some(tokens),
+        iters: Some(iters),
+        ..args.clone()
+    };
     if args.json {
         print_json(&dev, &name, &cfg, copy_gbs, matrix, args, &results);
     } else {
@@ -497,6 +513,12 @@ fn header(dev: &Device, name: &str, cfg: &MoeConfig, copy: f64, matrix: Option<f
             .map_or(String::new(), |s| format!(" shared Is={}", s.intermediate)),
         dev.info().name
     );
+    if dev.info().emulated {
+        println!(
+            "NOTE: the device is the CPU emulator: every time below is the emulator's, measured on \
+             the host, and is not a GPU figure"
+        );
+    }
     println!(
         "ceilings: copy {copy:.0} GB/s (measured, read+write); matrix {}",
         matrix.map_or("unknown (pass --matrix-tflops)".into(), |m| format!(
@@ -570,6 +592,7 @@ fn print_json(
     let v = serde_json::json!({
         "name": name,
         "device": dev.info().name,
+        "emulated": dev.info().emulated,
         "driver": dev.info().driver_version,
         "format": args.format,
         "gemm": args.gemm,

@@ -13,6 +13,12 @@ pub fn qwen3_30b_a3b() -> MoeConfig {
     MoeConfig::new(2048, 768, 128, RouterConfig::qwen(8, true))
 }
 
+/// The same routing rule and shape ratios at a size the CPU emulator runs in seconds: hidden
+/// 512, 32 experts of intermediate 192, top-4, renormalised.
+pub fn small_qwen3_style() -> MoeConfig {
+    MoeConfig::new(512, 192, 32, RouterConfig::qwen(4, true))
+}
+
 /// Uniform weights with the variance of a 1/sqrt(fan-in) init (uniform because drawing 600 M
 /// normals on the host takes long); the router 4x wider, so routing margins are realistic.
 pub fn random_weights(cfg: &MoeConfig, seed: u64) -> LayerWeights<bf16> {

@@ -4,13 +4,23 @@
 
 use std::time::Duration;
 
+use criterion::Criterion;
 use moe_kernels::{Device, Result, kernels};
 
 /// The device, or `None` after printing one `SKIPPED: <reason>` line; with `MOE_REQUIRE_GPU=1`
-/// a missing device exits with an error instead.
+/// a missing device exits with an error instead. On the CPU emulator it says so first.
 pub fn gpu(bench: &str) -> Option<Device> {
     let reason = match Device::new(0) {
-        Ok(dev) if kernels::built() => return Some(dev),
+        Ok(dev) if kernels::built() => {
+            if dev.info().emulated {
+                println!(
+                    "NOTE: {bench}: the device is the CPU emulator: the kernels run on the host, at \
+                     the smallest shapes only, and every time below is the emulator's, not a GPU \
+                     figure"
+                );
+            }
+            return Some(dev);
+        }
         Ok(_) => "kernels were not compiled into this build".to_string(),
         Err(e) => e.to_string(),
     };
@@ -79,3 +89,44 @@ pub const MODELS: [Model; 3] = [
         k: 8,
     },
 ];
+
+/// A block the CPU emulator runs in moments, with Qwen3-30B-A3B's routing and shape ratios. The
+/// three real models (`MODELS`) are for hardware only.
+pub const EMULATED_MODELS: [Model; 1] = [Model {
+    name: "small",
+    h: 512,
+    i: 192,
+    e: 32,
+    k: 4,
+}];
+
+/// The models to bench on this device.
+pub fn models(dev: &Device) -> &'static [Model] {
+    if dev.info().emulated {
+        &EMULATED_MODELS
+    } else {
+        &MODELS
+    }
+}
+
+/// The sizes to bench on this device: all of them on hardware, those `small` keeps on the
+/// emulator.
+pub fn sizes<T: Copy>(dev: &Device, all: &[T], small: impl Fn(&T) -> bool) -> Vec<T> {
+    all.iter()
+        .copied()
+        .filter(|v| !dev.info().emulated || small(v))
+        .collect()
+}
+
+/// Criterion as the command line sets it; on the emulator, a few short samples.
+pub fn criterion(dev: &Device) -> Criterion {
+    let c = Criterion::default();
+    let c = if dev.info().emulated {
+        c.sample_size(10)
+            .warm_up_time(Duration::from_millis(100))
+            .measurement_time(Duration::from_millis(500))
+    } else {
+        c
+    };
+    c.configure_from_args()
+}

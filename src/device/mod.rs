@@ -23,6 +23,9 @@ use crate::dtype::Elem;
 use crate::error::{DriverResultExt, Error, Result};
 use crate::kernels::Module;
 
+/// How the CPU emulator's device names itself (emu/src/lib.rs, `DEVICE_NAME`).
+const EMULATOR_NAME_PREFIX: &str = "moe-emu";
+
 /// What the driver says about a device.
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
@@ -34,6 +37,9 @@ pub struct DeviceInfo {
     pub l2_bytes: i32,
     /// e.g. 13000 for CUDA 13.0.
     pub driver_version: i32,
+    /// True on the crate's CPU emulator (emu/, run through `scripts/emulate`): the kernels run on
+    /// the host, so their results are checked but their times are not GPU figures.
+    pub emulated: bool,
 }
 
 /// True when the CUDA driver library can be loaded. Every entry into the driver checks this
@@ -242,9 +248,11 @@ fn query_info(
     let mut driver_version = 0;
     // SAFETY: writes one int through a valid pointer.
     unsafe { sys::cuDriverGetVersion(&mut driver_version) }.result()?;
+    let name = ctx.name()?;
     Ok(DeviceInfo {
         ordinal,
-        name: ctx.name()?,
+        emulated: name.starts_with(EMULATOR_NAME_PREFIX),
+        name,
         compute_capability: ctx.compute_capability()?,
         sm_count: ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
         total_mem_bytes: ctx.total_mem()?,
