@@ -65,7 +65,8 @@ b = open(sys.argv[1], "rb").read()
 n = struct.unpack("<Q", b[:8])[0]
 print(json.loads(b[8:8 + n])["__metadata__"]["layer"])' "$f")
         run "forward-check-$(basename "$dir")" ./moe-kernels forward --model "$dir" \
-            --layer "$layer" --input "$f" --output "$logdir/$(basename "$dir").safetensors" --check
+            --layer "$layer" --input "$f" --output "$logdir/$(basename "$dir").safetensors" \
+            --dtype bf16 --check
     done
 fi
 if [ "$sanitize" = 1 ]; then

@@ -647,3 +647,40 @@ fn absent_config_keys_take_the_config_class_defaults() {
     let e = open_err(&d);
     assert!(e.contains("num_hidden_layers"), "{e}");
 }
+
+/// The command's cuda path on every fixture, against its CPU forward (`--check`): the same
+/// experts but at near-ties, the output within 3% of its scale. On the CPU emulator this runs
+/// every kernel of the layer as the command runs them.
+#[test]
+fn gpu_forward_check_on_every_fixture() {
+    if common::gpu("gpu_forward_check_on_every_fixture").is_none() {
+        return;
+    }
+    let mut names: Vec<String> = std::fs::read_dir(common::fixtures_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("io.safetensors").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 19, "fixtures: {names:?}");
+    for name in &names {
+        // bf16: the cuda path computes in bf16 or f16, and some fixtures are stored in f32.
+        let args = ["--device", "cuda", "--dtype", "bf16", "--check"];
+        let (ok, stdout, err, out) = forward_fixture(name, &args);
+        let _ = std::fs::remove_file(&out);
+        assert!(
+            ok,
+            "{name}: forward --device cuda --check failed:\n{stdout}{err}"
+        );
+        assert!(
+            !err.contains("running on cpu"),
+            "{name}: fell back to the CPU: {err}"
+        );
+        let check = stdout.lines().find(|l| l.starts_with("check:"));
+        println!(
+            "{name}: {}",
+            check.unwrap_or_else(|| panic!("{name}: no check line in {stdout}"))
+        );
+    }
+}
