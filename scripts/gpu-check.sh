@@ -1,43 +1,56 @@
 #!/usr/bin/env bash
-# The GPU check, run from inside the folder scripts/gpu-bundle.sh made, on a machine with a GPU,
-# the CUDA driver and compute-sanitizer (no Rust toolchain needed):
-#   1. every test binary with MOE_REQUIRE_GPU=1 (a skipped GPU test fails);
-#   2. the GPU tests again under compute-sanitizer memcheck, racecheck and synccheck;
-#   3. the benches, briefly;
-# then a short summary last. Full logs go to LOGDIR (default ./logs).
+# The GPU check: one call, within a time budget (default 470 s, inside one 8-minute command),
+# run from inside the folder scripts/gpu-bundle.sh made, on a machine with a GPU, the CUDA
+# driver and compute-sanitizer (no Rust toolchain needed). In priority order:
+#   1. every test binary with MOE_REQUIRE_GPU=1 (a skipped GPU test fails; the model tests run
+#      the command's forward --check on every fixture);
+#   2. compute-sanitizer memcheck and racecheck on one GPU test per family;
+#   3. the layer bench at T = 1, 16, 256, 4096 for four presets, beside the copy bandwidth it
+#      measures;
+#   4. the quick peer comparison (peers/run.sh --quick), which measures the dense bf16 rate.
+# A step that no longer fits the budget is skipped and said so; a running step is stopped at
+# the budget. The summary comes last, ready for GPU_LOG.md; full logs go to LOGDIR.
 #
-# usage: ./gpu-check.sh [LOGDIR] [--no-bench] [--no-sanitizer] [--no-tests]
-#
-# A GPU machine allows 10 minutes per command: run the tests and sanitizers in one call
-# (--no-bench) and the benches in another (--no-tests --no-sanitizer).
+# usage: ./gpu-check.sh [LOGDIR] [--budget SECONDS] [--criterion]
+#   --criterion  the criterion benches instead (their own call: they take minutes)
 set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
 logdir="$here/logs"
-bench=1
-sanitize=1
-tests=1
-for arg in "$@"; do
-    case "$arg" in
-        --no-bench) bench=0 ;;
-        --no-sanitizer) sanitize=0 ;;
-        --no-tests) tests=0 ;;
-        *) logdir="$arg" ;;
+budget=470
+criterion=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --budget) budget=$2; shift 2 ;;
+        --criterion) criterion=1; shift ;;
+        *) logdir=$1; shift ;;
     esac
 done
 mkdir -p "$logdir"
 cd "$here"
 summary=()
 failed=0
+SECONDS=0
 
+# run NAME ESTIMATE_SECONDS COMMAND...: skipped when the estimate no longer fits the budget;
+# stopped at the budget.
 run() {
-    local name=$1
-    shift
-    local t0=$SECONDS
-    if "$@" >"$logdir/$name.log" 2>&1; then
+    local name=$1 estimate=$2
+    shift 2
+    local left=$((budget - SECONDS))
+    if [ "$estimate" -gt "$left" ]; then
+        summary+=("SKIP  $name: about ${estimate}s, ${left}s of the budget left")
+        return
+    fi
+    local t0=$SECONDS rc=0
+    timeout --kill-after=5 "$left" "$@" >"$logdir/$name.log" 2>&1 || rc=$?
+    if [ "$rc" = 0 ]; then
         summary+=("PASS  $name ($((SECONDS - t0))s)")
+    elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        summary+=("STOP  $name at the budget after $((SECONDS - t0))s: see $logdir/$name.log")
+        failed=1
     else
-        summary+=("FAIL  $name (exit $?, $((SECONDS - t0))s): see $logdir/$name.log")
+        summary+=("FAIL  $name (exit $rc, $((SECONDS - t0))s): see $logdir/$name.log")
         failed=1
     fi
 }
@@ -50,59 +63,49 @@ run() {
 # The tests find the fixtures in the checkout around the bundle and the command in the bundle,
 # not where they were built.
 export MOE_FIXTURES="${MOE_FIXTURES:-$here/../tests/fixtures}" MOE_KERNELS_BIN="$here/moe-kernels"
+export MOE_REQUIRE_GPU=1
 
-run info ./moe-kernels info --ptxas
-if [ "$tests" = 1 ]; then
-    run demo ./moe-kernels
+run info 5 ./moe-kernels info --ptxas
+if [ "$criterion" = 1 ]; then
+    for b in benches/*; do
+        run "bench-$(basename "$b")" 60 env CRITERION_HOME="$logdir/criterion" "$b" --bench \
+            --warm-up-time 0.3 --measurement-time 1 --noplot
+    done
+else
+    # 1. Every test, and the main job.
     for t in tests/*; do
-        run "test-$(basename "$t")" env MOE_REQUIRE_GPU=1 "$t" --test-threads=1
+        run "test-$(basename "$t")" 20 "$t" --test-threads=4
     done
-    # The command end to end on every fixture: cuda against the CPU forward.
-    for f in "$MOE_FIXTURES"/*/io.safetensors; do
-        dir=$(dirname "$f")
-        layer=$(python3 -c 'import json, struct, sys
-b = open(sys.argv[1], "rb").read()
-n = struct.unpack("<Q", b[:8])[0]
-print(json.loads(b[8:8 + n])["__metadata__"]["layer"])' "$f")
-        run "forward-check-$(basename "$dir")" ./moe-kernels forward --model "$dir" \
-            --layer "$layer" --input "$f" --output "$logdir/$(basename "$dir").safetensors" \
-            --dtype bf16 --check
-    done
-fi
-if [ "$sanitize" = 1 ]; then
+    run demo 30 ./moe-kernels
+    # 2. One GPU test per family under memcheck and racecheck.
     if command -v compute-sanitizer >/dev/null; then
-        for tool in memcheck racecheck synccheck; do
-            for t in tests/*; do
-                run "$tool-$(basename "$t")" env MOE_REQUIRE_GPU=1 compute-sanitizer \
-                    --tool "$tool" --error-exitcode 3 "$t" gpu_ --test-threads=1
-            done
+        for tool in memcheck racecheck; do
+            while read -r bin test; do
+                [ -x "tests/$bin" ] || continue
+                run "$tool-$bin" 25 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+                    "tests/$bin" "$test" --exact --test-threads=1
+            done <<'EOF'
+activation gpu_softmax_matches_reference
+routing gpu_routing_matches_reference
+permute gpu_plan_matches_reference_bit_for_bit
+grouped_gemm gpu_grouped_gemm_pipeline_edges
+quant gpu_quant_gemv_matches_reference_per_format_and_mixed
+layer gpu_layer_workspace_serves_every_smaller_batch
+EOF
         done
     else
         summary+=("FAIL  compute-sanitizer not found on PATH")
         failed=1
     fi
-fi
-if [ "$bench" = 1 ]; then
-    for preset in qwen3-30b-a3b mixtral-8x7b deepseek-v3 gpt-oss-120b olmoe qwen2-moe llama4-scout; do
-        run "layer-$preset" ./moe-kernels bench --preset "$preset" --tokens 1,16,128,1024,4096
+    # 3. The layer at decode and prefill sizes.
+    for preset in qwen3-30b-a3b mixtral-8x7b deepseek-v3 gpt-oss-120b; do
+        run "layer-$preset" 30 ./moe-kernels bench --preset "$preset" --tokens 1,16,256,4096
     done
-    for preset in qwen3-30b-a3b mixtral-8x7b deepseek-v3; do
-        run "layer-$preset-gemm-v2" ./moe-kernels bench --preset "$preset" --gemm v2 \
-            --tokens 128,1024,4096
-    done
-    for format in int4 int8 mxfp4 fp8 ternary; do
-        for preset in qwen3-30b-a3b mixtral-8x7b; do
-            run "layer-$preset-$format" ./moe-kernels bench --preset "$preset" --format "$format" \
-                --tokens 1,16,1024
-        done
-    done
-    for b in benches/*; do
-        run "bench-$(basename "$b")" env MOE_REQUIRE_GPU=1 CRITERION_HOME="$logdir/criterion" "$b" --bench \
-            --warm-up-time 0.3 --measurement-time 1 --noplot
-    done
+    # 4. The peers on the same shapes.
+    run peers-quick 130 peers/run.sh --quick --binary "$here/moe-kernels" --out "$logdir/peers.md"
 fi
 
-echo "== gpu-check: $(head -1 BUNDLE_INFO)"
+echo "== gpu-check: $(head -1 BUNDLE_INFO), ${SECONDS}s of a ${budget}s budget"
 sed -n 2,3p "$logdir/environment.txt"
 for log in "$logdir"/layer-*.log; do
     [ -e "$log" ] || continue
@@ -114,8 +117,11 @@ for log in "$logdir"/bench-*.log; do
     # criterion prints the id on its own line, then indented time/thrpt lines: keep id + median.
     awk '/^[^ ]/ {id=$1} /thrpt:/ {print "  " id ": " $(NF-3) " " $(NF-2)}' "$log"
 done
-grep -h "ERROR SUMMARY" "$logdir"/memcheck-*.log "$logdir"/racecheck-*.log "$logdir"/synccheck-*.log 2>/dev/null \
+[ -e "$logdir/peers.md" ] && sed 's/^/  /' "$logdir/peers.md"
+grep -h "ERROR SUMMARY" "$logdir"/memcheck-*.log "$logdir"/racecheck-*.log 2>/dev/null \
     | sort | uniq -c | sed 's/^/  sanitizer:/'
+grep -h "^test result" "$logdir"/test-*.log 2>/dev/null \
+    | awk '{p += $4; f += $6} END {printf "  tests: %d passed, %d failed\n", p, f}'
 printf '%s\n' "${summary[@]}"
 if [ "$failed" = 0 ]; then echo "gpu-check: all passed"; else echo "gpu-check: FAILURES"; fi
 exit "$failed"
