@@ -1,11 +1,11 @@
 //! Gated activations on a gate/up pair, and elementwise activations.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::reference;
 use crate::device::{Device, Tensor};
 use crate::dtype::Float;
-use crate::error::{DriverResultExt, Error, Result};
+use crate::error::{Error, Result};
 use crate::kernels::Module;
 use crate::params::{ActParams, GatedActParams};
 
@@ -206,7 +206,7 @@ pub fn gated_act_into<T: Float>(
     // columns below 2I and I; vectors only for split layouts with I*size and both bases 16-byte
     // aligned, so gate and up rows start aligned too. I <= 2^30 keeps the column counters in
     // range; rows < 2^31 blocks of 32..256 threads.
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }
 
@@ -252,6 +252,6 @@ pub fn act_into<T: Float>(
     // SAFETY: `act_{dtype}` takes one ActParams (mirrored in src/params.rs). in and out hold n
     // elements (same shape, checked); the grid-stride loop touches indices below n only, 16-byte
     // vectors only when both bases are aligned (the tail is scalar).
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }

@@ -5,12 +5,12 @@ pub mod reference;
 
 pub use gated::{Act, GateLayout, GatedAct, act_into, gated_act_into};
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use crate::check::Tolerance;
 use crate::device::{Device, Tensor};
 use crate::dtype::Float;
-use crate::error::{DriverResultExt, Error, Result};
+use crate::error::{Error, Result};
 use crate::kernels::Module;
 use crate::params::SoftmaxParams;
 
@@ -98,7 +98,7 @@ pub fn softmax_into<T: Float>(dev: &Device, out: &mut Tensor<T>, x: &Tensor<T>) 
     // access is chosen only when both base pointers and the row pitch are 16-byte aligned. The
     // grid (rows <= i32::MAX) and block (32..=1024 threads, a multiple of 32 as block_merge
     // needs) are within the limits of every supported architecture.
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }
 

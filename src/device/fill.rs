@@ -1,10 +1,10 @@
 //! Seeded uniform fills on the device, for weights of real model shapes in benches.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::{Device, Tensor};
 use crate::dtype::Float;
-use crate::error::{DriverResultExt, Error, Result};
+use crate::error::{Error, Result};
 use crate::kernels::Module;
 use crate::params::FillParams;
 
@@ -61,7 +61,7 @@ impl Device {
         // SAFETY: `fill_uniform_{dtype}` takes one FillParams (mirrored in src/params.rs) and
         // writes out[i] for i < n only (grid-stride loop); out holds n elements of T, the dtype
         // named by the kernel.
-        unsafe { self.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+        unsafe { self.launch(OP, &func, cfg, &params) }?;
         Ok(())
     }
 }

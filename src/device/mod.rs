@@ -9,10 +9,14 @@ mod tensor;
 mod timer;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUdevice_attribute as Attr};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError, LaunchConfig,
+    PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 
 pub use fill::uniform_at;
@@ -49,6 +53,24 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// How much work the crate has put on a [`Device`]'s stream: kernel launches and memsets,
+/// counted as they are enqueued (captured ones too).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkCounts {
+    pub launches: u64,
+    pub memsets: u64,
+}
+
+impl std::ops::Sub for WorkCounts {
+    type Output = WorkCounts;
+    fn sub(self, o: WorkCounts) -> WorkCounts {
+        WorkCounts {
+            launches: self.launches - o.launches,
+            memsets: self.memsets - o.memsets,
+        }
+    }
+}
+
 /// A CUDA context and the stream every op of the crate runs on.
 pub struct Device {
     ctx: Arc<CudaContext>,
@@ -56,6 +78,8 @@ pub struct Device {
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     info: DeviceInfo,
+    launches: AtomicU64,
+    memsets: AtomicU64,
 }
 
 impl std::fmt::Debug for Device {
@@ -92,7 +116,37 @@ impl Device {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             info,
+            launches: AtomicU64::new(0),
+            memsets: AtomicU64::new(0),
         })
+    }
+
+    /// The launches and memsets enqueued on this device so far; the difference of two readings
+    /// counts what a stretch of work enqueued.
+    pub fn work_counts(&self) -> WorkCounts {
+        WorkCounts {
+            launches: self.launches.load(Ordering::Relaxed),
+            memsets: self.memsets.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Launches `func` on the stream with `params` as its single argument, and counts it.
+    ///
+    /// # Safety
+    /// `func` must take exactly one argument of type `P`, and with `params` and `cfg` every
+    /// access the kernel makes must stay inside the buffers `params` points at, which must
+    /// belong to this device and outlive the launch (every op's `// SAFETY:` says why).
+    pub(crate) unsafe fn launch<P: DeviceRepr>(
+        &self,
+        op: &'static str,
+        func: &CudaFunction,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        self.launches.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract.
+        unsafe { self.stream.launch_builder(func).arg(params).launch(cfg) }.op(op)?;
+        Ok(())
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -172,6 +226,7 @@ impl Device {
         if bytes == 0 {
             return Ok(());
         }
+        self.memsets.fetch_add(1, Ordering::Relaxed);
         let ptr = t.device_ptr_mut(self);
         // SAFETY: `ptr` addresses `bytes` bytes owned by `t`, allocated on this device; every
         // bit pattern is valid for an `Elem` (they are all `Pod`).

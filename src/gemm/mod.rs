@@ -22,8 +22,8 @@
 
 pub mod reference;
 
+use cudarc::driver::LaunchConfig;
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::activation::{Act, GateLayout, GatedAct};
 use crate::device::{Device, Tensor};
@@ -210,7 +210,7 @@ pub fn grouped_gemm_version_into<T: Float, TO: Float>(
             // keeps every 16-byte load aligned and in its row. row_slots is the plan's [P] map
             // and the slot weights hold T*K entries, indexed by slots in [0, T*K). grid.y <=
             // 65535 was checked.
-            unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+            unsafe { dev.launch(OP, &func, cfg, &params) }?;
         }
         GemmVersion::V2 => {
             let too_big = |v: usize| Error::shape(OP, "x", "a size below 2^31", format!("{v}"));
@@ -261,7 +261,7 @@ pub fn grouped_gemm_version_into<T: Float, TO: Float>(
             // skipped rows are copied with src-size 0 from a valid base, so read nothing.
             // Kd % 8 == 0 with whole-allocation bases keeps every 16-byte copy aligned and inside
             // its row. grid.y <= 65535 was checked.
-            unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+            unsafe { dev.launch(OP, &func, cfg, &params) }?;
         }
     }
     Ok(())
@@ -307,7 +307,7 @@ pub fn grouped_gemv_into<T: Float, TO: Float>(
     // offsets, whose rows lie in [0, S); warp w handles column 8x + w < N_out, reading weight
     // rows below N and 16-byte chunks of rows that Kd % 8 == 0 keeps aligned and inside.
     // row_slots is the plan's sorted map ([S]); slot weights hold T*K entries.
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }
 

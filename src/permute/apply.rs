@@ -1,11 +1,11 @@
 //! Gather into plan order and combine back into token order.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::{Layout, Plan};
 use crate::device::{Device, Tensor};
 use crate::dtype::Float;
-use crate::error::{DriverResultExt, Error, Result};
+use crate::error::{Error, Result};
 use crate::kernels::Module;
 use crate::params::{CombineParams, GatherParams};
 
@@ -90,7 +90,7 @@ pub fn gather_into<T: Float>(
     // r writes only row r < rows, and reads x row slot / K only for 0 <= slot < T*K (others
     // are counted in status). Vector copies only when H*size and both bases are 16-byte
     // aligned.
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }
 
@@ -243,6 +243,6 @@ pub fn combine_into<T: Float>(
     // Block t reads only token t's slots and rows; a row >= rows or an id outside [-1, E_total)
     // is counted in status and skipped. Vector access only when H*size and every base are
     // 16-byte aligned.
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }

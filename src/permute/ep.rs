@@ -1,10 +1,10 @@
 //! Expert parallelism, the local half: what each rank is sent, in what order.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::Plan;
 use crate::device::{Device, Tensor};
-use crate::error::{DriverResultExt, Error, Result};
+use crate::error::{Error, Result};
 use crate::kernels::Module;
 use crate::params::EpSendParams;
 
@@ -76,6 +76,6 @@ pub fn ep_send_into(
     // offsets[e] .. offsets[e] + counts[e] (inside the plan's S rows), and writes
     // send_counts[r] for r < R and send_slots at positions below the sum of the counts of
     // experts with a valid rank, which is <= S <= S_max. One block of 1024 threads.
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }

@@ -1,10 +1,10 @@
 //! The routing plan on the device.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::{Layout, MAX_PLAN_EXPERTS, reference};
 use crate::device::{Device, Tensor};
-use crate::error::{DriverResultExt, Error, Result};
+use crate::error::{Error, Result};
 use crate::kernels::Module;
 use crate::params::{MaskedParams, PlanIdentityParams, PlanParams};
 
@@ -278,23 +278,11 @@ impl Plan {
         // C <= 2^31 / 256 blocks and one block. With S = 0 only the scan runs.
         unsafe {
             if chunks > 0 {
-                dev.stream()
-                    .launch_builder(&count)
-                    .arg(&params)
-                    .launch(chunk_cfg)
-                    .op(OP)?;
+                dev.launch(OP, &count, chunk_cfg, &params)?;
             }
-            dev.stream()
-                .launch_builder(&scan)
-                .arg(&params)
-                .launch(scan_cfg)
-                .op(OP)?;
+            dev.launch(OP, &scan, scan_cfg, &params)?;
             if chunks > 0 {
-                dev.stream()
-                    .launch_builder(&scatter)
-                    .arg(&params)
-                    .launch(chunk_cfg)
-                    .op(OP)?;
+                dev.launch(OP, &scatter, chunk_cfg, &params)?;
             }
         }
         self.build_masked(dev)
@@ -363,7 +351,7 @@ impl Plan {
         // and slot_padded_rows [S_max], padded_slots [P_max] and block_experts
         // [P_max / block_m], P_max a multiple of block_m; the kernel writes index i of each only
         // below those lengths (grid-stride loop), and element 0/1 of the small arrays.
-        unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+        unsafe { dev.launch(OP, &func, cfg, &params) }?;
         Ok(())
     }
 
@@ -395,7 +383,7 @@ impl Plan {
         // sorted_slots[offsets[e] + j] for j < min(counts[e], M), inside the plan's rows, and
         // writes slot_masked_rows[slot] for those slots s < S <= S_max. It runs after the plan's
         // kernels on the same stream.
-        unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+        unsafe { dev.launch(OP, &func, cfg, &params) }?;
         Ok(())
     }
 

@@ -2,13 +2,13 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::params::{QuantDequantParams, QuantExpert, QuantGemvParams, format};
 use super::{Dictionary, QuantMatrix};
 use crate::device::{Device, Tensor};
 use crate::dtype::{DType, Float};
-use crate::error::{DriverResultExt, Error, Result};
+use crate::error::{Error, Result};
 use crate::gemm::{self, GemmOptions};
 use crate::kernels::Module;
 use crate::permute::{Layout, Plan};
@@ -268,7 +268,7 @@ pub fn dequantize_into<T: Float>(
     // 16-byte aligned from a 256-byte-aligned base. Block (x, e) handles rows 8x + w < N of
     // expert e < E = grid.y; lanes step through Kd in 8-column chunks (Kd % 8 == 0); the
     // kernel skips and counts any ternary codeword or run that would leave its row.
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }
 
@@ -312,7 +312,7 @@ pub fn quant_gemv_into<T: Float, TO: Float>(
     // decodes weight rows below N (weight_row of a column below N_out) through offsets that
     // QuantLayer::upload built from validated containers (see dequantize_into); ternary
     // codewords and runs that would leave their row are skipped and counted.
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }
 

@@ -1,9 +1,9 @@
 //! Capacity factor with token dropping (Switch Transformer, GShard).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use crate::device::{Device, Tensor};
-use crate::error::{DriverResultExt, Error, Result};
+use crate::error::{Error, Result};
 use crate::kernels::Module;
 use crate::params::CapacityParams;
 
@@ -114,6 +114,6 @@ pub fn apply_capacity_into(
     // buffers hold `slots` elements (shapes checked equal); block e only reads slot i < slots
     // and writes slot i where ids[i] == e, or (block 0) where ids[i] is outside [0, E); no two
     // blocks write one slot. grid = E >= 1 blocks of 256 threads.
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }

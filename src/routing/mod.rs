@@ -18,11 +18,11 @@ pub use config::{MAX_EXPERTS, MAX_GROUPS, MAX_K, RouterConfig, RouterRule};
 pub use projection::{route_hidden_into, router_logits_into};
 pub use stats::{RouterStats, router_stats_into};
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use crate::device::{Device, Tensor};
 use crate::dtype::Float;
-use crate::error::{DriverResultExt, Error, Result};
+use crate::error::{Error, Result};
 use crate::kernels::Module;
 use crate::params::{RouteParams, route_rule};
 
@@ -162,6 +162,6 @@ pub fn route_into<T: Float>(
     // [E] (validate() checked its length) and is set exactly for the rule that reads it. Warp w
     // of block b routes token 4b + w and returns when that is >= T; it reads logits[t, 0..E) and
     // writes ids/weights[t, 0..K); ids it counts are in [0, E). All tensors are on this device.
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }

@@ -1,11 +1,11 @@
 //! The router projection `logits = x · W_rᵀ (+ b)`, and routing straight from hidden states.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::RouterConfig;
 use crate::device::{Device, Tensor};
 use crate::dtype::{DType, Float};
-use crate::error::{DriverResultExt, Error, Result};
+use crate::error::{Error, Result};
 use crate::kernels::Module;
 use crate::params::RouterLogitsParams;
 
@@ -115,7 +115,7 @@ pub fn router_logits_into<X: Float, W: Float>(
     // is [T, E], bias is [E] or null (all checked). Warp p handles pair p < T * E: row t = p / E
     // of x, row e = p % E of w, writing out[t, e]. Vector loads of 8 elements are chosen only
     // when H % 8 == 0 and both base pointers are 16-byte aligned, so every row start is too.
-    unsafe { dev.stream().launch_builder(&func).arg(&params).launch(cfg) }.op(OP)?;
+    unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }
 

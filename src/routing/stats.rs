@@ -1,10 +1,10 @@
 //! The statistics training code monitors: tokens per expert, mean router probability, z-loss.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use crate::device::{Device, Tensor};
 use crate::dtype::Float;
-use crate::error::{DriverResultExt, Error, Result};
+use crate::error::{Error, Result};
 use crate::kernels::Module;
 use crate::params::RouterStatsParams;
 
@@ -101,16 +101,8 @@ pub fn router_stats_into<T: Float>(
     // router_prob_mean: block b, lane l handles expert 32b + l < E over all tokens t < T, and
     // block 0 writes z_loss[0]; it runs after router_lse on the same stream.
     unsafe {
-        dev.stream()
-            .launch_builder(&lse_fn)
-            .arg(&params)
-            .launch(lse_cfg)
-            .op(OP)?;
-        dev.stream()
-            .launch_builder(&mean_fn)
-            .arg(&params)
-            .launch(mean_cfg)
-            .op(OP)?;
+        dev.launch(OP, &lse_fn, lse_cfg, &params)?;
+        dev.launch(OP, &mean_fn, mean_cfg, &params)?;
     }
     Ok(())
 }
