@@ -6,15 +6,14 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaEvent, sys::CUevent_flags};
 use half::bf16;
-use moe_kernels::activation::{GateLayout, GatedAct};
-use moe_kernels::gemm::{GemmVersion, ScaleAt};
-use moe_kernels::layer::{ExpertWeights, MoeConfig, MoeLayer, SharedExpert, Stage};
+use moe_kernels::device::WorkCounts;
+use moe_kernels::gemm::GemmVersion;
+use moe_kernels::layer::{ExpertWeights, MoeConfig, MoeLayer, Path, Stage, presets};
 use moe_kernels::model::Model;
 use moe_kernels::quant::{
     Dictionary, Fp8Matrix, IntMatrix, Mxfp4Matrix, QuantLayer, QuantMatrix, TernaryMatrix,
 };
 use moe_kernels::rng::Rng;
-use moe_kernels::routing::RouterConfig;
 use moe_kernels::{Device, Error, Tensor, kernels};
 
 #[derive(clap::Args, Clone)]
@@ -39,6 +38,10 @@ pub struct BenchArgs {
     /// plan).
     #[arg(long, default_value = "v1")]
     pub gemm: String,
+    /// The forward: auto (the decode path up to 16 tokens, the GEMM above), decode, gemv (the
+    /// plan and the grouped GEMV) or gemm.
+    #[arg(long, default_value = "auto")]
+    pub path: String,
     /// Timed iterations per token count, the median reported (default 20; on the CPU
     /// emulator 2).
     #[arg(long)]
@@ -55,55 +58,12 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// The block shapes of the presets, from each model's published config.json.
-pub fn preset(name: &str) -> Option<MoeConfig> {
-    let base = MoeConfig::new;
-    Some(match name {
-        "mixtral-8x7b" => base(4096, 14336, 8, RouterConfig::mixtral(2)),
-        "qwen3-30b-a3b" => base(2048, 768, 128, RouterConfig::qwen(8, true)),
-        "qwen2-moe" => MoeConfig {
-            shared: Some(SharedExpert {
-                intermediate: 5632,
-                gated: true,
-            }),
-            ..base(2048, 1408, 60, RouterConfig::qwen(4, false))
-        },
-        "olmoe" => base(2048, 1024, 64, RouterConfig::qwen(8, false)),
-        "deepseek-v3" => MoeConfig {
-            router_f32: true,
-            correction_bias: true,
-            shared: Some(SharedExpert {
-                intermediate: 2048,
-                gated: false,
-            }),
-            ..base(
-                7168,
-                2048,
-                256,
-                RouterConfig::deepseek_v3(8, 8, 4, true, 2.5),
-            )
-        },
-        "gpt-oss-120b" => MoeConfig {
-            router_bias: true,
-            expert_bias: true,
-            gate_layout: GateLayout::Interleaved,
-            act: GatedAct::GPT_OSS,
-            ..base(2880, 2880, 128, RouterConfig::gpt_oss(4))
-        },
-        "llama4-scout" => MoeConfig {
-            weight_at: ScaleAt::Input,
-            shared: Some(SharedExpert {
-                intermediate: 8192,
-                gated: false,
-            }),
-            ..base(5120, 8192, 16, RouterConfig::llama4(1))
-        },
-        _ => return None,
-    })
+/// One token count's stages, and the launches and memsets of one forward.
+struct Run {
+    tokens: usize,
+    rows: Vec<StageRow>,
+    work: WorkCounts,
 }
-
-const PRESETS: &str =
-    "mixtral-8x7b, qwen3-30b-a3b, qwen2-moe, deepseek-v3, gpt-oss-120b, olmoe, llama4-scout";
 
 /// One stage's median time and the work it must do.
 struct StageRow {
@@ -265,6 +225,18 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             });
         }
     };
+    let path = match args.path.as_str() {
+        "auto" => Path::Auto,
+        "decode" => Path::Decode,
+        "gemv" => Path::Gemv,
+        "gemm" => Path::Gemm,
+        other => {
+            return Err(Error::Unsupported {
+                op: "bench",
+                what: format!("--path {other:?} (auto, decode, gemv or gemm)"),
+            });
+        }
+    };
     let dev = Device::new(0)?;
     if !kernels::built() {
         return Err(Error::KernelsNotBuilt {
@@ -309,9 +281,13 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             )
         }
         None => {
-            let cfg = preset(&args.preset).ok_or_else(|| Error::Unsupported {
+            let cfg = presets::preset(&args.preset).ok_or_else(|| Error::Unsupported {
                 op: "bench",
-                what: format!("preset {:?} (one of {PRESETS})", args.preset),
+                what: format!(
+                    "preset {:?} (one of {})",
+                    args.preset,
+                    presets::NAMES.join(", ")
+                ),
             })?;
             (
                 args.preset.clone(),
@@ -323,6 +299,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
         layer = pack_experts(&dev, layer, &args.format, max_t, args.seed)?;
     }
     layer.set_gemm_version(&dev, version)?;
+    layer.set_path(path);
     let cfg = layer.config().clone();
     let copy_gbs = copy_bandwidth(&dev)?;
     let matrix = args.matrix_tflops.or_else(|| {
@@ -331,8 +308,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
     });
     let mut results = Vec::new();
     for &t in &tokens {
-        let rows = time_stages(&dev, &mut layer, t, iters)?;
-        results.push((t, rows));
+        results.push(time_stages(&dev, &mut layer, t, iters)?);
     }
     let args = &BenchArgs {
         tokens: Some(tokens),
@@ -394,7 +370,7 @@ fn time_stages(
     layer: &mut MoeLayer<bf16>,
     t: usize,
     iters: usize,
-) -> Result<Vec<StageRow>, Error> {
+) -> Result<Run, Error> {
     let cfg = layer.config().clone();
     let h = cfg.hidden;
     // The input: uniform in [-1, 1) with seed 2^40 + T.
@@ -409,6 +385,9 @@ fn time_stages(
     for _ in 0..3 {
         layer.forward_into(dev, &mut y, &x)?;
     }
+    let before = dev.work_counts();
+    layer.forward_into(dev, &mut y, &x)?;
+    let work = dev.work_counts() - before;
     layer.check(dev)?;
     let start = event(dev)?;
     let mut marks: Vec<(Stage, CudaEvent)> = Vec::new();
@@ -436,9 +415,18 @@ fn time_stages(
     }
     layer.check(dev)?;
 
-    // The work: GEMM rows and experts with tokens come from the plan's counts.
-    let counts = dev.download(&layer.plan().counts)?;
-    let rows: f64 = counts.iter().map(|&c| f64::from(c.max(0))).sum();
+    // The work: GEMM rows and experts with tokens, from the routing (the decode path builds no
+    // plan).
+    let mut counts = vec![0u32; cfg.experts];
+    for id in dev.download(layer.routing().0)? {
+        if let Some(c) = usize::try_from(id).ok().and_then(|e| counts.get_mut(e)) {
+            *c += 1;
+        }
+    }
+    let rows: f64 = counts.iter().map(|&c| f64::from(c)).sum();
+    // The decode path has no Plan, Shared or Combine stage: its Gemm1 holds the shared
+    // expert's gate/up and its Gemm2 the shared down projection and the combine.
+    let fused = !marks.iter().any(|(s, _)| *s == Stage::Plan);
     // Weight bytes of the experts with tokens, as stored (compressed for packed formats).
     let (mut w1, mut w2) = (0.0, 0.0);
     for (e, _) in counts.iter().enumerate().filter(|(_, c)| **c > 0) {
@@ -456,7 +444,7 @@ fn time_stages(
     let is = cfg.shared.map_or(0.0, |s| s.intermediate as f64);
     let b = 2.0; // bf16
     let router_b = if cfg.router_f32 { 4.0 } else { 2.0 };
-    let work = |stage: Stage| -> (f64, f64) {
+    let stage_work = |stage: Stage| -> (f64, f64) {
         match stage {
             Stage::Route => (
                 2.0 * tf * et * hf,
@@ -475,12 +463,31 @@ fn time_stages(
             Stage::Combine => (0.0, rows * hf * b + tf * k * 8.0 + tf * hf * b),
         }
     };
-    Ok(marks
+    let work_of = |stage: Stage| -> (f64, f64) {
+        let (flops, bytes) = stage_work(stage);
+        if !fused {
+            return (flops, bytes);
+        }
+        let shared_flops = stage_work(Stage::Shared).0;
+        let shared_weights = 3.0 * is * hf * b; // two thirds gate/up, one third down
+        match stage {
+            Stage::Gemm1 => (
+                flops + shared_flops * 2.0 / 3.0,
+                bytes + shared_weights * 2.0 / 3.0,
+            ),
+            Stage::Gemm2 => (
+                flops + shared_flops / 3.0,
+                bytes + shared_weights / 3.0 + stage_work(Stage::Combine).1,
+            ),
+            _ => (flops, bytes),
+        }
+    };
+    let rows = marks
         .iter()
         .enumerate()
         .map(|(j, (stage, _))| {
             let mut v: Vec<f64> = samples.iter().map(|s| s[j]).collect();
-            let (flops, bytes) = work(*stage);
+            let (flops, bytes) = work_of(*stage);
             StageRow {
                 stage: *stage,
                 micros: median(&mut v),
@@ -488,7 +495,12 @@ fn time_stages(
                 bytes,
             }
         })
-        .collect())
+        .collect();
+    Ok(Run {
+        tokens: t,
+        rows,
+        work,
+    })
 }
 
 fn stage_name(s: Stage) -> &'static str {
@@ -534,7 +546,7 @@ fn print_table(
     copy: f64,
     matrix: Option<f64>,
     args: &BenchArgs,
-    results: &[(usize, Vec<StageRow>)],
+    results: &[Run],
 ) {
     header(dev, name, cfg, copy, matrix);
     if args.matrix_tflops.is_none() && matrix.is_some() {
@@ -544,7 +556,8 @@ fn print_table(
         "{:>6} {:<8} {:>10} {:>9} {:>9} {:>7} {:>7}",
         "T", "stage", "us", "TFLOP/s", "GB/s", "%copy", "%mma"
     );
-    for (t, rows) in results {
+    for run in results {
+        let (t, rows) = (run.tokens, &run.rows);
         let mut total = 0.0;
         for r in rows {
             total += r.micros;
@@ -561,7 +574,10 @@ fn print_table(
                 matrix.map_or("-".into(), |m| format!("{:.0}%", 100.0 * tflops / m))
             );
         }
-        println!("{:>6} {:<8} {:>10.1}", t, "total", total);
+        println!(
+            "{:>6} {:<8} {:>10.1}   {} launches, {} memsets per forward",
+            t, "total", total, run.work.launches, run.work.memsets
+        );
     }
 }
 
@@ -572,15 +588,17 @@ fn print_json(
     copy: f64,
     matrix: Option<f64>,
     args: &BenchArgs,
-    results: &[(usize, Vec<StageRow>)],
+    results: &[Run],
 ) {
     let runs: Vec<serde_json::Value> = results
         .iter()
-        .map(|(t, rows)| {
+        .map(|run| {
             serde_json::json!({
-                "tokens": t,
-                "total_us": rows.iter().map(|r| r.micros).sum::<f64>(),
-                "stages": rows.iter().map(|r| serde_json::json!({
+                "tokens": run.tokens,
+                "launches": run.work.launches,
+                "memsets": run.work.memsets,
+                "total_us": run.rows.iter().map(|r| r.micros).sum::<f64>(),
+                "stages": run.rows.iter().map(|r| serde_json::json!({
                     "stage": stage_name(r.stage),
                     "us": r.micros,
                     "flops": r.flops,
@@ -596,6 +614,7 @@ fn print_json(
         "driver": dev.info().driver_version,
         "format": args.format,
         "gemm": args.gemm,
+        "path": args.path,
         "hidden": cfg.hidden,
         "intermediate": cfg.intermediate,
         "experts": cfg.experts,

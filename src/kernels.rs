@@ -15,6 +15,7 @@ pub enum Module {
     GroupedGemm,
     Fill,
     Quant,
+    Decode,
 }
 
 impl Module {
@@ -25,6 +26,7 @@ impl Module {
         Module::GroupedGemm,
         Module::Fill,
         Module::Quant,
+        Module::Decode,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,6 +37,7 @@ impl Module {
             Module::GroupedGemm => "grouped_gemm",
             Module::Fill => "fill",
             Module::Quant => "quant",
+            Module::Decode => "decode",
         }
     }
 
@@ -47,6 +50,7 @@ impl Module {
             Module::GroupedGemm => images::GROUPED_GEMM,
             Module::Fill => images::FILL,
             Module::Quant => images::QUANT,
+            Module::Decode => images::DECODE,
         }
     }
 }

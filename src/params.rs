@@ -358,3 +358,48 @@ const _: () = assert!(offset_of!(PlanIdentityParams, tokens) == 72);
 
 // SAFETY: plain old data with the C layout the kernel declares; passed by value.
 unsafe impl DeviceRepr for PlanIdentityParams {}
+
+/// See `DecodeProj` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DecodeProj {
+    pub g: GroupedGemmParams,
+    pub blob: u64,
+    pub experts: u64,
+}
+const _: () = assert!(size_of::<DecodeProj>() == 128);
+const _: () = assert!(offset_of!(DecodeProj, blob) == 112);
+
+/// See `DecodeParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DecodeParams {
+    pub route: RouteParams,
+    pub up: DecodeProj,
+    pub down: DecodeProj,
+    pub shared_up: DecodeProj,
+    pub shared_down: DecodeProj,
+    pub x: u64,
+    pub h: u64,
+    pub y: u64,
+    pub residual: u64,
+    pub shared_gate: u64,
+    pub shared_gate_logit: u64,
+    pub zc_kinds: u64,
+    pub const_w: u64,
+    pub const_v: u64,
+    pub alpha: u64,
+    pub status: u64,
+    pub hidden: i32,
+    pub experts: i32,
+    pub slots: i32,
+    pub ld_h: i32,
+    pub weight_at_input: i32,
+    pub pad_: i32,
+}
+const _: () = assert!(size_of::<DecodeParams>() == 704);
+const _: () = assert!(offset_of!(DecodeParams, up) == 80);
+const _: () = assert!(offset_of!(DecodeParams, x) == 592);
+const _: () = assert!(offset_of!(DecodeParams, hidden) == 680);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for DecodeParams {}

@@ -162,7 +162,7 @@ fn gpu_layer_matches_transformers_on_every_fixture() {
     for f in fixtures() {
         let model = Model::open(&f.dir).unwrap();
         let (cfg, w) = model.load_layer::<bf16>(f.layer).unwrap();
-        for path in [GemmPath::Gemv, GemmPath::Gemm] {
+        for path in [GemmPath::Decode, GemmPath::Gemv, GemmPath::Gemm] {
             let mut layer = MoeLayer::<bf16>::new(&dev, &cfg, &w, f.tokens).unwrap();
             layer.set_path(path);
             let x: Vec<bf16> = f.input.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -453,8 +453,14 @@ fn gpu_layer_replays_from_a_cuda_graph() {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     for (name, cfg) in [&configs()[1], &configs()[2]] {
         let w = random_weights(cfg, 9);
-        for t in [4, 100] {
+        // The decode path and the planned GEMV at decode sizes, the GEMM v2 at prefill.
+        for (t, path) in [
+            (4, GemmPath::Decode),
+            (4, GemmPath::Gemv),
+            (100, GemmPath::Auto),
+        ] {
             let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
+            layer.set_path(path);
             if t == 100 {
                 layer.set_gemm_version(&dev, GemmVersion::V2).unwrap();
             }
@@ -494,7 +500,7 @@ fn gpu_layer_replays_from_a_cuda_graph() {
                     got.iter()
                         .zip(want)
                         .all(|(p, q)| p.to_bits() == q.to_bits()),
-                    "{name} T={t}: graph replay differs from the eager forward"
+                    "{name} T={t} {path:?}: graph replay differs from the eager forward"
                 );
             }
         }
@@ -643,4 +649,211 @@ fn compressed_layer_error_against_bf16_is_reported() {
     }
     // More bits, less error.
     assert!(errors[0] < errors[1] && errors[1] < errors[2] && errors[2] < errors[4]);
+}
+
+// ---- the decode path ----
+
+/// `w` with its routed experts packed in `format` (`mixed`: a different format per expert).
+fn packed(cfg: &MoeConfig, w: &LayerWeights<bf16>, format: &str) -> LayerWeights<bf16> {
+    use moe_kernels::quant::{
+        Dictionary, Fp8Matrix, IntMatrix, Mxfp4Matrix, QuantMatrix, TernaryMatrix, ternarize,
+    };
+    use std::sync::Arc;
+    let (h, i, e) = (cfg.hidden, cfg.intermediate, cfg.experts);
+    let Experts::Plain { gate_up, down } = &w.experts else {
+        panic!("plain experts expected");
+    };
+    let pack = |f: &str, v: &[bf16], n: usize, kd: usize| -> QuantMatrix {
+        let v: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+        match f {
+            "int4" => QuantMatrix::Int(IntMatrix::quantize(&v, n, kd, 4, 32, true).unwrap()),
+            "int8" => QuantMatrix::Int(IntMatrix::quantize(&v, n, kd, 8, 32, false).unwrap()),
+            "mxfp4" => QuantMatrix::Mxfp4(Mxfp4Matrix::quantize(&v, n, kd).unwrap()),
+            "fp8" => QuantMatrix::Fp8(Fp8Matrix::quantize(&v, n, kd).unwrap()),
+            _ => {
+                let t = ternarize(&v, n, kd, 0.6).unwrap();
+                let sample: Vec<Vec<u8>> = (0..n).map(|r| t.symbols(r)).collect();
+                let dict = Arc::new(Dictionary::build(&sample, 4096).unwrap());
+                QuantMatrix::Ternary(TernaryMatrix::compress(&t, dict).unwrap())
+            }
+        }
+    };
+    const MIXED: [&str; 5] = ["int4", "mxfp4", "fp8", "int8", "ternary"];
+    let of = |x: usize| {
+        if format == "mixed" {
+            MIXED[x % 5]
+        } else {
+            format
+        }
+    };
+    LayerWeights {
+        experts: Experts::Packed {
+            gate_up: (0..e)
+                .map(|x| pack(of(x), &gate_up[x * 2 * i * h..][..2 * i * h], 2 * i, h))
+                .collect(),
+            down: (0..e)
+                .map(|x| pack(of(x), &down[x * h * i..][..h * i], h, i))
+                .collect(),
+        },
+        ..w.clone()
+    }
+}
+
+/// The decode path on `t` tokens: against the CPU forward (check_against_cpu), its ids and
+/// weights bit for bit those of the routing kernel (the planned GEMV path's), and the same bits
+/// on a second run. Returns the tokens compared.
+fn check_decode(
+    dev: &Device,
+    cfg: &MoeConfig,
+    w: &LayerWeights<bf16>,
+    t: usize,
+    name: &str,
+) -> usize {
+    let mut layer = MoeLayer::<bf16>::new(dev, cfg, w, t).unwrap();
+    layer.set_path(GemmPath::Decode);
+    let compared = check_against_cpu(dev, &mut layer, cfg, w, t, name);
+    let h = cfg.hidden;
+    let mut rng = Rng::new(t as u64 + 3);
+    let x: Vec<bf16> = (0..t * h)
+        .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
+        .collect();
+    let xd = dev.upload(&x, &[t, h]).unwrap();
+    let run = |layer: &mut MoeLayer<bf16>| {
+        let mut y = dev.filled_bytes::<bf16>(&[t, h], 0xff).unwrap();
+        layer.forward_into(dev, &mut y, &xd).unwrap();
+        layer.check(dev).unwrap();
+        let (ids, wts) = layer.routing();
+        let wts: Vec<u32> = dev
+            .download(wts)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let y: Vec<u16> = dev
+            .download(&y)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        (dev.download(ids).unwrap(), wts, y)
+    };
+    let first = run(&mut layer);
+    assert!(
+        first == run(&mut layer),
+        "{name} T={t}: two decode runs differ"
+    );
+    let mut planned = MoeLayer::<bf16>::new(dev, cfg, w, t).unwrap();
+    planned.set_path(GemmPath::Gemv);
+    let other = run(&mut planned);
+    assert_eq!(
+        first.0, other.0,
+        "{name} T={t}: ids differ from the routing kernel's"
+    );
+    assert_eq!(
+        first.1, other.1,
+        "{name} T={t}: weights differ from the routing kernel's"
+    );
+    compared
+}
+
+/// The presets' blocks at a width the emulator runs in moments (hidden 384, intermediate 96: a
+/// partial step of the 256-column loop), every expert, rule and feature kept.
+fn narrow_presets() -> Vec<(String, MoeConfig)> {
+    use moe_kernels::layer::presets;
+    presets::NAMES
+        .iter()
+        .map(|n| {
+            (
+                format!("{n} at H=384"),
+                presets::narrowed(n, 384, 96).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn gpu_decode_path_matches_the_cpu_forward_in_every_format() {
+    let Some(dev) = common::gpu("gpu_decode_path_matches_the_cpu_forward_in_every_format") else {
+        return;
+    };
+    let mut cases: Vec<(String, MoeConfig)> = configs()
+        .into_iter()
+        .map(|(n, c)| (n.to_string(), c))
+        .collect();
+    cases.extend(narrow_presets());
+    let (mut compared, mut total) = (0, 0);
+    for (name, cfg) in &cases {
+        let w = random_weights(cfg, 21);
+        for t in [1, 2, 7, 16] {
+            compared += check_decode(&dev, cfg, &w, t, name);
+            total += t;
+        }
+    }
+    // Every compressed format on two blocks (gpt-oss's biases and interleaved clamped SwiGLU,
+    // Qwen3's plain one), and formats mixed per expert.
+    let narrow = narrow_presets();
+    for (name, cfg) in narrow
+        .iter()
+        .filter(|(n, _)| n.starts_with("gpt-oss") || n.starts_with("qwen3"))
+    {
+        let w = random_weights(cfg, 22);
+        for format in ["int4", "int8", "mxfp4", "fp8", "ternary", "mixed"] {
+            let wp = packed(cfg, &w, format);
+            for t in [1, 16] {
+                compared += check_decode(&dev, cfg, &wp, t, &format!("{name} {format}"));
+                total += t;
+            }
+        }
+    }
+    assert!(
+        4 * compared >= 3 * total,
+        "only {compared} of {total} tokens compared"
+    );
+    // Hardware only: a real width (the emulator would spend minutes drawing the weights).
+    if !dev.info().emulated {
+        let cfg = moe_kernels::layer::presets::preset("qwen3-30b-a3b").unwrap();
+        let w = random_weights(&cfg, 23);
+        for t in [1, 16] {
+            check_decode(&dev, &cfg, &w, t, "qwen3-30b-a3b");
+        }
+    }
+}
+
+#[test]
+fn gpu_decode_path_is_three_launches_and_no_memset() {
+    let Some(dev) = common::gpu("gpu_decode_path_is_three_launches_and_no_memset") else {
+        return;
+    };
+    for (name, cfg) in narrow_presets() {
+        let w = random_weights(&cfg, 31);
+        let mut layer = MoeLayer::<bf16>::new(&dev, &cfg, &w, 17).unwrap();
+        for (t, path) in [
+            (1, GemmPath::Auto),
+            (16, GemmPath::Auto),
+            (17, GemmPath::Decode),
+            (16, GemmPath::Gemv),
+        ] {
+            layer.set_path(path);
+            let x = dev.filled_bytes::<bf16>(&[t, cfg.hidden], 0x3c).unwrap();
+            let mut y = dev.zeros::<bf16>(&[t, cfg.hidden]).unwrap();
+            layer.forward_into(&dev, &mut y, &x).unwrap();
+            let before = dev.work_counts();
+            layer.forward_into(&dev, &mut y, &x).unwrap();
+            let n = dev.work_counts() - before;
+            println!(
+                "{name} T={t} {path:?}: {} launches, {} memsets",
+                n.launches, n.memsets
+            );
+            if t <= MoeLayer::<bf16>::DECODE_TOKENS && path != GemmPath::Gemv {
+                assert!(n.launches <= 3 && n.memsets == 0, "{name} T={t}: {n:?}");
+            } else {
+                // Above the threshold the decode path falls back to the planned GEMM.
+                assert!(
+                    n.launches > 3 && n.memsets > 0,
+                    "{name} T={t} {path:?}: {n:?}"
+                );
+            }
+            layer.check(&dev).unwrap();
+        }
+    }
 }

@@ -305,6 +305,58 @@ struct PlanIdentityParams {
 static_assert(sizeof(PlanIdentityParams) == 88, "mirror in src/params.rs");
 static_assert(offsetof(PlanIdentityParams, tokens) == 72, "mirror in src/params.rs");
 
+// ---- the decode path (kernels/decode.cu) ------------------------------------------------------
+
+struct QuantExpert;  // quant_params.cuh
+
+// One projection of the routed experts (or of the shared expert, E = 1) as the decode kernels
+// read it: plain weights through g.w, or compressed ones through a blob and its table.
+struct DecodeProj {
+    GroupedGemmParams g;          // w [E, N, Kd] (plain) or null (packed), bias [E, N] or null,
+                                  // n = N, kdim = Kd, gated, layout, act, alpha, limit,
+                                  // scale_input; the row and plan fields are unused
+    const uint8_t* blob;          // packed: the experts' blob (quant_params.cuh); null: plain
+    const QuantExpert* experts;   // packed: [E] the table
+};
+static_assert(sizeof(DecodeProj) == 128, "mirror in src/params.rs");
+static_assert(offsetof(DecodeProj, blob) == 112, "mirror in src/params.rs");
+
+// The MoE block for T <= 16 tokens in two launches after the router logits: the gate/up GEMV
+// routes each token in its prologue and writes the intermediate rows; the down GEMV sums them
+// back per token in its epilogue (the combine). S = K + 1 slots per token with a shared
+// expert (slot K), else K.
+struct DecodeParams {
+    RouteParams route;            // logits [T, E_total] in the kernel's logits dtype, bias, the
+                                  // rule; ids/weights [T, K] are written by gate/up's column-0
+                                  // blocks and read by down; counts unused
+    DecodeProj up;                // routed gate/up [E, 2I, H]
+    DecodeProj down;              // routed down [E, H, I]
+    DecodeProj shared_up;         // [1, 2Is, H], gate rows first; g.w and blob null: no shared
+    DecodeProj shared_down;       // [1, H, Is]
+    const void* x;                // [T, H]
+    void* h;                      // [T * S, ld_h] gate/up output rows, row t * S + s
+    void* y;                      // [T, H]
+    const void* residual;         // [T, H] or null
+    const void* shared_gate;      // [H] Qwen2-MoE's sigmoid gate weight, or null
+    float* shared_gate_logit;     // [T] x . shared_gate rounded to the dtype (gate/up writes)
+    const int32_t* zc_kinds;      // [E_total - E] 0 zero, 1 copy, 2 constant; null: all zero
+    const void* const_w;          // [Z, 2, H] constant experts' mixing weights, or null
+    const void* const_v;          // [Z, H] constant experts' vectors, or null
+    float* alpha;                 // [T * K, 2] a constant expert slot's softmax(W_z x)
+    int32_t* status;              // [1] compressed-weight decode issues and bad ids, accumulated
+    int32_t hidden;               // H
+    int32_t experts;              // E, the routed experts with weights (< route.experts with
+                                  // zero-computation experts)
+    int32_t slots;                // S
+    int32_t ld_h;                 // elements between rows of h: max(I, Is)
+    int32_t weight_at_input;      // 1: the routing weight scales the expert input (Llama 4)
+    int32_t pad_;
+};
+static_assert(sizeof(DecodeParams) == 704, "mirror in src/params.rs");
+static_assert(offsetof(DecodeParams, up) == 80, "mirror in src/params.rs");
+static_assert(offsetof(DecodeParams, x) == 592, "mirror in src/params.rs");
+static_assert(offsetof(DecodeParams, hidden) == 680, "mirror in src/params.rs");
+
 // Seeded uniform fill: out[i] = lo + (hi - lo) * u(seed, i), u a hash of the index in [0, 1),
 // rounded once to the dtype. Benches and the bench command fill weights of real shapes this way.
 struct FillParams {

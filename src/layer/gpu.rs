@@ -1,24 +1,27 @@
 //! The MoE block on the GPU: weights on the device, a workspace sized once, and a forward made
 //! only of kernel launches and memsets on the device's stream.
 
+use super::decode::DecodeWs;
 use super::{Experts, LayerWeights, MoeConfig, ZeroExpert};
-use crate::activation::GateLayout;
 use crate::device::{Device, Tensor};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
-use crate::gemm::{self, Epilogue, GemmOptions, GemmRows, GemmVersion, ScaleAt};
-use crate::permute::{self, CombineInputs, Layout, Plan, reference::padded_capacity};
+use crate::gemm::{self, GemmOptions, GemmRows, GemmVersion};
+use crate::permute::{Plan, reference::padded_capacity};
 use crate::quant::{self, QuantLayer};
-use crate::routing;
 
-/// Which expert GEMM a forward uses.
+/// Which forward a layer runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
-    /// The GEMV (sorted layout) up to [`MoeLayer::DECODE_TOKENS`] tokens, the GEMM above.
+    /// [`Path::Decode`] up to [`MoeLayer::DECODE_TOKENS`] tokens, [`Path::Gemm`] above.
     Auto,
-    /// The decode GEMV over the sorted layout.
+    /// The decode path (src/layer/decode.rs): three launches, routing fused into the gate/up
+    /// GEMV and the combine into the down GEMV; above [`MoeLayer::DECODE_TOKENS`] tokens it
+    /// falls back to [`Path::Gemm`].
+    Decode,
+    /// Through the routing plan with the grouped GEMV over the sorted layout, any T.
     Gemv,
-    /// The tensor-core GEMM over the padded layout.
+    /// Through the routing plan with the tensor-core GEMM over the padded layout.
     Gemm,
 }
 
@@ -55,7 +58,7 @@ impl<T: Float> ExpertWeights<T> {
     /// Runs the projection for the plan's rows: GEMV (sorted layout, `rows` gathered) or the
     /// GEMM `version` (padded layout; v2 may read the layer input through the plan).
     #[allow(clippy::too_many_arguments)] // the GEMM's operands, plus the path and scratch
-    fn run<TO: Float>(
+    pub(super) fn run<TO: Float>(
         &mut self,
         dev: &Device,
         gemv: bool,
@@ -148,42 +151,44 @@ pub enum Stage {
 }
 
 /// Router logits in the model dtype or, for an f32 router, in f32.
-enum Logits<T> {
+pub(super) enum Logits<T> {
     Model(Tensor<T>),
     F32(Tensor<f32>),
 }
 
 /// The shared expert's buffers: its own one-expert plan (built in one launch by
 /// [`Plan::build_identity`]) puts the tokens in order.
-struct SharedWs<T> {
-    plan: Plan,
-    a: Tensor<T>,
-    h: Tensor<T>,
-    out: Tensor<T>,
-    gate_logits: Tensor<T>,
+pub(super) struct SharedWs<T> {
+    pub(super) plan: Plan,
+    pub(super) a: Tensor<T>,
+    pub(super) h: Tensor<T>,
+    pub(super) out: Tensor<T>,
+    pub(super) gate_logits: Tensor<T>,
 }
 
 /// One MoE block on the device, in compute dtype `T` (bf16 or f16).
 pub struct MoeLayer<T: Float> {
-    cfg: MoeConfig,
-    max_tokens: usize,
-    path: Path,
+    pub(super) cfg: MoeConfig,
+    pub(super) max_tokens: usize,
+    pub(super) path: Path,
     /// The prefill GEMM; the plan's block height is its tile height.
-    version: GemmVersion,
-    w: DeviceWeights<T>,
-    zc_kinds: Option<Tensor<i32>>,
+    pub(super) version: GemmVersion,
+    pub(super) w: DeviceWeights<T>,
+    pub(super) zc_kinds: Option<Tensor<i32>>,
     // Workspace, sized for max_tokens.
     /// `[max_tokens, E_total]` router logits, in the router's dtype.
-    logits: Logits<T>,
-    ids: Tensor<i32>,
-    weights: Tensor<f32>,
-    plan: Plan,
-    a: Tensor<T>,
-    hmid: Tensor<T>,
-    out: Tensor<T>,
+    pub(super) logits: Logits<T>,
+    pub(super) ids: Tensor<i32>,
+    pub(super) weights: Tensor<f32>,
+    pub(super) plan: Plan,
+    pub(super) a: Tensor<T>,
+    pub(super) hmid: Tensor<T>,
+    pub(super) out: Tensor<T>,
     /// Packed experts' prefill scratch: the largest projection decoded, `[E, N, Kd]`.
-    scratch: Option<Tensor<T>>,
-    shared: Option<SharedWs<T>>,
+    pub(super) scratch: Option<Tensor<T>>,
+    pub(super) shared: Option<SharedWs<T>>,
+    /// The decode path's scratch, sized for DECODE_TOKENS.
+    pub(super) decode: DecodeWs<T>,
 }
 
 fn to_model<S: Float, T: Float>(v: &[S]) -> Vec<T> {
@@ -399,6 +404,7 @@ impl<T: Float> MoeLayer<T> {
                 crate::kernels::Module::Permute,
                 crate::kernels::Module::GroupedGemm,
                 crate::kernels::Module::Quant,
+                crate::kernels::Module::Decode,
             ],
         )?;
         let (h, i, e, et, k) = (
@@ -465,6 +471,7 @@ impl<T: Float> MoeLayer<T> {
             out: dev.zeros(&[rows, h])?,
             scratch,
             shared,
+            decode: DecodeWs::new(dev, cfg, max_tokens.min(Self::DECODE_TOKENS))?,
         })
     }
 
@@ -534,7 +541,7 @@ impl<T: Float> MoeLayer<T> {
         mark: &mut dyn FnMut(Stage) -> Result<()>,
     ) -> Result<()> {
         const OP: &str = "MoeLayer::forward";
-        let (h, et, k) = (self.cfg.hidden, self.cfg.experts_total(), self.cfg.k());
+        let h = self.cfg.hidden;
         let (t, xh) = x.dims2(OP, "x", "[T, H]")?;
         if xh != h || t > self.max_tokens {
             return Err(Error::shape(
@@ -557,167 +564,20 @@ impl<T: Float> MoeLayer<T> {
         if t == 0 {
             return Ok(());
         }
-        let gemv = match self.path {
-            Path::Auto => t <= Self::DECODE_TOKENS,
-            Path::Gemv => true,
-            Path::Gemm => false,
-        };
-        let layout = if gemv { Layout::Sorted } else { Layout::Padded };
-        let cfg = &self.cfg;
-        let w = &mut self.w;
-
-        // Route.
-        self.ids.set_shape(&[t, k])?;
-        self.weights.set_shape(&[t, k])?;
-        let corr = w.correction_bias.as_ref();
-        // The two arms differ only in the logits' dtype.
-        macro_rules! route {
-            ($rw:expr, $bias:expr, $logits:expr) => {{
-                $logits.set_shape(&[t, et])?;
-                routing::route_hidden_into(
-                    dev,
-                    &mut self.ids,
-                    &mut self.weights,
-                    $logits,
-                    x,
-                    $rw,
-                    $bias.as_ref(),
-                    &cfg.router,
-                    corr,
-                )?;
-            }};
-        }
-        match (&w.router, &mut self.logits) {
-            (RouterWeights::Model { w: rw, bias }, Logits::Model(logits)) => {
-                route!(rw, bias, logits)
+        match self.path {
+            Path::Auto | Path::Decode if t <= Self::DECODE_TOKENS => {
+                self.forward_decode(dev, y, x, mark)
             }
-            (RouterWeights::F32 { w: rw, bias }, Logits::F32(logits)) => route!(rw, bias, logits),
-            _ => unreachable!("from_device sizes the logits for the router's dtype"),
+            Path::Gemv => self.forward_planned(dev, y, x, true, mark),
+            _ => self.forward_planned(dev, y, x, false, mark),
         }
-        mark(Stage::Route)?;
-
-        self.plan.build(dev, &self.ids)?;
-        mark(Stage::Plan)?;
-
-        let gemm = |out: &mut Tensor<T>, a: &Tensor<T>, wt: &Tensor<T>, plan: &Plan, o| {
-            if gemv {
-                gemm::grouped_gemv_into(dev, out, a, wt, plan, o)
-            } else {
-                gemm::grouped_gemm_into(dev, out, a, wt, plan, o)
-            }
-        };
-        let rows = self.plan.rows(layout);
-        self.hmid.set_shape(&[rows, cfg.intermediate])?;
-        self.out.set_shape(&[rows, h])?;
-        // v2 reads the plain experts' gate/up rows through the plan; the others gather them.
-        let indexed = !gemv
-            && self.version == GemmVersion::V2
-            && matches!(w.gate_up, ExpertWeights::Plain(_));
-        if !indexed {
-            self.a.set_shape(&[rows, h])?;
-            permute::gather_into(dev, &mut self.a, x, &mut self.plan, layout)?;
-        }
-        let up = GemmOptions {
-            bias: w.gate_up_bias.as_ref(),
-            epilogue: Epilogue::Gated {
-                act: cfg.act,
-                layout: cfg.gate_layout,
-            },
-            row_weights: (cfg.weight_at == ScaleAt::Input)
-                .then_some((&self.weights, ScaleAt::Input)),
-        };
-        w.gate_up.run(
-            dev,
-            gemv,
-            self.version,
-            &mut self.hmid,
-            if indexed {
-                GemmRows::Indexed(x)
-            } else {
-                GemmRows::Gathered(&self.a)
-            },
-            &self.plan,
-            up,
-            self.scratch.as_mut(),
-        )?;
-        mark(Stage::Gemm1)?;
-
-        // The routing weight goes into the down GEMM's epilogue unless zero-computation experts
-        // need it in the combine.
-        let fold_weights = cfg.weight_at == ScaleAt::Output && cfg.zero_experts.is_empty();
-        let down = GemmOptions {
-            bias: w.down_bias.as_ref(),
-            epilogue: Epilogue::None,
-            row_weights: fold_weights.then_some((&self.weights, ScaleAt::Output)),
-        };
-        w.down.run(
-            dev,
-            gemv,
-            self.version,
-            &mut self.out,
-            GemmRows::Gathered(&self.hmid),
-            &self.plan,
-            down,
-            self.scratch.as_mut(),
-        )?;
-        mark(Stage::Gemm2)?;
-
-        if let (Some(s), Some(gate_up), Some(sdown)) =
-            (&mut self.shared, &w.shared_gate_up, &w.shared_down)
-        {
-            s.plan.build_identity(dev, t)?;
-            let srows = s.plan.rows(layout);
-            s.h.set_shape(&[srows, sdown.shape()[2]])?;
-            s.out.set_shape(&[srows, h])?;
-            let swiglu = GemmOptions {
-                epilogue: Epilogue::Gated {
-                    act: cfg.act,
-                    layout: GateLayout::GateFirst,
-                },
-                ..Default::default()
-            };
-            // With one expert and one slot per token, the sorted rows are the tokens in order:
-            // the GEMV reads x itself. The padded layout needs the copy into whole blocks.
-            let a: &Tensor<T> = if gemv {
-                x
-            } else {
-                s.a.set_shape(&[srows, h])?;
-                permute::gather_into(dev, &mut s.a, x, &mut s.plan, layout)?;
-                &s.a
-            };
-            gemm(&mut s.h, a, gate_up, &s.plan, swiglu)?;
-            gemm(&mut s.out, &s.h, sdown, &s.plan, GemmOptions::default())?;
-            s.out.set_shape(&[t, h])?;
-            if let Some(g) = &w.shared_gate {
-                s.gate_logits.set_shape(&[t, 1])?;
-                routing::router_logits_into(dev, &mut s.gate_logits, x, g, None)?;
-                s.gate_logits.set_shape(&[t])?;
-            }
-            mark(Stage::Shared)?;
-        }
-
-        let shared = self.shared.as_ref();
-        let zc = !cfg.zero_experts.is_empty();
-        let inputs = CombineInputs {
-            weights: (cfg.weight_at == ScaleAt::Output && !fold_weights).then_some(&self.weights),
-            x: zc.then_some(x),
-            zc_kinds: self.zc_kinds.as_ref(),
-            const_w: w.const_w.as_ref(),
-            const_v: w.const_v.as_ref(),
-            shared_out: shared.map(|s| &s.out),
-            shared_gate: shared
-                .filter(|_| w.shared_gate.is_some())
-                .map(|s| &s.gate_logits),
-            residual: None,
-        };
-        permute::combine_into(dev, y, &self.out, &mut self.plan, layout, &self.ids, inputs)?;
-        mark(Stage::Combine)
     }
 
     /// Reads the plans' status: an error if any id was out of range in the last forward. Waits
     /// for the stream; call it outside a captured forward.
     pub fn check(&mut self, dev: &Device) -> Result<()> {
         self.plan.check(dev)?;
+        self.decode.check(dev)?;
         for p in [&mut self.w.gate_up, &mut self.w.down] {
             if let ExpertWeights::Packed(q) = p {
                 q.check(dev)?;

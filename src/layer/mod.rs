@@ -22,7 +22,10 @@
 //! - constant experts (MoE++): `const_w [Z, 2, H]`, `const_v [Z, H]` over the zero-computation
 //!   experts, indexed from E.
 
+mod decode;
 mod gpu;
+mod planned;
+pub mod presets;
 pub mod reference;
 
 pub use gpu::{DeviceWeights, ExpertWeights, MoeLayer, Path, RANDOM_TENSORS, RouterWeights, Stage};

@@ -197,6 +197,13 @@ impl QuantLayer {
     fn check_device(&self, op: &'static str, dev: &Device) -> Result<()> {
         self.blob.check_device(op, "layer", dev)
     }
+
+    /// The blob's and the table's device addresses, for a kernel that decodes the experts
+    /// itself (the decode path); refuses a layer of another device.
+    pub(crate) fn device_parts(&self, op: &'static str, dev: &Device) -> Result<(u64, u64)> {
+        self.check_device(op, dev)?;
+        Ok((self.blob.device_ptr(dev), self.table.device_ptr(dev)))
+    }
 }
 
 fn grid(op: &'static str, rows: usize, experts: usize) -> Result<(u32, u32, u32)> {

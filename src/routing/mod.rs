@@ -118,41 +118,22 @@ pub fn route_into<T: Float>(
         return Ok(());
     }
 
-    let (rule, renormalize, top_p) = match cfg.rule {
-        RouterRule::SoftmaxTopK { renormalize } => (route_rule::SOFTMAX_TOPK, renormalize, 1.0),
-        RouterRule::TopKSoftmax => (route_rule::TOPK_SOFTMAX, false, 1.0),
-        RouterRule::TopKSigmoid => (route_rule::TOPK_SIGMOID, false, 1.0),
-        RouterRule::SigmoidGroupTopK { renormalize, .. } => {
-            (route_rule::SIGMOID_GROUP_TOPK, renormalize, 1.0)
-        }
-        RouterRule::SoftmaxGroupTopK { .. } => (route_rule::SOFTMAX_GROUP_TOPK, false, 1.0),
-        RouterRule::TopP { p, renormalize } => (route_rule::TOP_P, renormalize, p),
-    };
-    let (n_group, topk_group) = cfg.rule.groups().unwrap_or((1, 1));
-    // All of these were bounded by validate(): E <= 1024, K <= 32, groups <= 32.
-    let small = |v: usize| i32::try_from(v).expect("bounded by RouterConfig::validate");
     let params = RouteParams {
         ids: ids.device_ptr_mut(dev),
         weights: weights.device_ptr_mut(dev),
         counts: counts_ptr,
         logits: logits.device_ptr(dev),
         bias: bias_ptr,
-        tokens: tokens_i32,
-        experts: small(experts),
-        k: small(k),
-        rule,
-        n_group: small(n_group),
-        topk_group: small(topk_group),
-        renormalize: i32::from(renormalize),
-        scale: cfg.scale,
-        softcap: cfg.softcap.unwrap_or(0.0),
-        top_p,
+        ..route_params(cfg, tokens_i32, experts)
     };
-    let capacity = experts.next_power_of_two().max(32);
-    let name = format!("route_{}_e{capacity}", T::DTYPE.name());
+    let name = format!("route_{}_e{}", T::DTYPE.name(), route_capacity(experts));
     let func = dev.function(OP, Module::Routing, &name)?;
     let cfg = LaunchConfig {
-        grid_dim: (small(tokens.div_ceil(ROUTE_WARPS)) as u32, 1, 1),
+        grid_dim: (
+            u32::try_from(tokens.div_ceil(ROUTE_WARPS)).expect("T <= i32::MAX, checked above"),
+            1,
+            1,
+        ),
         block_dim: (32 * ROUTE_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -164,4 +145,44 @@ pub fn route_into<T: Float>(
     // writes ids/weights[t, 0..K); ids it counts are in [0, E). All tensors are on this device.
     unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
+}
+
+/// The route kernels' parameters for `cfg` over `experts` logits per token and `tokens` tokens,
+/// with every pointer null: the caller sets the ones its kernel reads. `cfg` was validated for
+/// `experts` (E <= 1024, K <= 32, groups <= 32).
+pub(crate) fn route_params(cfg: &RouterConfig, tokens: i32, experts: usize) -> RouteParams {
+    let (rule, renormalize, top_p) = match cfg.rule {
+        RouterRule::SoftmaxTopK { renormalize } => (route_rule::SOFTMAX_TOPK, renormalize, 1.0),
+        RouterRule::TopKSoftmax => (route_rule::TOPK_SOFTMAX, false, 1.0),
+        RouterRule::TopKSigmoid => (route_rule::TOPK_SIGMOID, false, 1.0),
+        RouterRule::SigmoidGroupTopK { renormalize, .. } => {
+            (route_rule::SIGMOID_GROUP_TOPK, renormalize, 1.0)
+        }
+        RouterRule::SoftmaxGroupTopK { .. } => (route_rule::SOFTMAX_GROUP_TOPK, false, 1.0),
+        RouterRule::TopP { p, renormalize } => (route_rule::TOP_P, renormalize, p),
+    };
+    let (n_group, topk_group) = cfg.rule.groups().unwrap_or((1, 1));
+    let small = |v: usize| i32::try_from(v).expect("bounded by RouterConfig::validate");
+    RouteParams {
+        ids: 0,
+        weights: 0,
+        counts: 0,
+        logits: 0,
+        bias: 0,
+        tokens,
+        experts: small(experts),
+        k: small(cfg.k),
+        rule,
+        n_group: small(n_group),
+        topk_group: small(topk_group),
+        renormalize: i32::from(renormalize),
+        scale: cfg.scale,
+        softcap: cfg.softcap.unwrap_or(0.0),
+        top_p,
+    }
+}
+
+/// The route instance that holds `experts` per token: `..._e{route_capacity}`.
+pub(crate) fn route_capacity(experts: usize) -> usize {
+    experts.next_power_of_two().max(32)
 }

@@ -1,0 +1,311 @@
+//! The decode path: the block for `T <= MoeLayer::DECODE_TOKENS` in three launches and no
+//! memset (kernels/decode.cu): the router logits; `decode_gate_up`, which routes each token in
+//! its prologue (the routing kernels' own code, so the same ids and weights bit for bit) and
+//! writes every slot's gate/up row, the shared expert's as one more slot; `decode_down`, which
+//! sums each token's slots back in its epilogue, with the zero-computation experts, the shared
+//! expert's gate and the routing weights. No plan, no gather, no sorted ids.
+
+use super::gpu::{ExpertWeights, Logits, MoeLayer, RouterWeights, Stage};
+use super::{MoeConfig, ZeroExpert};
+use crate::activation::{GateLayout, GatedAct};
+use crate::device::{Device, Tensor};
+use crate::dtype::Float;
+use crate::error::{Error, Result};
+use crate::gemm::ScaleAt;
+use crate::kernels::Module;
+use crate::params::{DecodeParams, DecodeProj, GroupedGemmParams};
+use crate::routing;
+
+use cudarc::driver::LaunchConfig;
+
+/// Output columns per block of both kernels, one per warp.
+const WARPS: usize = 8;
+
+/// The decode path's scratch, sized once for [`MoeLayer::DECODE_TOKENS`] tokens.
+pub(super) struct DecodeWs<T> {
+    /// `[DECODE_TOKENS * S, ld_h]` gate/up rows, S = K (+ 1 with a shared expert).
+    h: Tensor<T>,
+    /// `[DECODE_TOKENS]` the shared expert's gate logit per token.
+    gate_logit: Tensor<f32>,
+    /// `[DECODE_TOKENS * K, 2]` constant experts' mixing weights per slot.
+    alpha: Tensor<f32>,
+    /// `[1]` decode issues (ternary codewords, ids no routing gives), accumulated.
+    status: Tensor<i32>,
+    slots: usize,
+    ld_h: usize,
+}
+
+impl<T: Float> DecodeWs<T> {
+    pub(super) fn new(dev: &Device, cfg: &MoeConfig, tokens: usize) -> Result<Self> {
+        let slots = cfg.k() + usize::from(cfg.shared.is_some());
+        let ld_h = cfg
+            .intermediate
+            .max(cfg.shared.map_or(0, |s| s.intermediate));
+        Ok(DecodeWs {
+            h: dev.zeros(&[tokens * slots, ld_h])?,
+            gate_logit: dev.zeros(&[tokens])?,
+            alpha: dev.zeros(&[tokens * cfg.k(), 2])?,
+            status: dev.zeros(&[1])?,
+            slots,
+            ld_h,
+        })
+    }
+
+    /// An error if the last forwards found ids or codewords no routing and no packer gives;
+    /// resets the count. Waits for the stream.
+    pub(super) fn check(&mut self, dev: &Device) -> Result<()> {
+        let bad = dev.download(&self.status)?[0];
+        dev.fill_bytes(&mut self.status, 0)?;
+        if bad != 0 {
+            return Err(Error::DeviceCheck {
+                op: "MoeLayer::forward (decode)",
+                what: format!("{bad} expert ids or compressed-weight codes out of range"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where a projection's weights are: `[E, N, Kd]` plain (`w`) or packed (`blob`, `table`).
+struct Source {
+    w: u64,
+    blob: u64,
+    table: u64,
+    shape: [usize; 3],
+}
+
+fn routed<T: Float>(op: &'static str, dev: &Device, w: &ExpertWeights<T>) -> Result<Source> {
+    Ok(match w {
+        ExpertWeights::Plain(t) => plain(op, dev, t)?,
+        ExpertWeights::Packed(q) => {
+            let (blob, table) = q.device_parts(op, dev)?;
+            Source {
+                w: 0,
+                blob,
+                table,
+                shape: w.shape(),
+            }
+        }
+    })
+}
+
+/// Plain weights `[E, N, Kd]` (the shared expert's, E = 1).
+fn plain<T: Float>(op: &'static str, dev: &Device, t: &Tensor<T>) -> Result<Source> {
+    t.check_device(op, "weights", dev)?;
+    let d = t.shape();
+    Ok(Source {
+        w: t.device_ptr(dev),
+        blob: 0,
+        table: 0,
+        shape: [d[0], d[1], d[2]],
+    })
+}
+
+/// One projection as the decode kernels read it, with its bias and epilogue: a gated pair of
+/// `layout` through `act`, or plain (`None`).
+fn projection<T: Float>(
+    dev: &Device,
+    src: Source,
+    bias: Option<&Tensor<T>>,
+    gated: Option<(GateLayout, GatedAct)>,
+    scale_input: bool,
+) -> DecodeProj {
+    let [e, n, kd] = src.shape;
+    let (layout, (act, alpha, limit)) = match gated {
+        Some((layout, act)) => (layout.code(), act.code()),
+        None => (0, (-1, 0.0, 0.0)),
+    };
+    // MoeConfig::validate bounded every dimension below 2^30.
+    let small = |v: usize| i32::try_from(v).expect("bounded by MoeConfig::validate");
+    DecodeProj {
+        g: GroupedGemmParams {
+            out: 0,
+            a: 0,
+            w: src.w,
+            bias: bias.map_or(0, |b| b.device_ptr(dev)),
+            block_experts: 0,
+            offsets: 0,
+            row_slots: 0,
+            slot_weights: 0,
+            rows: 0,
+            n: small(n),
+            kdim: small(kd),
+            experts: small(e),
+            plan_block_m: 0,
+            gated: i32::from(gated.is_some()),
+            layout,
+            act,
+            alpha,
+            limit,
+            scale_input: i32::from(scale_input),
+            pad_: 0,
+        },
+        blob: src.blob,
+        experts: src.table,
+    }
+}
+
+impl<T: Float> MoeLayer<T> {
+    /// The forward of [`super::Path::Decode`] on checked `x [T, H]`, `y [T, H]`,
+    /// `1 <= T <= DECODE_TOKENS`.
+    pub(super) fn forward_decode(
+        &mut self,
+        dev: &Device,
+        y: &mut Tensor<T>,
+        x: &Tensor<T>,
+        mark: &mut dyn FnMut(Stage) -> Result<()>,
+    ) -> Result<()> {
+        const OP: &str = "MoeLayer::forward (decode)";
+        let cfg = &self.cfg;
+        let (h, e, et, k) = (cfg.hidden, cfg.experts, cfg.experts_total(), cfg.k());
+        let t = x.shape()[0];
+        let (s, ld_h) = (self.decode.slots, self.decode.ld_h);
+        let w = &self.w;
+
+        // 1. The router logits, as the planned path computes them.
+        self.ids.set_shape(&[t, k])?;
+        self.weights.set_shape(&[t, k])?;
+        let (logits_ptr, logits_dtype) = match (&w.router, &mut self.logits) {
+            (RouterWeights::Model { w: rw, bias }, Logits::Model(logits)) => {
+                logits.set_shape(&[t, et])?;
+                routing::router_logits_into(dev, logits, x, rw, bias.as_ref())?;
+                (logits.device_ptr(dev), T::DTYPE.name())
+            }
+            (RouterWeights::F32 { w: rw, bias }, Logits::F32(logits)) => {
+                logits.set_shape(&[t, et])?;
+                routing::router_logits_into(dev, logits, x, rw, bias.as_ref())?;
+                (logits.device_ptr(dev), "f32")
+            }
+            _ => unreachable!("from_device sizes the logits for the router's dtype"),
+        };
+        mark(Stage::Route)?;
+
+        let scale_input = cfg.weight_at == ScaleAt::Input;
+        let act = Some((cfg.gate_layout, cfg.act));
+        let up = projection(
+            dev,
+            routed(OP, dev, &w.gate_up)?,
+            w.gate_up_bias.as_ref(),
+            act,
+            scale_input,
+        );
+        let down = projection(
+            dev,
+            routed(OP, dev, &w.down)?,
+            w.down_bias.as_ref(),
+            None,
+            false,
+        );
+        let (shared_up, shared_down) = match (&w.shared_gate_up, &w.shared_down) {
+            (Some(su), Some(sd)) => (
+                // The shared expert's gate rows come first, whatever the routed layout.
+                projection::<T>(
+                    dev,
+                    plain(OP, dev, su)?,
+                    None,
+                    Some((GateLayout::GateFirst, cfg.act)),
+                    false,
+                ),
+                projection::<T>(dev, plain(OP, dev, sd)?, None, None, false),
+            ),
+            // Null weights: no shared expert.
+            _ => {
+                let none = DecodeProj {
+                    g: GroupedGemmParams { w: 0, ..up.g },
+                    blob: 0,
+                    experts: 0,
+                };
+                (none, none)
+            }
+        };
+        let constants = cfg.zero_experts.contains(&ZeroExpert::Constant);
+        let route = routing::route_params(
+            &cfg.router,
+            i32::try_from(t).expect("T <= DECODE_TOKENS"),
+            et,
+        );
+        let ptr = |o: Option<&Tensor<T>>| o.map_or(0, |t| t.device_ptr(dev));
+        let ws = &mut self.decode;
+        let params = DecodeParams {
+            route: crate::params::RouteParams {
+                ids: self.ids.device_ptr_mut(dev),
+                weights: self.weights.device_ptr_mut(dev),
+                counts: 0,
+                logits: logits_ptr,
+                bias: w.correction_bias.as_ref().map_or(0, |b| b.device_ptr(dev)),
+                ..route
+            },
+            up,
+            down,
+            shared_up,
+            shared_down,
+            x: x.device_ptr(dev),
+            h: ws.h.device_ptr_mut(dev),
+            y: y.device_ptr_mut(dev),
+            residual: 0,
+            shared_gate: ptr(w.shared_gate.as_ref()),
+            shared_gate_logit: ws.gate_logit.device_ptr_mut(dev),
+            zc_kinds: self.zc_kinds.as_ref().map_or(0, |z| z.device_ptr(dev)),
+            const_w: if constants {
+                ptr(w.const_w.as_ref())
+            } else {
+                0
+            },
+            const_v: if constants {
+                ptr(w.const_v.as_ref())
+            } else {
+                0
+            },
+            alpha: ws.alpha.device_ptr_mut(dev),
+            status: ws.status.device_ptr_mut(dev),
+            hidden: i32::try_from(h).expect("bounded by MoeConfig::validate"),
+            experts: i32::try_from(e).expect("bounded by MoeConfig::validate"),
+            slots: i32::try_from(s).expect("K <= 32"),
+            ld_h: i32::try_from(ld_h).expect("bounded by MoeConfig::validate"),
+            weight_at_input: i32::from(scale_input),
+            pad_: 0,
+        };
+        let dtype = T::DTYPE.name();
+        let name = format!(
+            "decode_gate_up_{dtype}_{logits_dtype}_e{}",
+            routing::route_capacity(et)
+        );
+        let func = dev.function(OP, Module::Decode, &name)?;
+        let cols =
+            |n: usize| u32::try_from(n.div_ceil(WARPS)).expect("bounded by MoeConfig::validate");
+        let up_cfg = LaunchConfig {
+            grid_dim: (
+                cols(ld_h),
+                u32::try_from(t * s).expect("at most 16 * 33"),
+                1,
+            ),
+            block_dim: (32 * WARPS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `decode_gate_up_{t}_{l}_e{N}` takes one DecodeParams (mirrored in
+        // src/params.rs) and routes up to N >= E_total experts per token from logits [T,
+        // E_total] of dtype l, as route_{l}_e{N} does (the rule validated with the layer's
+        // config). Block (x, y) handles token y / S < T and slot y % S: it writes ids/weights
+        // [T, K] at row y / S (column-0 blocks of slot 0), reads x [T, H], the slot's expert
+        // (an id the routing gave, in [0, E) for a GEMV; the shared expert is expert 0 of its
+        // [1, 2Is, H]) through plain [E, 2I, H] weights or a packed layer's validated table and
+        // blob, its bias [E, 2I], and writes h[y, j] for j < I (Is) < ld_h in the workspace of
+        // DECODE_TOKENS * S rows; alpha [T*K, 2] and gate_logit [T] likewise. Everything was
+        // allocated on this device by from_device or checked above.
+        unsafe { dev.launch(OP, &func, up_cfg, &params) }?;
+        mark(Stage::Gemm1)?;
+
+        let func = dev.function(OP, Module::Decode, &format!("decode_down_{dtype}"))?;
+        let down_cfg = LaunchConfig {
+            grid_dim: (cols(h), u32::try_from(t).expect("T <= DECODE_TOKENS"), 1),
+            block_dim: (32 * WARPS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `decode_down_{t}` takes the same DecodeParams. Block (x, t) reads ids/weights
+        // [T, K] as gate/up wrote them (in [-1, E_total)), the h rows of its token's slots,
+        // the down weights [E, H, I] (or the packed layer) of ids in [0, E) and the shared
+        // expert's [1, H, Is], and writes y[t, c] for c < H: y is [T, H], checked by forward.
+        unsafe { dev.launch(OP, &func, down_cfg, &params) }?;
+        mark(Stage::Gemm2)
+    }
+}

@@ -1,0 +1,178 @@
+//! Today's forward, through a routing plan: route, plan, gather, the grouped GEMV (sorted
+//! layout) or GEMM (padded layout) for gate/up and down, the shared expert, then the combine.
+//! Nine to thirteen launches and three memsets; every T.
+
+use super::gpu::{ExpertWeights, Logits, MoeLayer, RouterWeights, Stage};
+use crate::activation::GateLayout;
+use crate::device::{Device, Tensor};
+use crate::dtype::Float;
+use crate::error::Result;
+use crate::gemm::{self, Epilogue, GemmOptions, GemmRows, GemmVersion, ScaleAt};
+use crate::permute::{self, CombineInputs, Layout, Plan};
+use crate::routing;
+
+impl<T: Float> MoeLayer<T> {
+    /// The forward of [`super::Path::Gemv`] (`gemv`) or [`super::Path::Gemm`] on checked
+    /// `x [T, H]`, `y [T, H]`, `T >= 1`.
+    pub(super) fn forward_planned(
+        &mut self,
+        dev: &Device,
+        y: &mut Tensor<T>,
+        x: &Tensor<T>,
+        gemv: bool,
+        mark: &mut dyn FnMut(Stage) -> Result<()>,
+    ) -> Result<()> {
+        let (h, et, k) = (self.cfg.hidden, self.cfg.experts_total(), self.cfg.k());
+        let t = x.shape()[0];
+        let layout = if gemv { Layout::Sorted } else { Layout::Padded };
+        let cfg = &self.cfg;
+        let w = &mut self.w;
+
+        // Route.
+        self.ids.set_shape(&[t, k])?;
+        self.weights.set_shape(&[t, k])?;
+        let corr = w.correction_bias.as_ref();
+        // The two arms differ only in the logits' dtype.
+        macro_rules! route {
+            ($rw:expr, $bias:expr, $logits:expr) => {{
+                $logits.set_shape(&[t, et])?;
+                routing::route_hidden_into(
+                    dev,
+                    &mut self.ids,
+                    &mut self.weights,
+                    $logits,
+                    x,
+                    $rw,
+                    $bias.as_ref(),
+                    &cfg.router,
+                    corr,
+                )?;
+            }};
+        }
+        match (&w.router, &mut self.logits) {
+            (RouterWeights::Model { w: rw, bias }, Logits::Model(logits)) => {
+                route!(rw, bias, logits)
+            }
+            (RouterWeights::F32 { w: rw, bias }, Logits::F32(logits)) => route!(rw, bias, logits),
+            _ => unreachable!("from_device sizes the logits for the router's dtype"),
+        }
+        mark(Stage::Route)?;
+
+        self.plan.build(dev, &self.ids)?;
+        mark(Stage::Plan)?;
+
+        let gemm = |out: &mut Tensor<T>, a: &Tensor<T>, wt: &Tensor<T>, plan: &Plan, o| {
+            if gemv {
+                gemm::grouped_gemv_into(dev, out, a, wt, plan, o)
+            } else {
+                gemm::grouped_gemm_into(dev, out, a, wt, plan, o)
+            }
+        };
+        let rows = self.plan.rows(layout);
+        self.hmid.set_shape(&[rows, cfg.intermediate])?;
+        self.out.set_shape(&[rows, h])?;
+        // v2 reads the plain experts' gate/up rows through the plan; the others gather them.
+        let indexed = !gemv
+            && self.version == GemmVersion::V2
+            && matches!(w.gate_up, ExpertWeights::Plain(_));
+        if !indexed {
+            self.a.set_shape(&[rows, h])?;
+            permute::gather_into(dev, &mut self.a, x, &mut self.plan, layout)?;
+        }
+        let up = GemmOptions {
+            bias: w.gate_up_bias.as_ref(),
+            epilogue: Epilogue::Gated {
+                act: cfg.act,
+                layout: cfg.gate_layout,
+            },
+            row_weights: (cfg.weight_at == ScaleAt::Input)
+                .then_some((&self.weights, ScaleAt::Input)),
+        };
+        w.gate_up.run(
+            dev,
+            gemv,
+            self.version,
+            &mut self.hmid,
+            if indexed {
+                GemmRows::Indexed(x)
+            } else {
+                GemmRows::Gathered(&self.a)
+            },
+            &self.plan,
+            up,
+            self.scratch.as_mut(),
+        )?;
+        mark(Stage::Gemm1)?;
+
+        // The routing weight goes into the down GEMM's epilogue unless zero-computation experts
+        // need it in the combine.
+        let fold_weights = cfg.weight_at == ScaleAt::Output && cfg.zero_experts.is_empty();
+        let down = GemmOptions {
+            bias: w.down_bias.as_ref(),
+            epilogue: Epilogue::None,
+            row_weights: fold_weights.then_some((&self.weights, ScaleAt::Output)),
+        };
+        w.down.run(
+            dev,
+            gemv,
+            self.version,
+            &mut self.out,
+            GemmRows::Gathered(&self.hmid),
+            &self.plan,
+            down,
+            self.scratch.as_mut(),
+        )?;
+        mark(Stage::Gemm2)?;
+
+        if let (Some(s), Some(gate_up), Some(sdown)) =
+            (&mut self.shared, &w.shared_gate_up, &w.shared_down)
+        {
+            s.plan.build_identity(dev, t)?;
+            let srows = s.plan.rows(layout);
+            s.h.set_shape(&[srows, sdown.shape()[2]])?;
+            s.out.set_shape(&[srows, h])?;
+            let swiglu = GemmOptions {
+                epilogue: Epilogue::Gated {
+                    act: cfg.act,
+                    layout: GateLayout::GateFirst,
+                },
+                ..Default::default()
+            };
+            // With one expert and one slot per token, the sorted rows are the tokens in order:
+            // the GEMV reads x itself. The padded layout needs the copy into whole blocks.
+            let a: &Tensor<T> = if gemv {
+                x
+            } else {
+                s.a.set_shape(&[srows, h])?;
+                permute::gather_into(dev, &mut s.a, x, &mut s.plan, layout)?;
+                &s.a
+            };
+            gemm(&mut s.h, a, gate_up, &s.plan, swiglu)?;
+            gemm(&mut s.out, &s.h, sdown, &s.plan, GemmOptions::default())?;
+            s.out.set_shape(&[t, h])?;
+            if let Some(g) = &w.shared_gate {
+                s.gate_logits.set_shape(&[t, 1])?;
+                routing::router_logits_into(dev, &mut s.gate_logits, x, g, None)?;
+                s.gate_logits.set_shape(&[t])?;
+            }
+            mark(Stage::Shared)?;
+        }
+
+        let shared = self.shared.as_ref();
+        let zc = !cfg.zero_experts.is_empty();
+        let inputs = CombineInputs {
+            weights: (cfg.weight_at == ScaleAt::Output && !fold_weights).then_some(&self.weights),
+            x: zc.then_some(x),
+            zc_kinds: self.zc_kinds.as_ref(),
+            const_w: w.const_w.as_ref(),
+            const_v: w.const_v.as_ref(),
+            shared_out: shared.map(|s| &s.out),
+            shared_gate: shared
+                .filter(|_| w.shared_gate.is_some())
+                .map(|s| &s.gate_logits),
+            residual: None,
+        };
+        permute::combine_into(dev, y, &self.out, &mut self.plan, layout, &self.ids, inputs)?;
+        mark(Stage::Combine)
+    }
+}
