@@ -857,3 +857,81 @@ fn gpu_decode_path_is_three_launches_and_no_memset() {
         }
     }
 }
+
+#[test]
+fn gpu_decode_path_on_every_fixture_family_at_decode_sizes() {
+    let Some(dev) = common::gpu("gpu_decode_path_on_every_fixture_family_at_decode_sizes") else {
+        return;
+    };
+    // Each fixture's block as transformers configured it (the MXFP4 and FP8 ones packed), on
+    // fresh inputs of 1, 2 and 16 tokens.
+    let (mut compared, mut total) = (0, 0);
+    for f in fixtures() {
+        let model = Model::open(&f.dir).unwrap();
+        let (cfg, w) = model.load_layer::<bf16>(f.layer).unwrap();
+        for t in [1, 2, 16] {
+            compared += check_decode(&dev, &cfg, &w, t, &f.name);
+            total += t;
+        }
+    }
+    assert!(
+        4 * compared >= 3 * total,
+        "only {compared} of {total} tokens compared"
+    );
+}
+
+#[test]
+fn gpu_decode_path_routes_nan_rows_as_the_routing_kernel() {
+    let Some(dev) = common::gpu("gpu_decode_path_routes_nan_rows_as_the_routing_kernel") else {
+        return;
+    };
+    // A NaN in a token's hidden state makes its router logits NaN: both paths then route it as
+    // the routing kernels do (NaN ranks as -inf: the first K ids; softmax weights NaN), and its
+    // output is NaN; the other tokens are untouched.
+    for (name, cfg) in [&configs()[0], &configs()[2]] {
+        let w = random_weights(cfg, 41);
+        let (t, h, k) = (3, cfg.hidden, cfg.k());
+        let mut rng = Rng::new(5);
+        let mut x: Vec<bf16> = (0..t * h)
+            .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
+            .collect();
+        x[h + 7] = bf16::NAN;
+        let xd = dev.upload(&x, &[t, h]).unwrap();
+        let mut outs = Vec::new();
+        for path in [GemmPath::Decode, GemmPath::Gemv] {
+            let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
+            layer.set_path(path);
+            let mut y = dev.filled_bytes::<bf16>(&[t, h], 0xff).unwrap();
+            layer.forward_into(&dev, &mut y, &xd).unwrap();
+            let (ids, wts) = layer.routing();
+            let wts: Vec<u32> = dev
+                .download(wts)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let y = dev.download(&y).unwrap();
+            outs.push((dev.download(ids).unwrap(), wts, y));
+        }
+        let (decode, planned) = (&outs[0], &outs[1]);
+        assert_eq!(decode.0, planned.0, "{name}: ids");
+        assert_eq!(decode.1, planned.1, "{name}: weights");
+        if cfg.router.rule == configs()[0].1.router.rule {
+            // Softmax over logits that all count as -inf: NaN, as torch.softmax gives.
+            assert!(
+                f32::from_bits(decode.1[k]).is_nan(),
+                "{name}: token 1's weights are NaN"
+            );
+        }
+        assert!(
+            decode.2[h..2 * h].iter().all(|v| v.is_nan()),
+            "{name}: token 1's output"
+        );
+        assert!(
+            decode.2[..h]
+                .iter()
+                .chain(&decode.2[2 * h..])
+                .all(|v| v.is_finite())
+        );
+    }
+}
