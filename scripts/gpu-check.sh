@@ -5,8 +5,8 @@
 #   1. every test binary with MOE_REQUIRE_GPU=1 (a skipped GPU test fails; the model tests run
 #      the command's forward --check on every fixture);
 #   2. compute-sanitizer memcheck and racecheck on one GPU test per family;
-#   3. the layer bench at T = 1, 16, 256, 4096 for four presets, beside the copy bandwidth it
-#      measures;
+#   3. the layer bench at T = 1, 4, 16 (the decode path) and 256, 4096 for four presets, beside
+#      the copy bandwidth it measures; the planned path and int4 / MXFP4 experts at decode sizes;
 #   4. the quick peer comparison (peers/run.sh --quick), which measures the dense bf16 rate.
 # A step that no longer fits the budget is skipped and said so; a running step is stopped at
 # the budget. The summary comes last, ready for GPU_LOG.md; full logs go to LOGDIR.
@@ -97,10 +97,16 @@ EOF
         summary+=("FAIL  compute-sanitizer not found on PATH")
         failed=1
     fi
-    # 3. The layer at decode and prefill sizes.
+    # 3. The layer at decode sizes (the three-launch decode path) and prefill sizes, then the
+    # planned GEMV path at decode sizes beside it, and compressed experts.
     for preset in qwen3-30b-a3b mixtral-8x7b deepseek-v3 gpt-oss-120b; do
-        run "layer-$preset" 30 ./moe-kernels bench --preset "$preset" --tokens 1,16,256,4096
+        run "layer-$preset" 30 ./moe-kernels bench --preset "$preset" --tokens 1,4,16,256,4096
     done
+    for preset in qwen3-30b-a3b gpt-oss-120b; do
+        run "layer-$preset-planned" 20 ./moe-kernels bench --preset "$preset" --path gemv --tokens 1,4,16
+    done
+    run layer-qwen3-30b-a3b-int4 20 ./moe-kernels bench --preset qwen3-30b-a3b --format int4 --tokens 1,4,16
+    run layer-gpt-oss-120b-mxfp4 20 ./moe-kernels bench --preset gpt-oss-120b --format mxfp4 --tokens 1,4,16
     # 4. The peers on the same shapes.
     run peers-quick 130 peers/run.sh --quick --binary "$here/moe-kernels" --out "$logdir/peers.md"
 fi
