@@ -189,3 +189,126 @@ fn gpu_set_shape_covers_the_leading_elements_only() {
     let e = t.set_shape(&[101]).unwrap_err().to_string();
     assert!(e.contains("capacity"), "{e}");
 }
+
+#[test]
+fn gpu_views_borrow_memory_the_crate_does_not_own() {
+    use moe_kernels::activation;
+    use moe_kernels::device::{TensorView, TensorViewMut};
+    let Some(dev) = common::gpu("gpu_views_borrow_memory_the_crate_does_not_own") else {
+        return;
+    };
+    let data: Vec<f32> = (0..24).map(|i| (i as f32 * 0.37).sin()).collect();
+    let owned = dev.upload(&data, &[4, 6]).unwrap();
+    let want = dev
+        .download(&activation::softmax(&dev, &owned).unwrap())
+        .unwrap();
+
+    // A runtime's own buffers, through cudarc views: the op reads and writes them in place, and
+    // gives the owned tensor's bits.
+    let src = dev.stream().clone_htod(&data).unwrap();
+    let mut dst = dev.stream().alloc_zeros::<f32>(24).unwrap();
+    {
+        let (sv, mut dv) = (src.as_view(), dst.as_view_mut());
+        let x = TensorView::from_cuda(&dev, &sv, &[4, 6]).unwrap();
+        let mut y = TensorViewMut::from_cuda(&dev, &mut dv, &[4, 6]).unwrap();
+        let before = dev.work_counts();
+        activation::softmax_into(&dev, &mut y, &x).unwrap();
+        let n = dev.work_counts() - before;
+        assert_eq!(
+            (n.launches, n.memsets, n.copies, n.allocations),
+            (1, 0, 0, 0),
+            "{n:?}"
+        );
+        // The owned tensor's own views take the same path.
+        let mut out2 = dev.zeros::<f32>(&[4, 6]).unwrap();
+        activation::softmax_into(&dev, &mut out2.view_mut(), &owned.view()).unwrap();
+        assert_eq!(dev.download(&out2).unwrap(), want);
+    }
+    assert_eq!(dev.stream().clone_dtoh(&dst).unwrap(), want);
+    // Dropping the views freed nothing: both buffers are still whole.
+    assert_eq!(dev.stream().clone_dtoh(&src).unwrap(), data);
+
+    // Raw pointers, with their element count.
+    use cudarc::driver::DevicePtr;
+    let ptr = src.device_ptr(dev.stream()).0;
+    // SAFETY: src holds 24 f32 of this device's context and outlives the view.
+    let x = unsafe { TensorView::<f32>::from_raw(&dev, ptr, 24, &[4, 6]) }.unwrap();
+    assert_eq!(dev.download(&x).unwrap(), data);
+    drop(x);
+    let refused = |r: moe_kernels::Result<TensorView<'_, f32>>, words: &[&str]| {
+        let e = r.unwrap_err().to_string();
+        for w in words {
+            assert!(e.contains(w), "`{w}` not in: {e}");
+        }
+    };
+    // SAFETY (each): the calls are refused before any memory is used.
+    refused(
+        unsafe { TensorView::from_raw(&dev, ptr, 23, &[4, 6]) },
+        &["ptr", "at least 24 elements", "got 23"],
+    );
+    refused(
+        unsafe { TensorView::from_raw(&dev, ptr + 2, 20, &[4, 5]) },
+        &["aligned to 4 bytes"],
+    );
+    refused(unsafe { TensorView::from_raw(&dev, 0, 4, &[4]) }, &["ptr"]);
+    let host = data.as_ptr() as u64;
+    refused(
+        unsafe { TensorView::from_raw(&dev, host, 24, &[24]) },
+        &["device memory"],
+    );
+    refused(
+        TensorView::from_cuda(&dev, &src.as_view(), &[5, 6]),
+        &["view", "at least 30", "got 24"],
+    );
+
+    // Memory and tensors of another device's context are refused (the emulator has two
+    // devices; a one-GPU machine skips this part).
+    if let Ok(other) = Device::new(1) {
+        let far = other.stream().clone_htod(&data).unwrap();
+        let fp = far.device_ptr(other.stream()).0;
+        refused(
+            unsafe { TensorView::from_raw(&dev, fp, 24, &[24]) },
+            &["another context"],
+        );
+        refused(
+            TensorView::from_cuda(&dev, &far.as_view(), &[24]),
+            &["view of device 0"],
+        );
+        let t = other.upload(&data, &[4, 6]).unwrap();
+        let e = activation::softmax(&dev, &t).unwrap_err().to_string();
+        assert!(e.contains("a tensor on device 1"), "{e}");
+    }
+}
+
+#[test]
+fn gpu_a_device_on_the_runtimes_stream_orders_with_it() {
+    use cudarc::driver::CudaContext;
+    use moe_kernels::activation;
+    let Some(dev) = common::gpu("gpu_a_device_on_the_runtimes_stream_orders_with_it") else {
+        return;
+    };
+    // A runtime's context and stream; the crate's work goes on that stream.
+    let ctx = CudaContext::new(0).unwrap();
+    let stream = ctx.new_stream().unwrap();
+    let shared = Device::from_stream(stream.clone()).unwrap();
+    let data: Vec<f32> = (0..64).map(|i| i as f32 / 9.0).collect();
+    let x = shared.upload(&data, &[8, 8]).unwrap();
+    let y = activation::softmax(&shared, &x).unwrap();
+    let mine = activation::softmax(&dev, &dev.upload(&data, &[8, 8]).unwrap()).unwrap();
+    assert_eq!(
+        stream.clone_dtoh(y.buf()).unwrap(),
+        dev.download(&mine).unwrap()
+    );
+    // The same through its raw handle; a stream of another context is refused.
+    // SAFETY: the stream outlives `raw`.
+    let raw = unsafe { Device::from_raw_stream(&ctx, stream.cu_stream()) }.unwrap();
+    assert_eq!(raw.download(&y).unwrap(), dev.download(&mine).unwrap());
+    if let Ok(other) = CudaContext::new(1) {
+        let far = other.new_stream().unwrap();
+        // SAFETY: refused before the stream is used.
+        let e = unsafe { Device::from_raw_stream(&ctx, far.cu_stream()) }
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a stream of another context"), "{e}");
+    }
+}

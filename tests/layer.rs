@@ -935,3 +935,59 @@ fn gpu_decode_path_routes_nan_rows_as_the_routing_kernel() {
         );
     }
 }
+
+#[test]
+fn gpu_layer_runs_on_borrowed_buffers_and_the_runtimes_stream() {
+    use cudarc::driver::{CudaContext, DevicePtr};
+    use moe_kernels::device::{TensorView, TensorViewMut};
+    let Some(dev) = common::gpu("gpu_layer_runs_on_borrowed_buffers_and_the_runtimes_stream")
+    else {
+        return;
+    };
+    // A runtime's stream and its own activation buffers: the layer reads x and writes y where
+    // they are, on that stream, and gives the owned-tensor forward's bits.
+    let ctx = CudaContext::new(0).unwrap();
+    let stream = ctx.new_stream().unwrap();
+    let shared = Device::from_stream(stream.clone()).unwrap();
+    for (name, cfg) in [&configs()[1], &configs()[3]] {
+        let w = random_weights(cfg, 51);
+        for t in [3, 40] {
+            let h = cfg.hidden;
+            let mut rng = Rng::new(t as u64);
+            let x: Vec<bf16> = (0..t * h)
+                .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
+                .collect();
+            let mut owned = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
+            let xd = dev.upload(&x, &[t, h]).unwrap();
+            let mut yd = dev.zeros::<bf16>(&[t, h]).unwrap();
+            owned.forward_into(&dev, &mut yd, &xd).unwrap();
+            let want = dev.download(&yd).unwrap();
+
+            let mut layer = MoeLayer::<bf16>::new(&shared, cfg, &w, t).unwrap();
+            let xs = stream.clone_htod(&x).unwrap();
+            let ys = stream.alloc_zeros::<bf16>(t * h).unwrap();
+            let before = shared.work_counts();
+            {
+                // SAFETY: xs and ys hold t * h bf16 of this context and outlive the views.
+                let xv = unsafe {
+                    TensorView::from_raw(&shared, xs.device_ptr(&stream).0, t * h, &[t, h])
+                }
+                .unwrap();
+                let mut yv = unsafe {
+                    TensorViewMut::from_raw(&shared, ys.device_ptr(&stream).0, t * h, &[t, h])
+                }
+                .unwrap();
+                layer.forward_into(&shared, &mut yv, &xv).unwrap();
+            }
+            let n = shared.work_counts() - before;
+            assert_eq!((n.copies, n.allocations), (0, 0), "{name} T={t}: {n:?}");
+            let got = stream.clone_dtoh(&ys).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} T={t}: borrowed buffers on the runtime's stream differ from owned ones"
+            );
+        }
+    }
+}

@@ -46,6 +46,15 @@ int moe_emu_contains(uint64_t p, size_t n, char* msg, size_t cap) {
     return report(kIllegalAddress, why, msg, cap);
 }
 
+// 0 and the allocation's base and size when p lies inside a live allocation.
+int moe_emu_range(uint64_t p, uint64_t* base, size_t* size) {
+    const Alloc* a = region_of(uintptr_t(p));
+    if (a == nullptr || !a->live || p < a->base || p - a->base >= (a->size ? a->size : 1)) return 1;
+    *base = a->base;
+    *size = a->size;
+    return 0;
+}
+
 int moe_emu_launch(const KernelDef* k, const uint32_t* grid, const uint32_t* block, uint32_t dyn_smem,
                    void* const* args, int order, uint64_t seed, char* msg, size_t cap) {
     Launch l;

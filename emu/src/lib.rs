@@ -79,6 +79,7 @@ mod ffi {
         pub fn moe_emu_alloc(n: usize, out: *mut u64, msg: *mut c_char, cap: usize) -> c_int;
         pub fn moe_emu_free(p: u64, msg: *mut c_char, cap: usize) -> c_int;
         pub fn moe_emu_contains(p: u64, n: usize, msg: *mut c_char, cap: usize) -> c_int;
+        pub fn moe_emu_range(p: u64, base: *mut u64, size: *mut usize) -> c_int;
         pub fn moe_emu_launch(
             k: *const KernelDef,
             grid: *const u32,
@@ -316,6 +317,8 @@ struct Capture {
 #[derive(Default)]
 struct Stream {
     capture: Option<Capture>,
+    /// The device whose context created it.
+    device: usize,
 }
 
 struct Graph {
@@ -330,7 +333,9 @@ struct Event {
 struct Driver {
     init: bool,
     kernels: HashMap<String, &'static KernelDef>,
-    ctx_refs: u32,
+    ctx_refs: [u32; DEVICES],
+    /// The device each live allocation was made on, by its base address.
+    owners: HashMap<DevPtr, usize>,
     streams: HashSet<usize>,
     events: HashSet<usize>,
     modules: HashSet<usize>,
@@ -347,10 +352,25 @@ fn driver() -> MutexGuard<'static, Driver> {
         .unwrap_or_else(|e| e.into_inner())
 }
 
-/// The primary context's handle: the address of a static, never dereferenced by callers.
-fn primary() -> usize {
-    static P: u8 = 0;
-    &P as *const u8 as usize
+/// Devices the emulator has: two, so that the checks across contexts (a tensor, a stream or a
+/// pointer of another device) can be tested. They share one memory and one set of workers.
+const DEVICES: usize = 2;
+
+/// Device `dev`'s primary context handle: the address of a static, never dereferenced by callers.
+fn primary(dev: usize) -> usize {
+    static P: [u8; DEVICES] = [0; DEVICES];
+    &P[dev] as *const u8 as usize
+}
+
+/// The device whose primary context `ctx` is.
+fn device_of(ctx: usize) -> Option<usize> {
+    (0..DEVICES).find(|&d| primary(d) == ctx)
+}
+
+/// The device of this thread's current context, device 0 when none is current (a call that
+/// needs a context fails elsewhere).
+fn current_device() -> usize {
+    device_of(CURRENT_CTX.with(|c| c.get())).unwrap_or(0)
 }
 
 macro_rules! ensure {
@@ -648,22 +668,22 @@ pub unsafe extern "C" fn cuDeviceGet(dev: *mut c_int, ordinal: c_int) -> CUresul
         "cuDeviceGet: null"
     );
     ensure!(
-        ordinal == 0,
+        (0..DEVICES as c_int).contains(&ordinal),
         CUDA_ERROR_INVALID_DEVICE,
-        "cuDeviceGet: ordinal {ordinal}, the emulator has one device (0)"
+        "cuDeviceGet: ordinal {ordinal}, the emulator has {DEVICES} devices"
     );
     // SAFETY: non-null.
-    unsafe { *dev = 0 };
+    unsafe { *dev = ordinal };
     E::CUDA_SUCCESS
 }
 
 fn check_dev(dev: c_int) -> std::result::Result<(), CUresult> {
-    if dev == 0 {
+    if (0..DEVICES as c_int).contains(&dev) {
         Ok(())
     } else {
         Err(fail(
             E::CUDA_ERROR_INVALID_DEVICE,
-            format!("device {dev}: the emulator has one device (0)"),
+            format!("device {dev}: the emulator has {DEVICES} devices"),
         ))
     }
 }
@@ -801,9 +821,9 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Handle, dev: c_int) 
         CUDA_ERROR_INVALID_VALUE,
         "cuDevicePrimaryCtxRetain: null"
     );
-    d.ctx_refs += 1;
+    d.ctx_refs[dev as usize] += 1;
     // SAFETY: non-null.
-    unsafe { *ctx = primary() as Handle };
+    unsafe { *ctx = primary(dev as usize) as Handle };
     E::CUDA_SUCCESS
 }
 
@@ -815,11 +835,11 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: c_int) -> CUresult {
         return e;
     }
     ensure!(
-        d.ctx_refs > 0,
+        d.ctx_refs[dev as usize] > 0,
         CUDA_ERROR_INVALID_CONTEXT,
         "cuDevicePrimaryCtxRelease: the primary context is not retained"
     );
-    d.ctx_refs -= 1;
+    d.ctx_refs[dev as usize] -= 1;
     E::CUDA_SUCCESS
 }
 
@@ -828,7 +848,7 @@ pub unsafe extern "C" fn cuCtxSetCurrent(ctx: Handle) -> CUresult {
     let d = driver();
     init_or_fail!(d);
     ensure!(
-        ctx.is_null() || ctx as usize == primary(),
+        ctx.is_null() || device_of(ctx as usize).is_some(),
         CUDA_ERROR_INVALID_CONTEXT,
         "cuCtxSetCurrent: {ctx:?} is not the emulator's context"
     );
@@ -865,7 +885,7 @@ pub unsafe extern "C" fn cuCtxGetDevice(dev: *mut c_int) -> CUresult {
         "cuCtxGetDevice: no current context"
     );
     // SAFETY: non-null.
-    unsafe { *dev = 0 };
+    unsafe { *dev = current_device() as c_int };
     E::CUDA_SUCCESS
 }
 
@@ -890,7 +910,10 @@ pub unsafe extern "C" fn cuStreamCreate(s: *mut Handle, _flags: c_uint) -> CUres
         CUDA_ERROR_INVALID_VALUE,
         "cuStreamCreate: null"
     );
-    let h = Box::into_raw(Box::<Stream>::default()) as usize;
+    let h = Box::into_raw(Box::new(Stream {
+        capture: None,
+        device: current_device(),
+    })) as usize;
     d.streams.insert(h);
     // SAFETY: non-null.
     unsafe { *s = h as Handle };
@@ -1099,6 +1122,7 @@ fn alloc(d: &mut Driver, p: *mut DevPtr, n: usize, s: Handle, call: &str) -> CUr
     let rc = unsafe { ffi::moe_emu_alloc(n, &mut out, m.as_mut_ptr().cast(), m.len()) };
     let r = status(rc, &m);
     if r == E::CUDA_SUCCESS {
+        d.owners.insert(out, current_device());
         // SAFETY: non-null.
         unsafe { *p = out };
     }
@@ -1118,6 +1142,9 @@ fn free(d: &mut Driver, p: DevPtr, s: Handle, call: &str) -> CUresult {
     let mut m = msg_buf();
     // SAFETY: the runtime writes at most m.len() bytes of message.
     let rc = unsafe { ffi::moe_emu_free(p, m.as_mut_ptr().cast(), m.len()) };
+    if rc == 0 {
+        d.owners.remove(&p);
+    }
     status(rc, &m)
 }
 
@@ -1811,6 +1838,101 @@ pub unsafe extern "C" fn cuGraphDestroy(g: Handle) -> CUresult {
     // SAFETY: made by Box::into_raw, removed from the set.
     drop(unsafe { Box::from_raw(g as *mut Graph) });
     E::CUDA_SUCCESS
+}
+
+// ---- pointers and stream contexts ----------------------------------------------------------------
+
+const POINTER_CONTEXT: c_uint = 1;
+const POINTER_MEMORY_TYPE: c_uint = 2;
+const POINTER_DEVICE_POINTER: c_uint = 3;
+const POINTER_DEVICE_ORDINAL: c_uint = 9;
+const POINTER_RANGE_START: c_uint = 11;
+const POINTER_RANGE_SIZE: c_uint = 12;
+const MEMORYTYPE_DEVICE: c_uint = 2;
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuPointerGetAttribute(
+    data: *mut c_void,
+    attribute: c_uint,
+    p: DevPtr,
+) -> CUresult {
+    let d = driver();
+    init_or_fail!(d);
+    ensure!(
+        !data.is_null(),
+        CUDA_ERROR_INVALID_VALUE,
+        "cuPointerGetAttribute: null"
+    );
+    let (mut base, mut size) = (0u64, 0usize);
+    // SAFETY: the runtime writes two values.
+    let found = unsafe { ffi::moe_emu_range(p, &mut base, &mut size) } == 0;
+    ensure!(
+        found,
+        CUDA_ERROR_INVALID_VALUE,
+        "cuPointerGetAttribute: 0x{p:x} is not in a live device allocation"
+    );
+    let dev = d.owners.get(&base).copied().unwrap_or(0);
+    // SAFETY: data points at storage of the attribute's type, per cuda.h.
+    unsafe {
+        match attribute {
+            POINTER_CONTEXT => *data.cast::<Handle>() = primary(dev) as Handle,
+            POINTER_MEMORY_TYPE => *data.cast::<c_uint>() = MEMORYTYPE_DEVICE,
+            POINTER_DEVICE_POINTER => *data.cast::<DevPtr>() = p,
+            POINTER_DEVICE_ORDINAL => *data.cast::<c_int>() = dev as c_int,
+            POINTER_RANGE_START => *data.cast::<DevPtr>() = base,
+            POINTER_RANGE_SIZE => *data.cast::<usize>() = size,
+            _ => {
+                return fail(
+                    E::CUDA_ERROR_INVALID_VALUE,
+                    format!(
+                        "cuPointerGetAttribute: attribute {attribute} is not modelled by the emulator"
+                    ),
+                );
+            }
+        }
+    }
+    E::CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamGetCtx(s: Handle, ctx: *mut Handle) -> CUresult {
+    let mut d = driver();
+    init_or_fail!(d);
+    ensure!(
+        !ctx.is_null(),
+        CUDA_ERROR_INVALID_VALUE,
+        "cuStreamGetCtx: null"
+    );
+    let dev = if s.is_null() {
+        current_device()
+    } else {
+        match d.stream(s) {
+            Some(st) => st.device,
+            None => {
+                return fail(
+                    E::CUDA_ERROR_INVALID_HANDLE,
+                    format!("cuStreamGetCtx: {s:?} is not a live stream"),
+                );
+            }
+        }
+    };
+    // SAFETY: non-null.
+    unsafe { *ctx = primary(dev) as Handle };
+    E::CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamGetCtx_v2(
+    s: Handle,
+    ctx: *mut Handle,
+    green: *mut Handle,
+) -> CUresult {
+    if !green.is_null() {
+        // SAFETY: non-null; the emulator has no green contexts.
+        unsafe { *green = std::ptr::null_mut() };
+    }
+    // SAFETY: the same contract.
+    unsafe { cuStreamGetCtx(s, ctx) }
 }
 
 // ---- for the emulator's own tests ---------------------------------------------------------------

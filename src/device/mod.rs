@@ -7,6 +7,7 @@
 mod fill;
 mod tensor;
 mod timer;
+mod view;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,7 @@ use cudarc::nvrtc::Ptx;
 pub use fill::uniform_at;
 pub use tensor::Tensor;
 pub use timer::GpuTimer;
+pub use view::{TensorView, TensorViewMut};
 
 use crate::dtype::Elem;
 use crate::error::{DriverResultExt, Error, Result};
@@ -53,12 +55,16 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
-/// How much work the crate has put on a [`Device`]'s stream: kernel launches and memsets,
-/// counted as they are enqueued (captured ones too).
+/// How much work the crate has put on a [`Device`]: kernel launches, memsets, host-device
+/// copies and allocations, counted as they are enqueued (captured ones too).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkCounts {
     pub launches: u64,
     pub memsets: u64,
+    /// Host-device copies (uploads and downloads).
+    pub copies: u64,
+    /// Device allocations.
+    pub allocations: u64,
 }
 
 impl std::ops::Sub for WorkCounts {
@@ -67,6 +73,8 @@ impl std::ops::Sub for WorkCounts {
         WorkCounts {
             launches: self.launches - o.launches,
             memsets: self.memsets - o.memsets,
+            copies: self.copies - o.copies,
+            allocations: self.allocations - o.allocations,
         }
     }
 }
@@ -80,6 +88,8 @@ pub struct Device {
     info: DeviceInfo,
     launches: AtomicU64,
     memsets: AtomicU64,
+    copies: AtomicU64,
+    allocations: AtomicU64,
 }
 
 impl std::fmt::Debug for Device {
@@ -109,7 +119,54 @@ impl Device {
         // SAFETY: no buffer of this context exists yet, so none carries events to lose.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().op(OP)?;
-        let info = query_info(&ctx, ordinal).op(OP)?;
+        Self::on(OP, ctx, stream)
+    }
+
+    /// A device whose ops go on a stream the runtime already has (candle's, a runtime's own):
+    /// the crate's work is ordered with the runtime's by the stream itself, with no host wait and
+    /// no event between them. Where the stream's context tracks events per buffer (cudarc's
+    /// default), the crate's own buffers record them too; the crate's launches do not.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        const OP: &str = "Device::from_stream";
+        if !driver_present() {
+            return Err(Error::NoDriver);
+        }
+        let ctx = stream.context().clone();
+        Self::on(OP, ctx, stream)
+    }
+
+    /// [`Device::from_stream`] for a raw `CUstream` of `ctx` (null: the context's legacy default
+    /// stream). A stream of another context is refused.
+    ///
+    /// # Safety
+    /// `stream` must be a valid stream, or null, and its owner must keep it alive while this
+    /// device (or anything made from it) is used; the owner orders its own work on it.
+    pub unsafe fn from_raw_stream(ctx: &Arc<CudaContext>, stream: sys::CUstream) -> Result<Self> {
+        const OP: &str = "Device::from_raw_stream";
+        if !driver_present() {
+            return Err(Error::NoDriver);
+        }
+        ctx.bind_to_thread().op(OP)?;
+        let mut owner: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: writes one CUcontext; the driver checks the stream handle.
+        unsafe { sys::cuStreamGetCtx(stream, &mut owner) }
+            .result()
+            .op(OP)?;
+        if owner != ctx.cu_ctx() {
+            return Err(Error::shape(
+                OP,
+                "stream",
+                format!("a stream of device {}'s context", ctx.ordinal()),
+                "a stream of another context",
+            ));
+        }
+        // SAFETY: the stream belongs to ctx (checked) and the caller keeps it alive.
+        let stream = unsafe { ctx.wrap_borrowed_stream(stream) };
+        Self::on(OP, ctx.clone(), stream)
+    }
+
+    fn on(op: &'static str, ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self> {
+        let info = query_info(&ctx, ctx.ordinal()).op(op)?;
         Ok(Device {
             ctx,
             stream,
@@ -118,6 +175,8 @@ impl Device {
             info,
             launches: AtomicU64::new(0),
             memsets: AtomicU64::new(0),
+            copies: AtomicU64::new(0),
+            allocations: AtomicU64::new(0),
         })
     }
 
@@ -127,6 +186,8 @@ impl Device {
         WorkCounts {
             launches: self.launches.load(Ordering::Relaxed),
             memsets: self.memsets.load(Ordering::Relaxed),
+            copies: self.copies.load(Ordering::Relaxed),
+            allocations: self.allocations.load(Ordering::Relaxed),
         }
     }
 
@@ -178,6 +239,8 @@ impl Device {
                 format!("{} elements", data.len()),
             ));
         }
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        self.copies.fetch_add(1, Ordering::Relaxed);
         let buf = self.stream.clone_htod(data).op("Device::upload")?;
         Ok(Tensor::from_parts(buf, shape.to_vec()))
     }
@@ -193,20 +256,26 @@ impl Device {
                 format!("{} elements", data.len()),
             ));
         }
+        self.copies.fetch_add(1, Ordering::Relaxed);
         self.stream
-            .memcpy_htod(data, &mut dst.view_mut())
+            .memcpy_htod(data, &mut dst.cuda_view_mut())
             .op("Device::upload_into")
     }
 
     /// Copies a tensor back to the host; waits for the stream.
     pub fn download<T: Elem>(&self, t: &Tensor<T>) -> Result<Vec<T>> {
         t.check_device("Device::download", "tensor", self)?;
-        self.stream.clone_dtoh(&t.view()).op("Device::download")
+        self.copies.fetch_add(1, Ordering::Relaxed);
+        self.stream
+            .clone_dtoh(&t.cuda_view())
+            .op("Device::download")
     }
 
     /// A new zero-filled tensor.
     pub fn zeros<T: Elem>(&self, shape: &[usize]) -> Result<Tensor<T>> {
         let numel = tensor::numel("Device::zeros", shape)?;
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        self.memsets.fetch_add(1, Ordering::Relaxed);
         let buf = self.stream.alloc_zeros::<T>(numel).op("Device::zeros")?;
         Ok(Tensor::from_parts(buf, shape.to_vec()))
     }

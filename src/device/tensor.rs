@@ -45,6 +45,17 @@ impl<T: Elem> Tensor<T> {
         Tensor { buf, shape, numel }
     }
 
+    /// A tensor of `shape` (`numel` elements) over the leading part of a longer buffer.
+    pub(crate) fn from_parts_over(buf: CudaSlice<T>, shape: Vec<usize>, numel: usize) -> Self {
+        debug_assert!(numel <= buf.len());
+        Tensor { buf, shape, numel }
+    }
+
+    /// The buffer, giving up the tensor.
+    pub(crate) fn into_buf(self) -> CudaSlice<T> {
+        self.buf
+    }
+
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -76,12 +87,12 @@ impl<T: Elem> Tensor<T> {
         &mut self.buf
     }
 
-    /// The elements the shape covers.
-    pub(crate) fn view(&self) -> cudarc::driver::CudaView<'_, T> {
+    /// The elements the shape covers, as a cudarc view.
+    pub(crate) fn cuda_view(&self) -> cudarc::driver::CudaView<'_, T> {
         self.buf.slice(..self.numel)
     }
 
-    pub(crate) fn view_mut(&mut self) -> cudarc::driver::CudaViewMut<'_, T> {
+    pub(crate) fn cuda_view_mut(&mut self) -> cudarc::driver::CudaViewMut<'_, T> {
         self.buf.slice_mut(..self.numel)
     }
 
