@@ -260,6 +260,40 @@ fn gpu_views_borrow_memory_the_crate_does_not_own() {
         TensorView::from_cuda(&dev, &src.as_view(), &[5, 6]),
         &["view", "at least 30", "got 24"],
     );
+    // A length the allocation does not hold, from its start or from inside it, is refused by
+    // the driver's record of the allocation; a view inside it is taken. (A GPU's pool may round
+    // an allocation up, so the far claim is far; the emulator's sizes are exact.)
+    let far = 1usize << 26;
+    refused(
+        unsafe { TensorView::from_raw(&dev, ptr, far, &[far]) },
+        &["ptr", "bytes of device memory", "an allocation ending"],
+    );
+    if dev.info().emulated {
+        refused(
+            unsafe { TensorView::from_raw(&dev, ptr, 32, &[32]) },
+            &["128 bytes", "an allocation ending 96 bytes after it"],
+        );
+        refused(
+            unsafe { TensorView::from_raw(&dev, ptr + 64, 9, &[9]) },
+            &["36 bytes", "an allocation ending 32 bytes after it"],
+        );
+    }
+    // SAFETY: elements 16..24 of src, inside its allocation.
+    let tail = unsafe { TensorView::<f32>::from_raw(&dev, ptr + 64, 8, &[8]) }.unwrap();
+    assert_eq!(dev.download(&tail).unwrap(), data[16..]);
+    drop(tail);
+
+    // A device-to-device copy is counted as a copy; element counts must agree.
+    let mut twin = dev.zeros::<f32>(&[4, 6]).unwrap();
+    let before = dev.work_counts();
+    dev.copy_into(&mut twin, &owned).unwrap();
+    assert_eq!((dev.work_counts() - before).copies, 1);
+    assert_eq!(dev.download(&twin).unwrap(), data);
+    let e = dev
+        .copy_into(&mut dev.zeros::<f32>(&[5]).unwrap(), &owned)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Device::copy_into") && e.contains("dst"), "{e}");
 
     // Memory and tensors of another device's context are refused (the emulator has two
     // devices; a one-GPU machine skips this part).

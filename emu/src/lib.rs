@@ -654,7 +654,7 @@ pub unsafe extern "C" fn cuDeviceGetCount(n: *mut c_int) -> CUresult {
         "cuDeviceGetCount: null"
     );
     // SAFETY: non-null.
-    unsafe { *n = 1 };
+    unsafe { *n = DEVICES as c_int };
     E::CUDA_SUCCESS
 }
 

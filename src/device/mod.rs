@@ -61,7 +61,7 @@ pub fn driver_present() -> bool {
 pub struct WorkCounts {
     pub launches: u64,
     pub memsets: u64,
-    /// Host-device copies (uploads and downloads).
+    /// Copies: uploads, downloads and device-to-device copies.
     pub copies: u64,
     /// Device allocations.
     pub allocations: u64,
@@ -269,6 +269,26 @@ impl Device {
         self.stream
             .clone_dtoh(&t.cuda_view())
             .op("Device::download")
+    }
+
+    /// Copies `src` into `dst`, device to device, on the stream: both of this device, of one
+    /// element count.
+    pub fn copy_into<T: Elem>(&self, dst: &mut Tensor<T>, src: &Tensor<T>) -> Result<()> {
+        const OP: &str = "Device::copy_into";
+        dst.check_device(OP, "dst", self)?;
+        src.check_device(OP, "src", self)?;
+        if dst.numel() != src.numel() {
+            return Err(Error::shape(
+                OP,
+                "dst",
+                format!("{} elements (src shape {:?})", src.numel(), src.shape()),
+                format!("{} elements", dst.numel()),
+            ));
+        }
+        self.copies.fetch_add(1, Ordering::Relaxed);
+        self.stream
+            .memcpy_dtod(&src.cuda_view(), &mut dst.cuda_view_mut())
+            .op(OP)
     }
 
     /// A new zero-filled tensor.

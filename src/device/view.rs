@@ -53,6 +53,14 @@ unsafe fn borrowed<T: Elem>(
             format!("{len} elements"),
         ));
     }
+    check_ptr::<T>(op, arg, ptr, len)?;
+    // SAFETY: the caller's contract; the slice is leaked, never freed (see Drop).
+    let buf = unsafe { dev.stream().upgrade_device_ptr::<T>(ptr, len) };
+    Ok(Tensor::from_parts_over(buf, shape.to_vec(), n))
+}
+
+/// Refuses a null pointer for a non-empty view, and one not aligned to the element size.
+fn check_ptr<T>(op: &'static str, arg: &'static str, ptr: CUdeviceptr, len: usize) -> Result<()> {
     let align = std::mem::align_of::<T>().max(std::mem::size_of::<T>()) as u64;
     if len > 0 && ptr == 0 {
         return Err(Error::shape(op, arg, "a device pointer", "null"));
@@ -65,27 +73,28 @@ unsafe fn borrowed<T: Elem>(
             format!("0x{ptr:x}"),
         ));
     }
-    // SAFETY: the caller's contract; the slice is leaked, never freed (see Drop).
-    let buf = unsafe { dev.stream().upgrade_device_ptr::<T>(ptr, len) };
-    Ok(Tensor::from_parts_over(buf, shape.to_vec(), n))
+    Ok(())
 }
 
-/// Refuses `ptr` unless the driver places it in `dev`'s context.
+/// Refuses `ptr` unless the driver places it in `dev`'s context, with `bytes` bytes of its
+/// allocation from `ptr` on.
 fn check_context(
     op: &'static str,
     arg: &'static str,
     dev: &Device,
     ptr: CUdeviceptr,
+    bytes: usize,
 ) -> Result<()> {
-    let mut ctx: sys::CUcontext = std::ptr::null_mut();
-    // SAFETY: writes one CUcontext through a valid pointer; the driver checks `ptr` itself.
-    let rc = unsafe {
-        sys::cuPointerGetAttribute(
-            (&mut ctx as *mut sys::CUcontext).cast(),
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT,
-            ptr,
-        )
+    let attr = |a: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {
+        // SAFETY: `out` points at storage of the attribute's type (cuda.h); the driver checks
+        // `ptr` itself.
+        unsafe { sys::cuPointerGetAttribute(out, a, ptr) }
     };
+    let mut ctx: sys::CUcontext = std::ptr::null_mut();
+    let rc = attr(
+        sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT,
+        (&mut ctx as *mut sys::CUcontext).cast(),
+    );
     if rc != sys::CUresult::CUDA_SUCCESS {
         return Err(Error::shape(
             op,
@@ -101,6 +110,39 @@ fn check_context(
             format!("memory of device {}'s context", dev.info().ordinal),
             format!("0x{ptr:x}, memory of another context"),
         ));
+    }
+    // The allocation around ptr must hold the elements claimed.
+    let (mut start, mut size): (CUdeviceptr, usize) = (0, 0);
+    let known = attr(
+        sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+        (&mut start as *mut CUdeviceptr).cast(),
+    ) == sys::CUresult::CUDA_SUCCESS
+        && attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+            (&mut size as *mut usize).cast(),
+        ) == sys::CUresult::CUDA_SUCCESS;
+    let end = start.saturating_add(size as u64);
+    if known && ptr.saturating_add(bytes as u64) > end {
+        return Err(Error::shape(
+            op,
+            arg,
+            format!("{bytes} bytes of device memory from 0x{ptr:x}"),
+            format!(
+                "an allocation ending {} bytes after it",
+                end.saturating_sub(ptr)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The checks of a raw pointer `ptr` of `len` elements: not null, aligned, and `len` elements
+/// of an allocation of `dev`'s context.
+fn check_raw<T>(op: &'static str, dev: &Device, ptr: CUdeviceptr, len: usize) -> Result<()> {
+    check_ptr::<T>(op, "ptr", ptr, len)?;
+    if len > 0 {
+        let bytes = len.saturating_mul(std::mem::size_of::<T>());
+        check_context(op, "ptr", dev, ptr, bytes)?;
     }
     Ok(())
 }
@@ -151,9 +193,7 @@ impl<'a, T: Elem> TensorView<'a, T> {
         shape: &[usize],
     ) -> Result<Self> {
         const OP: &str = "TensorView::from_raw";
-        if len > 0 {
-            check_context(OP, "ptr", dev, ptr)?;
-        }
+        check_raw::<T>(OP, dev, ptr, len)?;
         // SAFETY: the caller's contract.
         let t = unsafe { borrowed(OP, "ptr", dev, ptr, len, shape)? };
         Ok(Self::wrap(t))
@@ -194,9 +234,7 @@ impl<'a, T: Elem> TensorViewMut<'a, T> {
         shape: &[usize],
     ) -> Result<Self> {
         const OP: &str = "TensorViewMut::from_raw";
-        if len > 0 {
-            check_context(OP, "ptr", dev, ptr)?;
-        }
+        check_raw::<T>(OP, dev, ptr, len)?;
         // SAFETY: the caller's contract.
         let t = unsafe { borrowed(OP, "ptr", dev, ptr, len, shape)? };
         Ok(Self::wrap(t))
