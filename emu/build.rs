@@ -31,6 +31,10 @@ fn main() {
     let common = root.join("kernels/common");
 
     println!("cargo::rerun-if-changed=build.rs");
+    // The driver's own soname, so that a program linked against the emulator (the C example,
+    // the `candle` build) asks the loader for libcuda.so.1, which is the real driver on a GPU
+    // machine and the emulator under scripts/emulate.
+    println!("cargo::rustc-cdylib-link-arg=-Wl,-soname,libcuda.so.1");
     for dir in [
         root.join("kernels"),
         common.clone(),

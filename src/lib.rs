@@ -45,6 +45,8 @@
 //! blocks), GPTQ, AWQ and gpt-oss's MXFP4 checkpoints.
 
 pub mod activation;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod check;
 pub mod device;
 pub mod dtype;

@@ -389,6 +389,13 @@ macro_rules! init_or_fail {
     };
 }
 
+/// The null stream and the two special handles, `CU_STREAM_LEGACY` (1) and
+/// `CU_STREAM_PER_THREAD` (2), which name the current context's default streams. They run in
+/// order like every stream here, and cannot capture.
+fn default_stream(s: Handle) -> bool {
+    matches!(s as usize, 0..=2)
+}
+
 impl Driver {
     fn stream(&mut self, s: Handle) -> Option<&mut Stream> {
         if s.is_null() || !self.streams.contains(&(s as usize)) {
@@ -427,7 +434,7 @@ impl Driver {
 
     /// Where an operation on stream `s` goes: recorded into its capture, or run now.
     fn capture_of(&mut self, s: Handle) -> std::result::Result<Option<&mut Capture>, CUresult> {
-        if s.is_null() {
+        if default_stream(s) {
             return Ok(None);
         }
         match self.stream(s) {
@@ -1903,7 +1910,7 @@ pub unsafe extern "C" fn cuStreamGetCtx(s: Handle, ctx: *mut Handle) -> CUresult
         CUDA_ERROR_INVALID_VALUE,
         "cuStreamGetCtx: null"
     );
-    let dev = if s.is_null() {
+    let dev = if default_stream(s) {
         current_device()
     } else {
         match d.stream(s) {

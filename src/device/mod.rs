@@ -52,7 +52,12 @@ pub struct DeviceInfo {
 /// first: cudarc panics on a missing library, and the crate must not.
 pub fn driver_present() -> bool {
     // SAFETY: only tries to dlopen the driver library by its usual names.
-    unsafe { sys::is_culib_present() }
+    #[cfg(not(feature = "candle"))]
+    return unsafe { sys::is_culib_present() };
+    // With `candle` the driver is linked (candle-core's cudarc links CUDA at build time): a
+    // process that started has it.
+    #[cfg(feature = "candle")]
+    true
 }
 
 /// How much work the crate has put on a [`Device`]: kernel launches, memsets, host-device
