@@ -116,6 +116,7 @@ fn main() {
              return,unreachable,vla-bound,bool,enum,pointer-overflow",
         )
         .flag("-Wno-unknown-pragmas")
+        .flag_if_supported("-Wno-psabi")
         .files(&generated);
     k.compile("moe_emu_kernels");
 

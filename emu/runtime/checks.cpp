@@ -43,11 +43,14 @@ __attribute__((always_inline)) inline void check(uintptr_t a, size_t n, bool wri
         fail(kIllegalAddress, strf("out-of-bounds %s of %zu bytes at 0x%lx: %s", write ? "write" : "read", n,
                                    (unsigned long)a, describe_address(a, n).c_str()));
     }
-    const Worker* w = tls_worker;
+    Worker* w = tls_worker;
     if (w == nullptr) return;
     const uintptr_t lo = reinterpret_cast<uintptr_t>(w->sh_lo);
     if (a - lo < kSharedWindow + kPage || lo - a <= kPage) {
-        if (shared_ok(*w, a, n)) return;
+        if (shared_ok(*w, a, n)) {
+            if (write) mark_generic(*w, a - lo, n);
+            return;
+        }
         fail(kIllegalAddress, strf("out-of-bounds shared-memory %s: %s", write ? "write" : "read",
                                    describe_shared(*w, a, n).c_str()));
     }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "moe_emu/cuda.h"
@@ -73,8 +74,10 @@ std::string describe_address(uintptr_t a, size_t n);
 
 // ---- threads, warps, blocks ----------------------------------------------------------------
 
-enum FiberState : uint8_t { kFresh, kReady, kWaitWarp, kWaitBarrier, kExited };
-enum CollOp : uint8_t { kCollShfl, kCollVote, kCollMatchAny, kCollMatchAll, kCollSyncWarp, kCollMma, kCollLdmatrix };
+enum FiberState : uint8_t { kFresh, kReady, kWaitWarp, kWaitBarrier, kWaitMbarrier, kWaitWarpgroup, kExited };
+enum CollOp : uint8_t {
+    kCollShfl, kCollVote, kCollMatchAny, kCollMatchAll, kCollSyncWarp, kCollMma, kCollLdmatrix, kCollElect
+};
 
 // What one lane brings to a warp collective, and what it gets back.
 struct Coll {
@@ -107,6 +110,55 @@ struct Fiber {
     uint32_t groups = 0;   // groups committed so far
     uint32_t landed = 0;   // groups landed so far
     long long clock = 0;
+    // kWaitMbarrier: the mbarrier (shared offset) and the parity of the phase awaited.
+    uint32_t mbar = 0, mbar_parity = 0;
+    // wgmma: groups committed so far, and whether a wgmma.fence has run (hopper.cpp).
+    uint32_t wg_commits = 0;
+    bool wg_fenced = false;
+};
+
+// One wgmma.mma_async as a thread brings it to its warpgroup's rendezvous.
+struct WgmmaIssue {
+    float* d;
+    uint64_t desc_a, desc_b;
+    uint32_t n;
+    uint8_t kind, scale_d;
+};
+
+// One wgmma.mma_async of a warpgroup in flight: every thread's accumulators, the descriptors,
+// its group, and the accumulators as they were at issue (for the check that nothing writes them
+// before the wait).
+struct WgmmaOp {
+    uint32_t group;
+    float* d[128];
+    uint64_t desc_a, desc_b;
+    uint32_t n;
+    uint8_t kind, scale_d;
+    bool check_snapshot;
+    std::vector<float> snapshot;
+};
+
+struct Warpgroup {
+    uint32_t arrived = 0;  // threads at the wgmma.mma_async rendezvous
+    WgmmaIssue issue[128];
+    std::vector<WgmmaOp> ops;
+};
+
+// A bulk copy into shared memory in flight: its bytes, read from global memory at issue, land
+// and count against their mbarrier's tx-count when the transaction completes (hopper.cpp).
+struct BulkCopy {
+    uint8_t* dst;
+    std::vector<uint8_t> bytes;
+};
+
+// An mbarrier object (PTX ISA "Parallel Synchronization and Communication Instructions:
+// mbarrier"), kept beside shared memory by its offset: the phase (its parity is bit 0), the
+// arrivals still pending in it and expected in each, the tx-count, and the copies in flight.
+struct Mbarrier {
+    uint32_t phase = 0;
+    uint32_t expected = 0, pending = 0;
+    int64_t tx = 0;
+    std::vector<BulkCopy> inflight;
 };
 
 struct Warp {
@@ -141,6 +193,14 @@ struct Worker {
     uint8_t* dyn_base = nullptr;
     size_t dyn_bytes = 0;
     std::vector<std::pair<const void*, uint8_t*>> statics;
+    // The block's mbarriers, by shared offset, and its warpgroups' wgmma state (hopper.cpp).
+    std::unordered_map<uint32_t, Mbarrier> mbarriers;
+    std::vector<Warpgroup> warpgroups;
+    // Shared memory written through the generic proxy since the last fence.proxy.async: a
+    // 16-byte granule is so when its mark equals proxy_epoch (a new block or a fence moves the
+    // epoch on, so nothing needs clearing).
+    std::vector<uint32_t> generic_mark;
+    uint32_t proxy_epoch = 0;
     // Where a fault inside a kernel thread lands: a stack of its own.
     uint8_t* fault_stack = nullptr;
     size_t fault_stack_size = 0;
@@ -208,5 +268,16 @@ std::string describe_shared(const Worker& w, uintptr_t a, size_t n);
 // Completes a warp collective once every lane of `mask` has arrived at it (warp.cpp).
 void complete_collective(Worker& w, uint32_t warp, uint32_t mask);
 void land_async(Fiber& f, uint32_t through_group);
+
+// Hopper's asynchronous state of a block (hopper.cpp): cleared as a block starts; at its end a
+// copy still in flight fails it (false, with why).
+void hopper_block_begin(Worker& w);
+bool hopper_block_end(Worker& w, std::string* why);
+// The mbarrier and wgmma waits of a deadlocked block, for its report.
+std::string mbarrier_report(const Worker& w);
+// A generic-proxy write of n bytes at shared offset `off` (stores and cp.async landings).
+inline void mark_generic(Worker& w, uintptr_t off, size_t n) {
+    for (uintptr_t g = off >> 4; g <= (off + n - 1) >> 4; ++g) w.generic_mark[g] = w.proxy_epoch;
+}
 
 }  // namespace moe_emu

@@ -59,6 +59,7 @@ const char* coll_name(const Coll& c) {
         case kCollMatchAll: return "__match_all_sync";
         case kCollSyncWarp: return "__syncwarp";
         case kCollMma: return "mma.sync";
+        case kCollElect: return "elect.sync";
         default: return "ldmatrix";
     }
 }
@@ -119,6 +120,7 @@ std::string deadlock_report(Worker& w) {
             ++shown;
         }
     }
+    s += mbarrier_report(w);
     return s;
 }
 
@@ -212,6 +214,8 @@ void run_block(Worker& w, Launch& l, uint64_t b) {
 #endif
         f.async.clear();
         f.groups = f.landed = 0;
+        f.wg_commits = 0;
+        f.wg_fenced = false;
         f.clock = 0;
     }
     const uint32_t nw = (n + 31) / 32;
@@ -228,6 +232,7 @@ void run_block(Worker& w, Launch& l, uint64_t b) {
     w.dyn_base = w.sh_hi - ((l.dyn_smem + 1023) / 1024 * 1024);
     poison(w.dyn_base, w.dyn_bytes);
     w.free_stacks = w.all_stacks;
+    hopper_block_begin(w);
     make_order(w, l);
 
     for (;;) {
@@ -237,7 +242,14 @@ void run_block(Worker& w, Launch& l, uint64_t b) {
             progress = true;
             if (l.abort.load(std::memory_order_relaxed)) return;
         }
-        if (w.live == 0) return;
+        if (w.live == 0) {
+            std::string why;
+            if (!hopper_block_end(w, &why))
+                record(l, kLaunchFailed,
+                       strf("%s (kernel %s, block (%u,%u,%u))", why.c_str(), l.kernel->name, builtins.block_idx.x,
+                            builtins.block_idx.y, builtins.block_idx.z));
+            return;
+        }
         if (!progress) {
             record(l, kLaunchFailed,
                    strf("%s (kernel %s, block (%u,%u,%u))", deadlock_report(w).c_str(), l.kernel->name,
@@ -262,6 +274,7 @@ Worker* worker_new(int index) {
     mprotect(p + kPage, kSharedWindow, PROT_READ | PROT_WRITE);
     w->sh_lo = p + kPage;
     w->sh_hi = w->sh_lo + kSharedWindow;
+    w->generic_mark.assign(kSharedWindow / 16, 0);
     return w;
 }
 

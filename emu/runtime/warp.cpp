@@ -30,6 +30,7 @@ const char* op_name(CollOp op) {
         case kCollMatchAll: return "__match_all_sync";
         case kCollSyncWarp: return "__syncwarp";
         case kCollMma: return "mma.sync";
+        case kCollElect: return "elect.sync";
         default: return "ldmatrix";
     }
 }
@@ -218,6 +219,14 @@ void complete_collective(Worker& w, uint32_t warp, uint32_t mask) {
             break;
         }
         case kCollSyncWarp: break;
+        case kCollElect: {
+            // elect.sync: the PTX ISA says only that the same mask elects the same leader. The
+            // emulator elects the highest live lane, so code that assumes lane 0 fails here.
+            const uint32_t leader = 31u - uint32_t(__builtin_clz(live));
+            for (uint32_t l = 0; l < 32; ++l)
+                if (live >> l & 1) w.fibers[warp * 32 + l].coll.out[0] = leader;
+            break;
+        }
         case kCollMma: mma(w, warp, c0->sub); break;
         default: ldmatrix_all(w, warp, c0->sub & 7, (c0->sub >> 4) & 1); break;
     }
@@ -280,6 +289,8 @@ uint32_t match_all(uint32_t mask, uint64_t value, int* pred) {
 
 void syncwarp(uint32_t mask) { arrive(kCollSyncWarp, 0, mask); }
 
+bool elect_sync(uint32_t mask) { return arrive(kCollElect, 0, mask).out[0] == current_fiber().lane; }
+
 void mma_m16n8k16(int kind, float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     Fiber& f = current_fiber();
     for (int i = 0; i < 4; ++i) f.coll.in[i] = a[i];
@@ -337,7 +348,11 @@ void land_async(Fiber& f, uint32_t through) {
     size_t keep = 0;
     for (size_t i = 0; i < f.async.size(); ++i) {
         AsyncCopy& c = f.async[i];
-        if (c.group != 0 && c.group <= through) memcpy(c.dst, c.bytes, c.size);
+        if (c.group != 0 && c.group <= through) {
+            memcpy(c.dst, c.bytes, c.size);
+            Worker& w = *tls_worker;
+            mark_generic(w, uintptr_t(c.dst - w.sh_lo), c.size);  // cp.async writes as the generic proxy
+        }
         else f.async[keep++] = c;
     }
     f.async.resize(keep);

@@ -25,6 +25,7 @@
 #![allow(clippy::missing_safety_doc)] // every export is a CUDA driver function: cuda.h is their contract
 
 pub mod stubs;
+pub mod tmap;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -291,7 +292,7 @@ enum Op {
         grid: [u32; 3],
         block: [u32; 3],
         smem: u32,
-        params: Vec<Vec<u128>>,
+        params: Vec<Vec<ParamChunk>>,
     },
     Memset {
         dst: DevPtr,
@@ -1632,7 +1633,7 @@ fn prepare(
                 format!("parameter {i} is null"),
             );
         }
-        let mut buf = vec![0u128; size.div_ceil(16).max(1)];
+        let mut buf = vec![ParamChunk([0; 64]); size.div_ceil(64).max(1)];
         // SAFETY: p points at the caller's value of `size` bytes; buf holds at least that many.
         unsafe {
             std::ptr::copy_nonoverlapping(p.cast::<u8>(), buf.as_mut_ptr().cast::<u8>(), size)
@@ -1647,6 +1648,12 @@ fn prepare(
         params: copies,
     })
 }
+
+/// A kernel parameter's copy is kept in these, so that it has the largest alignment a parameter
+/// takes (a CUtensorMap's 64 bytes).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct ParamChunk([u8; 64]);
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuLaunchKernel(

@@ -30,6 +30,10 @@
 // ---- vector types -------------------------------------------------------------------------------
 
 struct uint3 { unsigned x, y, z; };
+// The driver's opaque 128-byte tensor map (cuda.h); the emulator's encoding is
+// moe_emu/tensor_map.h.
+struct alignas(64) CUtensorMap_st { unsigned long long opaque[16]; };
+typedef CUtensorMap_st CUtensorMap;
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
