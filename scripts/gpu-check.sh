@@ -2,7 +2,8 @@
 # The GPU check: one call, within a time budget (default 470 s, inside one 8-minute command),
 # run from inside the folder scripts/gpu-bundle.sh made, on a machine with a GPU, the CUDA
 # driver and compute-sanitizer (no Rust toolchain needed). In priority order:
-#   1. every test binary with MOE_REQUIRE_GPU=1 (a skipped GPU test fails; the model tests run
+#   1. the Hopper instruction check (emu/tests/hopper_check.sh: TMA swizzles and wgmma layouts
+#      against the PTX ISA's definitions, with nvcc), then every test binary with MOE_REQUIRE_GPU=1 (a skipped GPU test fails; the model tests run
 #      the command's forward --check on every fixture);
 #   2. compute-sanitizer memcheck and racecheck on one GPU test per family;
 #   3. the layer bench at T = 1, 4, 16 (the decode path) and 256, 4096 for four presets, beside
@@ -72,7 +73,10 @@ if [ "$criterion" = 1 ]; then
             --warm-up-time 0.3 --measurement-time 1 --noplot
     done
 else
-    # 1. Every test, and the main job.
+    # 1. Every test, and the main job; first the Hopper instructions the emulator models (their
+    # twins and the kernels share one reading of the PTX ISA: the hardware judges it), built
+    # here with the machine's nvcc.
+    run hopper-twins 30 ../emu/tests/hopper_check.sh
     for t in tests/*; do
         run "test-$(basename "$t")" 20 "$t" --test-threads=4
     done
@@ -126,6 +130,7 @@ done
 [ -e "$logdir/peers.md" ] && sed 's/^/  /' "$logdir/peers.md"
 grep -h "ERROR SUMMARY" "$logdir"/memcheck-*.log "$logdir"/racecheck-*.log 2>/dev/null \
     | sort | uniq -c | sed 's/^/  sanitizer:/'
+grep -h "^hopper check" "$logdir"/hopper-twins.log 2>/dev/null | sed 's/^/  /'
 grep -h "^test result" "$logdir"/test-*.log 2>/dev/null \
     | awk '{p += $4; f += $6} END {printf "  tests: %d passed, %d failed\n", p, f}'
 printf '%s\n' "${summary[@]}"
