@@ -33,10 +33,11 @@ if [[ ! -e "$libs/libcublas.so.13" ]]; then
         nvidia-cuda-nvrtc==13.0.88
 fi
 # The linker's names for them, beside the toolchain (the wheels ship the versioned names only).
-for lib in cublas cublasLt curand nvrtc; do  # and cudart below, for candle-kernels
+for lib in cublas cublasLt curand nvrtc; do
     real=$(cd "$libs" && ls "lib$lib.so."* | sort | head -1)
     ln -sfn "$libs/$real" "$cuda/lib/lib$lib.so"
 done
+ln -sfn libcudart.so.13 "$cuda/lib/libcudart.so" # candle-kernels links the runtime too
 cargo build --release --locked -p moe-emu --quiet
 mkdir -p "$cuda/lib/stubs"
 ln -sfn "$target/release/libmoe_emu.so" "$cuda/lib/stubs/libcuda.so"

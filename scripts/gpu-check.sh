@@ -5,9 +5,11 @@
 #   1. the Hopper instruction check (emu/tests/hopper_check.sh: TMA swizzles and wgmma layouts
 #      against the PTX ISA's definitions, with nvcc), then every test binary with MOE_REQUIRE_GPU=1 (a skipped GPU test fails; the model tests run
 #      the command's forward --check on every fixture);
-#   2. compute-sanitizer memcheck and racecheck on one GPU test per family;
+#   2. compute-sanitizer memcheck and racecheck on one GPU test per family, synccheck on the GEMM
+#      pipeline edges (v3 among them);
 #   3. the layer bench at T = 1, 4, 16 (the decode path) and 256, 4096 for four presets, beside
 #      the copy bandwidth it measures; the planned path and int4 / MXFP4 experts at decode sizes;
+#      GEMM v3 and v2 at T = 4096, 16384 (Qwen3-30B-A3B, Mixtral);
 #   4. the quick peer comparison (peers/run.sh --quick), which measures the dense bf16 rate.
 # A step that no longer fits the budget is skipped and said so; a running step is stopped at
 # the budget. The summary comes last, ready for GPU_LOG.md; full logs go to LOGDIR.
@@ -97,6 +99,8 @@ quant gpu_quant_gemv_matches_reference_per_format_and_mixed
 layer gpu_layer_workspace_serves_every_smaller_batch
 EOF
         done
+        run synccheck-grouped_gemm 25 compute-sanitizer --tool synccheck --error-exitcode 3 \
+            tests/grouped_gemm gpu_grouped_gemm_pipeline_edges --exact --test-threads=1
     else
         summary+=("FAIL  compute-sanitizer not found on PATH")
         failed=1
@@ -111,6 +115,11 @@ EOF
     done
     run layer-qwen3-30b-a3b-int4 20 ./moe-kernels bench --preset qwen3-30b-a3b --format int4 --tokens 1,4,16
     run layer-gpt-oss-120b-mxfp4 20 ./moe-kernels bench --preset gpt-oss-120b --format mxfp4 --tokens 1,4,16
+    # GEMM v3 (Hopper: TMA and wgmma) at prefill sizes, beside v2.
+    for preset in qwen3-30b-a3b mixtral-8x7b; do
+        run "layer-$preset-v3" 30 ./moe-kernels bench --preset "$preset" --gemm v3 --tokens 4096,16384
+        run "layer-$preset-v2" 30 ./moe-kernels bench --preset "$preset" --gemm v2 --tokens 4096,16384
+    done
     # 4. The peers on the same shapes.
     run peers-quick 130 peers/run.sh --quick --binary "$here/moe-kernels" --out "$logdir/peers.md"
 fi

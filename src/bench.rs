@@ -34,8 +34,8 @@ pub struct BenchArgs {
     /// format).
     #[arg(long, default_value = "bf16")]
     pub format: String,
-    /// The prefill GEMM: v1 (default) or v2 (cp.async pipeline, gate/up rows read through the
-    /// plan).
+    /// The prefill GEMM: v1 (default), v2 (cp.async pipeline, gate/up rows read through the
+    /// plan) or v3 (Hopper: TMA and wgmma).
     #[arg(long, default_value = "v1")]
     pub gemm: String,
     /// The forward: auto (the decode path up to 16 tokens, the GEMM above), decode, gemv (the
@@ -218,10 +218,11 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
     let version = match args.gemm.as_str() {
         "v1" => GemmVersion::V1,
         "v2" => GemmVersion::V2,
+        "v3" => GemmVersion::V3,
         other => {
             return Err(Error::Unsupported {
                 op: "bench",
-                what: format!("--gemm {other:?} (v1 or v2)"),
+                what: format!("--gemm {other:?} (v1, v2 or v3)"),
             });
         }
     };

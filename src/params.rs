@@ -319,6 +319,20 @@ const _: () = assert!(offset_of!(GroupedGemmV2Params, tokens) == 120);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for GroupedGemmV2Params {}
 
+/// See `GroupedGemmV3Params` in kernels/grouped_gemm_sm90a.cu: two CUtensorMaps (128 bytes,
+/// 64-byte aligned) and the parameters the epilogue takes.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GroupedGemmV3Params {
+    pub a_map: [u64; 16],
+    pub b_map: [u64; 16],
+    pub g: GroupedGemmParams,
+}
+const _: () = assert!(size_of::<GroupedGemmV3Params>() == 384);
+const _: () = assert!(offset_of!(GroupedGemmV3Params, g) == 256);
+// SAFETY: plain old data with the C layout the kernel declares; passed by value.
+unsafe impl DeviceRepr for GroupedGemmV3Params {}
+
 /// See `FillParams` in params.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

@@ -117,13 +117,13 @@ enum Kernel {
     Gemv,
 }
 
-/// A GEMV case runs the GEMV; a GEMM case runs v1, v2 and v2 gather-free, each on a plan whose
-/// block_m is the case's rounded up to the version's rows per block.
+/// A GEMV case runs the GEMV; a GEMM case runs v1, v2, v2 gather-free and v3 (where the device
+/// runs it), each on a plan whose block_m is the case's rounded up to the version's rows per block.
 fn run_case<T: Float, TO: Float>(dev: &Device, c: &Case) {
-    let kernels: &[Kernel] = if c.gemv {
-        &[Kernel::Gemv]
+    let kernels: Vec<Kernel> = if c.gemv {
+        vec![Kernel::Gemv]
     } else {
-        &[
+        let mut v = vec![
             Kernel::Gemm {
                 version: GemmVersion::V1,
                 indexed: false,
@@ -136,7 +136,15 @@ fn run_case<T: Float, TO: Float>(dev: &Device, c: &Case) {
                 version: GemmVersion::V2,
                 indexed: true,
             },
-        ]
+        ];
+        // v3 where the device runs it (Hopper, or the emulator, which models its instructions).
+        if GemmVersion::V3.check_device("test", dev).is_ok() {
+            v.push(Kernel::Gemm {
+                version: GemmVersion::V3,
+                indexed: false,
+            });
+        }
+        v
     };
     let mut rng = Rng::new((c.t * 1009 + c.kd * 31 + c.n) as u64);
     // Ragged routing: a skewed draw leaves experts with anywhere from 0 to many rows.
@@ -197,7 +205,7 @@ fn run_case<T: Float, TO: Float>(dev: &Device, c: &Case) {
     } else {
         c.n
     };
-    for &kernel in kernels {
+    for &kernel in &kernels {
         let (layout, block_m) = match kernel {
             Kernel::Gemv => (Layout::Sorted, c.block_m),
             Kernel::Gemm { version, .. } => (
@@ -255,6 +263,32 @@ fn run_case<T: Float, TO: Float>(dev: &Device, c: &Case) {
                     ),
                 }
                 .unwrap();
+                if let Kernel::Gemm {
+                    version: GemmVersion::V3,
+                    ..
+                } = kernel
+                {
+                    // The persistent kernel's result does not depend on the run: bit for bit.
+                    let mut again = dev.filled_bytes::<TO>(out.shape(), 0xff).unwrap();
+                    let input = GemmRows::Gathered(&a);
+                    gemm::grouped_gemm_version_into(
+                        dev,
+                        &mut again,
+                        input,
+                        &wd,
+                        &plan,
+                        opts,
+                        GemmVersion::V3,
+                    )
+                    .unwrap();
+                    let (x, y) = (dev.download(&out).unwrap(), dev.download(&again).unwrap());
+                    assert!(
+                        x.iter()
+                            .zip(&y)
+                            .all(|(p, q)| p.to_f64().to_bits() == q.to_f64().to_bits()),
+                        "{label}: two runs differ"
+                    );
+                }
             }
         }
         let got = dev.download(&out).unwrap();
@@ -534,4 +568,52 @@ fn gpu_grouped_gemm_refuses_what_it_cannot_do() {
         GemmVersion::V2,
     )
     .unwrap();
+
+    // v3: Hopper only, gathered rows only, and tensor maps need 16-byte aligned bases.
+    match GemmVersion::V3.check_device("test", &dev) {
+        Err(e) => assert!(e.to_string().contains("V1 and V2 run"), "{e}"),
+        Ok(()) => {
+            let e = v2(
+                &mut out128,
+                GemmRows::Indexed(&x),
+                &plan128,
+                GemmVersion::V3,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("V2 does"), "{e}");
+            let rows128 = plan128.rows(Layout::Padded);
+            let a128 = dev.zeros::<bf16>(&[rows128 * 16 + 8]).unwrap();
+            use cudarc::driver::DevicePtr;
+            let base = a128.buf().device_ptr(dev.stream()).0;
+            // SAFETY: rows128 * 16 elements from element 4 lie inside a128, which outlives the view.
+            let shifted = unsafe {
+                moe_kernels::device::TensorView::<bf16>::from_raw(
+                    &dev,
+                    base + 8,
+                    rows128 * 16,
+                    &[rows128, 16],
+                )
+            }
+            .unwrap();
+            let e = v2(
+                &mut out128,
+                GemmRows::Gathered(&shifted),
+                &plan128,
+                GemmVersion::V3,
+            )
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("16-byte aligned") && e.to_string().contains("V1 and V2"),
+                "{e}"
+            );
+            let a_ok = dev.zeros::<bf16>(&[rows128, 16]).unwrap();
+            v2(
+                &mut out128,
+                GemmRows::Gathered(&a_ok),
+                &plan128,
+                GemmVersion::V3,
+            )
+            .unwrap();
+        }
+    }
 }

@@ -13,12 +13,15 @@
 //!   (`grouped_gemm_v2_*`, through [`grouped_gemm_version_into`]) adds a four-stage cp.async
 //!   pipeline, 128 x 128 tiles and swizzled shared tiles, and can read the layer input `x`
 //!   directly through the plan ([`GemmRows::Indexed`]), so the gather and its `[P, Kd]` buffer
-//!   go away. v1 stays the default until v2 has been checked on hardware;
+//!   go away. v3 (`grouped_gemm_v3_*`, kernels/grouped_gemm_sm90a.cu, Hopper only) copies
+//!   rows and weights with the tensor copy engine and multiplies with wgmma in a warp-
+//!   specialised, persistent kernel. v1 stays the default until the others have been checked on
+//!   hardware;
 //! - decode, [`grouped_gemv_into`] over the sorted layout: v1 (`grouped_gemv_*`) streams each
 //!   weight row once per 8 rows of its expert, gate and up in one pass.
 //!
-//! Faster versions (Hopper wgmma + TMA, split-K decode) will sit beside these and be
-//! selectable, v1 staying the reference they are checked against.
+//! Faster versions (split-K decode, a v3 with overlapped wgmma and multicast) will sit beside
+//! these and be selectable, v1 staying the reference they are checked against.
 
 pub mod reference;
 
@@ -30,7 +33,7 @@ use crate::device::{Device, Tensor};
 use crate::dtype::{DType, Float};
 use crate::error::{DriverResultExt, Error, Result};
 use crate::kernels::Module;
-use crate::params::{GroupedGemmParams, GroupedGemmV2Params};
+use crate::params::{GroupedGemmParams, GroupedGemmV2Params, GroupedGemmV3Params};
 use crate::permute::{Layout, Plan};
 
 /// Output rows and columns per block of v1, as `kGemmBM` / `kGemmBN` in grouped_gemm.cu.
@@ -47,6 +50,13 @@ const V2_THREADS: u32 = 256;
 /// (`kV2SmemBytes`): above the 48 KB a kernel gets without opting in.
 const V2_SMEM_BYTES: u32 = 65_536;
 
+/// v3's tile (`kV3BM`, `kV3BN`), threads (a producer and two consumer warpgroups) and dynamic
+/// shared memory: four 32 KB stages and 1 KB to align them (`kV3SmemBytes`).
+const V3_BLOCK_M: usize = 128;
+const V3_BLOCK_N: usize = 128;
+const V3_THREADS: u32 = 384;
+const V3_SMEM_BYTES: u32 = 132_096;
+
 /// Which prefill kernel [`grouped_gemm_version_into`] runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GemmVersion {
@@ -57,6 +67,10 @@ pub enum GemmVersion {
     /// `grouped_gemm_v2_*`: 128 x 128 tiles, a four-stage cp.async pipeline; reads gathered
     /// rows or the layer input itself ([`GemmRows::Indexed`]).
     V2,
+    /// `grouped_gemm_v3_*` (Hopper, sm_90a): the bulk tensor copy engine and wgmma, a producer
+    /// warpgroup and two consumers, persistent; gathered rows only. Emulated, not yet run on
+    /// hardware.
+    V3,
 }
 
 impl GemmVersion {
@@ -65,7 +79,25 @@ impl GemmVersion {
         match self {
             GemmVersion::V1 => BLOCK_M,
             GemmVersion::V2 => V2_BLOCK_M,
+            GemmVersion::V3 => V3_BLOCK_M,
         }
+    }
+
+    /// Whether `dev` runs this version: v3 needs a Hopper GPU (compute capability 9.0, whose
+    /// sm_90a code it is built as); the CPU emulator models its instructions.
+    pub fn check_device(self, op: &'static str, dev: &Device) -> Result<()> {
+        let (major, minor) = dev.info().compute_capability;
+        if self == GemmVersion::V3 && (major, minor) != (9, 0) {
+            return Err(Error::Unsupported {
+                op,
+                what: format!(
+                    "GemmVersion::V3 needs a Hopper GPU (sm_90a: wgmma and the tensor copy \
+                     engine); device {} is sm_{major}{minor}, where V1 and V2 run",
+                    dev.info().ordinal
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -156,6 +188,7 @@ pub fn grouped_gemm_version_into<T: Float, TO: Float>(
     version: GemmVersion,
 ) -> Result<()> {
     const OP: &str = "grouped_gemm";
+    version.check_device(OP, dev)?;
     let bm = version.block_m();
     if !plan.block_m().is_multiple_of(bm) {
         return Err(Error::shape(
@@ -167,10 +200,12 @@ pub fn grouped_gemm_version_into<T: Float, TO: Float>(
     }
     let (a, indexed) = match rows {
         GemmRows::Gathered(a) => (a, false),
-        GemmRows::Indexed(_) if version == GemmVersion::V1 => {
+        GemmRows::Indexed(_) if version != GemmVersion::V2 => {
             return Err(Error::Unsupported {
                 op: OP,
-                what: "reading x through the plan (GemmRows::Indexed) with V1; V2 does".into(),
+                what: format!(
+                    "reading x through the plan (GemmRows::Indexed) with {version:?}; V2 does"
+                ),
             });
         }
         GemmRows::Indexed(x) => (x, true),
@@ -263,8 +298,102 @@ pub fn grouped_gemm_version_into<T: Float, TO: Float>(
             // its row. grid.y <= 65535 was checked.
             unsafe { dev.launch(OP, &func, cfg, &params) }?;
         }
+        GemmVersion::V3 => {
+            let [e, n, kd] = [w.shape()[0], w.shape()[1], w.shape()[2]];
+            let a_map = tensor_map::<T>(OP, "a", params.a, kd, p, 128)?;
+            let b_map = tensor_map::<T>(OP, "w", params.w, kd, e * n, 64)?;
+            let per_tile = if params.gated != 0 {
+                V3_BLOCK_N / 2
+            } else {
+                V3_BLOCK_N
+            };
+            let items = (p / V3_BLOCK_M) * n_out.div_ceil(per_tile);
+            if items == 0 {
+                return Ok(());
+            }
+            let name = format!("grouped_gemm_v3_{}_{}", T::DTYPE, TO::DTYPE);
+            let func = dev.function(OP, Module::GroupedGemmSm90a, &name)?;
+            dev.context().bind_to_thread().op(OP)?;
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                V3_SMEM_BYTES.cast_signed(),
+            )
+            .op(OP)?;
+            let sms = usize::try_from(dev.info().sm_count.max(1)).unwrap_or(1);
+            let cfg = LaunchConfig {
+                grid_dim: (items.min(sms) as u32, 1, 1),
+                block_dim: (V3_THREADS, 1, 1),
+                shared_mem_bytes: V3_SMEM_BYTES,
+            };
+            let params = GroupedGemmV3Params {
+                a_map,
+                b_map,
+                g: params,
+            };
+            // SAFETY: `grouped_gemm_v3_{in}_{out}` takes one GroupedGemmV3Params (mirrored in
+            // src/params.rs) for the dtype pairs prepare() lets through, and the dynamic shared
+            // memory it was just allowed. The tensor maps cover a [P, Kd] and w [E*N, Kd]
+            // exactly (the copy engine fills zeros past them, and never reads outside); the
+            // kernel walks items below (P / 128) * column tiles, reads block_experts[m0 /
+            // block_m] inside the plan's [P / block_m] and skips ids outside [0, E). It writes
+            // out [P, N_out] at rows below P and columns below N_out; bias [E, N] and the slot
+            // weights are indexed as in v1 (checked by prepare()).
+            unsafe { dev.launch(OP, &func, cfg, &params) }?;
+        }
     }
     Ok(())
+}
+
+/// A 2-D tiled tensor map over `rows` rows of `kd` 16-bit elements at `ptr` (row stride kd),
+/// boxes of 64 elements (128 bytes, the 128-byte swizzle's span) by `box_rows`: what v3 copies
+/// through.
+fn tensor_map<T: Float>(
+    op: &'static str,
+    arg: &'static str,
+    ptr: u64,
+    kd: usize,
+    rows: usize,
+    box_rows: u32,
+) -> Result<[u64; 16]> {
+    use cudarc::driver::sys;
+    if !ptr.is_multiple_of(16) {
+        return Err(Error::shape(
+            op,
+            arg,
+            "a 16-byte aligned base for V3's tensor maps (V1 and V2 take any)",
+            format!("0x{ptr:x}"),
+        ));
+    }
+    let dtype = match T::DTYPE {
+        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let dims = [kd as u64, rows.max(1) as u64];
+    let strides = [(kd * 2) as u64];
+    let boxes = [64u32, box_rows];
+    let elem = [1u32, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every array holds the rank's (strides rank - 1) entries; map is a CUtensorMap.
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            dtype,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .map_err(|source| Error::Driver { op, source })?;
+    // SAFETY: initialised by the driver (zeroed before).
+    Ok(unsafe { map.assume_init() }.opaque)
 }
 
 /// The decode path: the same product and epilogue over the plan's sorted rows

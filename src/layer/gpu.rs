@@ -488,11 +488,12 @@ impl<T: Float> MoeLayer<T> {
         self.path = path;
     }
 
-    /// Chooses the prefill GEMM version (v1 by default). v2 plans in blocks of 128 rows and
-    /// reads the routed experts' gate/up rows straight from the layer input (no gather), so the
+    /// Chooses the prefill GEMM version (v1 by default). v2 and v3 plan in blocks of 128 rows;
+    /// v2 reads the routed experts' gate/up rows straight from the layer input (no gather), so the
     /// plan and the row buffers are made again here, outside any forward. Packed experts keep
     /// their own prefill path.
     pub fn set_gemm_version(&mut self, dev: &Device, version: GemmVersion) -> Result<()> {
+        version.check_device("MoeLayer::set_gemm_version", dev)?;
         if version == self.version {
             return Ok(());
         }
