@@ -385,3 +385,36 @@ fn planted_wgmma_misuses_are_caught() {
         );
     }
 }
+
+#[test]
+fn matrix_descriptors_carry_each_field_where_the_isa_puts_it() {
+    let gpu = Gpu::new();
+    let out = gpu.alloc::<u64>(4);
+    #[repr(C)]
+    struct DescParams {
+        out: u64,
+    }
+    // 1 KB of dynamic shared memory: it ends the window, so its offset is 256 KiB - 1 KiB.
+    gpu.run(
+        "emu_test_desc",
+        [1, 1, 1],
+        [32, 1, 1],
+        1024,
+        &DescParams { out },
+    );
+    let got: Vec<u64> = gpu.download(out, 4);
+    let start = (256 * 1024 - 1024 + 0x40) as u64;
+    for (i, &d) in got.iter().enumerate() {
+        // PTX ISA, "Matrix Descriptor Format": bits 13-0 start address >> 4, 29-16 leading byte
+        // offset >> 4, 45-32 stride byte offset >> 4, 51-49 base offset, 63-62 swizzle (0 none,
+        // 1 128 B, 2 64 B, 3 32 B); the rest zero.
+        assert_eq!(d & 0x3fff, (start & 0x3ffff) >> 4, "start, swizzle {i}");
+        assert_eq!((d >> 16) & 0x3fff, 128 >> 4, "LBO, swizzle {i}");
+        assert_eq!((d >> 32) & 0x3fff, 1024 >> 4, "SBO, swizzle {i}");
+        assert_eq!((d >> 49) & 7, 0, "base offset, swizzle {i}");
+        assert_eq!(d >> 62, i as u64, "swizzle field");
+        let fields = 0x3fff | (0x3fff << 16) | (0x3fff << 32) | (7 << 49) | (3 << 62);
+        assert_eq!(d & !fields, 0, "bits outside the fields, swizzle {i}");
+    }
+    gpu.free(out);
+}

@@ -136,3 +136,15 @@ extern "C" __global__ void __launch_bounds__(128) emu_test_wgmma_shapes(const Wg
     moe::ptx::wgmma_wait<0>();
     p.d[threadIdx.x] = d64[threadIdx.x % 32] + d128[threadIdx.x % 64];
 }
+
+struct DescParams {
+    uint64_t* out;  // [4]: smem_desc of shared offset 0x1230 + 16 with LBO 128, SBO 1024 per swizzle
+};
+
+// The matrix descriptors ptx_sm90.cuh builds, for emu/tests/hopper.rs to read field by field.
+extern "C" __global__ void __launch_bounds__(32) emu_test_desc(const DescParams p) {
+    extern __shared__ __align__(1024) uint8_t smem[];
+    using moe::ptx::DescSwizzle;
+    const DescSwizzle sw[4] = {DescSwizzle::None, DescSwizzle::B128, DescSwizzle::B64, DescSwizzle::B32};
+    if (threadIdx.x < 4) p.out[threadIdx.x] = moe::ptx::smem_desc(smem + 0x40, 128, 1024, sw[threadIdx.x]);
+}
