@@ -152,7 +152,9 @@ __device__ __forceinline__ void grouped_gemm_v3(const GroupedGemmV3Params& q) {
             ptx::mbarrier_wait(&full[stage], phase);
             const uint8_t* sa = smem + stage * kV3StageBytes + c * (kV3TileBytes / 2);
             const uint8_t* sb = smem + stage * kV3StageBytes + kV3TileBytes;
+            __syncwarp();  // the waits and epilogue branches may leave lanes apart: .aligned below
             ptx::wgmma_fence();
+            ptx::fence_operand(acc);
 #pragma unroll
             for (int kk = 0; kk < kV3BK / 16; ++kk) {
                 // K-major, 128-byte swizzle: 8-row groups 1024 bytes apart, k16 slices 32 bytes.
@@ -162,6 +164,7 @@ __device__ __forceinline__ void grouped_gemm_v3(const GroupedGemmV3Params& q) {
             }
             ptx::wgmma_commit();
             ptx::wgmma_wait<0>();
+            ptx::fence_operand(acc);
             if (t == 0) ptx::mbarrier_arrive(&empty[stage]);
             advance();
         }

@@ -179,6 +179,20 @@ __device__ __forceinline__ void wgmma_commit() {
 #endif
 }
 
+// Tells the compiler that the accumulators are read and written here, so that it neither moves
+// their uses across the wgmma instructions nor copies them while one is in flight (an empty asm
+// on each register, as CUTLASS's warpgroup_fence_operand does). Nothing for the emulator, whose
+// accumulators live in memory the twins reach through a pointer.
+template <int N>
+__device__ __forceinline__ void fence_operand(float (&d)[N]) {
+#if !defined(MOE_EMU)
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+    (void)d;
+#endif
+}
+
 // Waits until at most N of this warpgroup's most recent wgmma groups are pending.
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {

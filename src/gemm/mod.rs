@@ -177,7 +177,7 @@ pub fn grouped_gemm_into<T: Float, TO: Float>(
 
 /// [`grouped_gemm_into`] with the kernel chosen: the same product, epilogue, dtypes and Kd rule,
 /// over gathered rows or (v2) the layer input read through the plan. The plan's `block_m` must be
-/// a multiple of [`GemmVersion::block_m`] (64 for v1, 128 for v2).
+/// a multiple of [`GemmVersion::block_m`] (64 for v1, 128 for v2 and v3).
 pub fn grouped_gemm_version_into<T: Float, TO: Float>(
     dev: &Device,
     out: &mut Tensor<TO>,
@@ -215,9 +215,10 @@ pub fn grouped_gemm_version_into<T: Float, TO: Float>(
         return Ok(());
     };
     let p = plan.rows(Layout::Padded);
+    // v1 and v2 put row blocks on grid.y; v3's grid is 1-D (persistent).
     let m_blocks = u32::try_from(p / bm)
         .ok()
-        .filter(|&b| b <= 65_535)
+        .filter(|&b| b <= 65_535 || version == GemmVersion::V3)
         .ok_or_else(|| {
             Error::shape(
                 OP,
@@ -300,6 +301,15 @@ pub fn grouped_gemm_version_into<T: Float, TO: Float>(
         }
         GemmVersion::V3 => {
             let [e, n, kd] = [w.shape()[0], w.shape()[1], w.shape()[2]];
+            // The weight map's row coordinates are signed 32-bit.
+            if e * n > i32::MAX as usize || p > i32::MAX as usize {
+                return Err(Error::shape(
+                    OP,
+                    "w",
+                    "E * N and P below 2^31 rows for V3's tensor maps (V1 and V2 take more)",
+                    format!("E * N = {}, P = {p}", e * n),
+                ));
+            }
             let a_map = tensor_map::<T>(OP, "a", params.a, kd, p, 128)?;
             let b_map = tensor_map::<T>(OP, "w", params.w, kd, e * n, 64)?;
             let per_tile = if params.gated != 0 {
