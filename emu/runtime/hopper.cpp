@@ -101,11 +101,17 @@ uint32_t swizzle(uint32_t mode, uint32_t a) {
     }
 }
 
-void push(Worker& w, Mbarrier& b, uint32_t dst, std::vector<uint8_t>&& bytes) {
+// A copy goes in flight on the barrier at `bar`. Threads already blocked on that barrier look
+// again: their wait is the one that lands it.
+void push(Worker& w, uint32_t bar, Mbarrier& b, uint32_t dst, std::vector<uint8_t>&& bytes) {
     BulkCopy c;
     c.dst = reinterpret_cast<uint8_t*>(shared_ptr(w, dst));
     c.bytes = std::move(bytes);
     b.inflight.push_back(std::move(c));
+    for (uint32_t t = 0; t < w.nthreads; ++t) {
+        Fiber& f = w.fibers[t];
+        if (f.state == kWaitMbarrier && f.mbar == bar) f.state = kReady;
+    }
 }
 
 }  // namespace
@@ -236,7 +242,7 @@ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) 
         fail(kIllegalAddress, strf("cp.async.bulk reads %u bytes from global memory: %s", bytes, why.c_str()));
     std::vector<uint8_t> v(bytes);
     memcpy(v.data(), src, bytes);
-    push(w, b, dst, std::move(v));
+    push(w, bar, b, dst, std::move(v));
 }
 
 void bulk_tensor_g2s(uint32_t dst, const void* map, int rank, const int32_t* coords, uint32_t bar) {
@@ -300,7 +306,7 @@ void bulk_tensor_g2s(uint32_t dst, const void* map, int rank, const int32_t* coo
                                      m.swizzle, c, c + 16, total));
         memcpy(&placed[to], &image[c], 16);
     }
-    push(w, b, dst, std::move(placed));
+    push(w, bar, b, dst, std::move(placed));
 }
 
 void setmaxnreg(bool inc, uint32_t n) {

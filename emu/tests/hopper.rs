@@ -418,3 +418,25 @@ fn matrix_descriptors_carry_each_field_where_the_isa_puts_it() {
     }
     gpu.free(out);
 }
+
+#[test]
+fn copies_land_in_every_thread_order() {
+    use moe_emu::{Order, with_order};
+    // In reverse order the waiting threads block before thread 0 issues the copy: its issue
+    // must wake them, and their wait lands it.
+    let t = tensor();
+    let mut map = Map([0; 16]);
+    assert_eq!(encode(&mut map, t.addr, [64, 24], 3), 0);
+    let bytes = 64 * 24 * 2;
+    for order in [Order::Forward, Order::Reverse, Order::Shuffle(3)] {
+        let out = t.gpu.alloc::<u8>(bytes);
+        let p = params(map, out, bytes, (8, 37), 0);
+        with_order(order, || {
+            t.gpu
+                .run("emu_test_tma", [1, 1, 1], [128, 1, 1], bytes as u32, &p)
+        });
+        let got: Vec<u8> = t.gpu.download(out, bytes);
+        assert!(got == expected([64, 24], 8, 37, 3), "{order:?}");
+        t.gpu.free(out);
+    }
+}
