@@ -318,21 +318,23 @@ impl MoeBlock {
         })?;
         let mut block = self.block.lock().unwrap_or_else(|p| p.into_inner());
         match &mut *block {
-            Block::Bf16(l) => {
-                let mut y = self.dev.zeros::<bf16>(&[t, h])?;
-                with_view(&self.dev, "candle::MoeBlock::forward", "x", x, |xv| {
-                    l.forward_into(&self.dev, &mut y, xv)
-                })?;
-                Ok(into_candle(y, &self.cdev))
-            }
-            Block::F16(l) => {
-                let mut y = self.dev.zeros::<f16>(&[t, h])?;
-                with_view(&self.dev, "candle::MoeBlock::forward", "x", x, |xv| {
-                    l.forward_into(&self.dev, &mut y, xv)
-                })?;
-                Ok(into_candle(y, &self.cdev))
-            }
+            Block::Bf16(l) => self.forward_as(l, x, t, h),
+            Block::F16(l) => self.forward_as(l, x, t, h),
         }
+    }
+
+    fn forward_as<T: CandleElem + Float>(
+        &self,
+        l: &mut MoeLayer<T>,
+        x: &cc::Tensor,
+        t: usize,
+        h: usize,
+    ) -> Result<cc::Tensor> {
+        let mut y = self.dev.zeros::<T>(&[t, h])?;
+        with_view(&self.dev, "candle::MoeBlock::forward", "x", x, |xv| {
+            l.forward_into(&self.dev, &mut y, xv)
+        })?;
+        Ok(into_candle(y, &self.cdev))
     }
 
     /// `y = block(x)` into the existing candle tensor `y [T, H]`, in place: no allocation and no
