@@ -65,7 +65,11 @@ int moe_emu_launch(const KernelDef* k, const uint32_t* grid, const uint32_t* blo
     l.args = args;
     l.order = Order(order);
     l.seed = seed;
+    l.nblocks = uint64_t(l.grid.x) * l.grid.y * l.grid.z;
+    LaunchCounters lc;
+    counters_launch_begin(l, g_counting ? &lc : nullptr);
     const Status s = run_launch(l);
+    counters_launch_end(l);
     return report(s, l.msg, msg, cap);
 }
 

@@ -32,13 +32,18 @@ std::string describe_shared(const Worker& w, uintptr_t a, size_t n) {
                 (unsigned long)(w.dyn_base - w.sh_lo), (unsigned long)(w.dyn_base - w.sh_lo + w.dyn_bytes));
 }
 
-__attribute__((always_inline)) inline void check(uintptr_t a, size_t n, bool write) {
+// `site` is the kernel code's call site, for the counters (0: not counted here).
+__attribute__((always_inline)) inline void check(uintptr_t a, size_t n, bool write, uint64_t site) {
     if (a - heap.lo < heap.span) {
         const uint32_t id = heap.slots[(a - heap.lo) >> kSlotShift];
         if (id != 0) {
             const Alloc& al = heap.allocs[id - 1];
             const uintptr_t off = a - al.base;
-            if (al.live && off < al.size && n <= al.size - off) return;
+            if (al.live && off < al.size && n <= al.size - off) {
+                if (__builtin_expect(g_counting, 0) && site != 0)
+                    count_access(site, a, uint32_t(n), write ? kGStore : kGLoad);
+                return;
+            }
         }
         fail(kIllegalAddress, strf("out-of-bounds %s of %zu bytes at 0x%lx: %s", write ? "write" : "read", n,
                                    (unsigned long)a, describe_address(a, n).c_str()));
@@ -49,6 +54,7 @@ __attribute__((always_inline)) inline void check(uintptr_t a, size_t n, bool wri
     if (a - lo < kSharedWindow + kPage || lo - a <= kPage) {
         if (shared_ok(*w, a, n)) {
             if (write) mark_generic(*w, a - lo, n);
+            if (__builtin_expect(g_counting, 0) && site != 0) count_access(site, a, uint32_t(n), write ? kSStore : kSLoad);
             return;
         }
         fail(kIllegalAddress, strf("out-of-bounds shared-memory %s: %s", write ? "write" : "read",
@@ -56,15 +62,18 @@ __attribute__((always_inline)) inline void check(uintptr_t a, size_t n, bool wri
     }
 }
 
-void check_access(const volatile void* p, size_t n, bool write) {
+void check_access(const volatile void* p, size_t n, bool write, const void* site) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     if (a % n != 0) fail(kMisaligned, strf("misaligned %zu-byte atomic at 0x%lx", n, (unsigned long)a));
-    check(a, n, write);
-    if (a - heap.lo >= heap.span) {
+    check(a, n, write, 0);
+    const bool global = a - heap.lo < heap.span;
+    if (!global) {
         const Worker* w = tls_worker;
         if (w == nullptr || !shared_ok(*w, a, n))
             fail(kIllegalAddress, strf("atomic on 0x%lx, which is neither device nor shared memory", (unsigned long)a));
     }
+    if (__builtin_expect(g_counting, 0))
+        count_access(uint64_t(site), a, uint32_t(n), global ? kGAtomic : kSAtomic);
 }
 
 // ---- UBSan's handler ABI (gcc's libsanitizer, ubsan_handlers.h) --------------------------------
@@ -169,21 +178,24 @@ using namespace moe_emu;
 
 extern "C" {
 
-#define MOE_EMU_ASAN(N)                                                                         \
-    void __asan_load##N##_noabort(uintptr_t a) { check(a, N, false); }                       \
-    void __asan_store##N##_noabort(uintptr_t a) { check(a, N, true); }                       \
-    void __asan_load##N(uintptr_t a) { check(a, N, false); }                                  \
-    void __asan_store##N(uintptr_t a) { check(a, N, true); }
+// The return address of each check is the kernel's access site (the counters' request key).
+#define MOE_EMU_SITE uint64_t(__builtin_return_address(0))
+#define MOE_EMU_ASAN(N)                                                                           \
+    void __asan_load##N##_noabort(uintptr_t a) { check(a, N, false, MOE_EMU_SITE); }           \
+    void __asan_store##N##_noabort(uintptr_t a) { check(a, N, true, MOE_EMU_SITE); }           \
+    void __asan_load##N(uintptr_t a) { check(a, N, false, MOE_EMU_SITE); }                      \
+    void __asan_store##N(uintptr_t a) { check(a, N, true, MOE_EMU_SITE); }
 MOE_EMU_ASAN(1)
 MOE_EMU_ASAN(2)
 MOE_EMU_ASAN(4)
 MOE_EMU_ASAN(8)
 MOE_EMU_ASAN(16)
 #undef MOE_EMU_ASAN
-void __asan_loadN_noabort(uintptr_t a, size_t n) { check(a, n, false); }
-void __asan_storeN_noabort(uintptr_t a, size_t n) { check(a, n, true); }
-void __asan_loadN(uintptr_t a, size_t n) { check(a, n, false); }
-void __asan_storeN(uintptr_t a, size_t n) { check(a, n, true); }
+void __asan_loadN_noabort(uintptr_t a, size_t n) { check(a, n, false, MOE_EMU_SITE); }
+void __asan_storeN_noabort(uintptr_t a, size_t n) { check(a, n, true, MOE_EMU_SITE); }
+void __asan_loadN(uintptr_t a, size_t n) { check(a, n, false, MOE_EMU_SITE); }
+void __asan_storeN(uintptr_t a, size_t n) { check(a, n, true, MOE_EMU_SITE); }
+#undef MOE_EMU_SITE
 void __asan_handle_no_return() {}
 
 // Each UBSan check has a recoverable and an _abort form; both fail the launch.

@@ -14,6 +14,7 @@
 // phase completes; a block whose threads all wait so is a deadlock, reported with each
 // barrier's pending arrivals and tx-count.
 
+#include <algorithm>
 #include <cstring>
 
 #include <cuda_bf16.h>
@@ -242,6 +243,10 @@ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) 
         fail(kIllegalAddress, strf("cp.async.bulk reads %u bytes from global memory: %s", bytes, why.c_str()));
     std::vector<uint8_t> v(bytes);
     memcpy(v.data(), src, bytes);
+    if (counting(w)) {
+        count_access(uint64_t(__builtin_return_address(0)), s, bytes, kGBulk);
+        count_async(kAsyncBulk, bytes);
+    }
     push(w, bar, b, dst, std::move(v));
 }
 
@@ -269,6 +274,8 @@ void bulk_tensor_g2s(uint32_t dst, const void* map, int rank, const int32_t* coo
     if (!shared_ok(w, shared_ptr(w, dst), total))
         fail(kIllegalAddress, strf("%s destination (%zu bytes): %s", op, total,
                                    describe_shared(w, shared_ptr(w, dst), total).c_str()));
+    const uint64_t site = uint64_t(__builtin_return_address(0));
+    count_async(kAsyncTensor, total);
     // The box in the destination's order, innermost dimension contiguous; elements outside the
     // tensor are zeros (the tensor map's fill).
     std::vector<uint8_t> image(total, 0);
@@ -287,6 +294,14 @@ void bulk_tensor_g2s(uint32_t dst, const void* map, int rank, const int32_t* coo
                         off += c * int64_t(m.strides[d - 1]);
                     }
                     if (!inside) continue;
+                    if (counting(w)) {
+                        // The row's bytes inside the tensor, as one read of the copy engine.
+                        const int64_t c0 = std::max<int64_t>(coords[0], 0);
+                        const int64_t c1 = std::min<int64_t>(int64_t(coords[0]) + box[0], int64_t(m.dims[0]));
+                        if (c1 > c0)
+                            count_access(site, uintptr_t(int64_t(m.addr) + off + c0 * int64_t(e)),
+                                         uint32_t((c1 - c0) * int64_t(e)), kGBulk);
+                    }
                     for (uint32_t i0 = 0; i0 < box[0]; ++i0) {
                         const int64_t c = int64_t(coords[0]) + i0;
                         if (c < 0 || c >= int64_t(m.dims[0])) continue;
@@ -466,6 +481,10 @@ void wgmma_mma_async(int kind, uint32_t n, float* d, uint64_t desc_a, uint64_t d
     }
     wg.ops.push_back(std::move(op));
     wg.arrived = 0;
+    if (counting(w)) {
+        const std::string shape = strf("wgmma.m64n%uk16", n);
+        count_tensor(shape.c_str(), kind == kMmaBf16 ? "bf16" : "f16", uint64_t(2) * 64 * n * 16);
+    }
     for (uint32_t k = 0; k < 128; ++k) w.fibers[base + k].state = kReady;
 }
 

@@ -11,6 +11,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "counters.h"
 #include "moe_emu/cuda.h"
 #include "moe_emu/ptx.h"
 
@@ -115,6 +116,9 @@ struct Fiber {
     // wgmma: groups committed so far, and whether a wgmma.fence has run (hopper.cpp).
     uint32_t wg_commits = 0;
     bool wg_fenced = false;
+    // Counting (counters.cpp): executions so far of each access site, and of all sites.
+    std::unordered_map<uint64_t, uint32_t> site_count;
+    uint32_t accesses = 0;
 };
 
 // One wgmma.mma_async as a thread brings it to its warpgroup's rendezvous.
@@ -206,6 +210,9 @@ struct Worker {
     size_t fault_stack_size = 0;
     std::string fault_msg;
     Status fault_status = kOk;
+    // Counting (counters.cpp): the block's accesses so far, and its other sums.
+    std::vector<Access> log;
+    Tally tally;
 };
 extern thread_local Worker* tls_worker __attribute__((tls_model("initial-exec")));
 
@@ -228,6 +235,9 @@ struct Launch {
     std::mutex mu;
     Status status = kOk;
     std::string msg;
+    // Counting: null when off. Blocks [0, run_blocks) run; the rest are skipped (sampling).
+    LaunchCounters* counters = nullptr;
+    uint64_t run_blocks = 0;
 };
 
 // Fails the launch from inside a kernel thread: records the first failure with where it
@@ -257,6 +267,20 @@ void fiber_prepare(Fiber& f, Stack* s);
 void fiber_switch(void** save_sp, void* load_sp);
 void install_fault_handlers();
 void worker_enter_kernel(Worker* w);  // sigaltstack and the fault landing for this thread
+
+// Counting (counters.cpp): an access of kernel code from `site`, a tensor-core instruction of a
+// warp or warpgroup, a block's start and end.
+void count_access(uint64_t site, uintptr_t addr, uint32_t size, AccessKind kind);
+void count_tensor(const char* op, const char* dtype, uint64_t flops);
+void count_ldmatrix(const uint32_t* row_offsets, int matrices);
+enum AsyncKind : int { kAsyncCpAsync = 0, kAsyncBulk = 1, kAsyncTensor = 2 };
+void count_async(AsyncKind kind, uint64_t bytes);
+inline bool counting(const Worker& w) { return w.launch != nullptr && w.launch->counters != nullptr; }
+void counters_block_begin(Worker& w);
+void counters_block_end(Worker& w, Launch& l);
+// A launch's counting: null `lc` when off; the record goes to the driver's list at the end.
+void counters_launch_begin(Launch& l, LaunchCounters* lc);
+void counters_launch_end(Launch& l);
 
 // Run one launch (sched.cpp).
 Status run_launch(Launch& l);

@@ -233,6 +233,7 @@ void run_block(Worker& w, Launch& l, uint64_t b) {
     poison(w.dyn_base, w.dyn_bytes);
     w.free_stacks = w.all_stacks;
     hopper_block_begin(w);
+    counters_block_begin(w);
     make_order(w, l);
 
     for (;;) {
@@ -248,6 +249,8 @@ void run_block(Worker& w, Launch& l, uint64_t b) {
                 record(l, kLaunchFailed,
                        strf("%s (kernel %s, block (%u,%u,%u))", why.c_str(), l.kernel->name, builtins.block_idx.x,
                             builtins.block_idx.y, builtins.block_idx.z));
+            else
+                counters_block_end(w, l);
             return;
         }
         if (!progress) {
@@ -284,7 +287,7 @@ void work(Worker& w, Launch& l) {
     for (;;) {
         if (l.abort.load(std::memory_order_relaxed)) break;
         const uint64_t b = l.next.fetch_add(1, std::memory_order_relaxed);
-        if (b >= l.nblocks) break;
+        if (b >= l.run_blocks) break;
         run_block(w, l, b);
     }
     w.launch = nullptr;
@@ -357,8 +360,7 @@ size_t worker_count() {
 
 Status run_launch(Launch& l) {
     install_fault_handlers();
-    l.nblocks = uint64_t(l.grid.x) * l.grid.y * l.grid.z;
-    const size_t n = l.nblocks < worker_count() ? size_t(l.nblocks) : worker_count();
+    const size_t n = l.run_blocks < worker_count() ? size_t(l.run_blocks) : worker_count();
     Pool& p = pool();
     {
         std::lock_guard<std::mutex> g(p.mu);

@@ -227,8 +227,20 @@ void complete_collective(Worker& w, uint32_t warp, uint32_t mask) {
                 if (live >> l & 1) w.fibers[warp * 32 + l].coll.out[0] = leader;
             break;
         }
-        case kCollMma: mma(w, warp, c0->sub); break;
-        default: ldmatrix_all(w, warp, c0->sub & 7, (c0->sub >> 4) & 1); break;
+        case kCollMma:
+            mma(w, warp, c0->sub);
+            count_tensor("mma.m16n8k16", c0->sub == kMmaBf16 ? "bf16" : "f16", 2 * 16 * 8 * 16);
+            break;
+        default: {
+            const int n = c0->sub & 7;
+            ldmatrix_all(w, warp, n, (c0->sub >> 4) & 1);
+            if (counting(w)) {
+                uint32_t rows[32];
+                for (int l = 0; l < 8 * n; ++l) rows[l] = w.fibers[warp * 32 + uint32_t(l)].coll.in[0];
+                count_ldmatrix(rows, n);
+            }
+            break;
+        }
     }
     wp.waiting &= ~live;
     for (uint32_t l = 0; l < 32; ++l)
@@ -335,6 +347,13 @@ void cp_async(uint32_t dst, const void* src, int cp_size, uint32_t src_size, boo
         memcpy(c.bytes, src, src_size);  // the source is read at issue; the bytes land at the wait
     }
     f.async.push_back(c);
+    if (__builtin_expect(g_counting, 0)) {
+        // The caller is the kernel's inlined cp.async wrapper: its return address is the site.
+        const uint64_t site = uint64_t(__builtin_return_address(0));
+        if (src_size > 0) count_access(site, reinterpret_cast<uintptr_t>(src), src_size, kGCpAsync);
+        count_access(site, d, uint32_t(cp_size), kSCpAsync);
+        count_async(kAsyncCpAsync, uint32_t(cp_size));
+    }
 }
 
 void cp_async_commit() {

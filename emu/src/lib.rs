@@ -24,6 +24,7 @@
 #![allow(non_snake_case)]
 #![allow(clippy::missing_safety_doc)] // every export is a CUDA driver function: cuda.h is their contract
 
+pub mod counters;
 pub mod stubs;
 pub mod tmap;
 
@@ -504,6 +505,9 @@ fn run(d: &Driver, op: &Op) -> CUresult {
                 )
             };
             profile::add(def.name(), start.elapsed());
+            if let Err(e) = counters::collect() {
+                return fail(E::CUDA_ERROR_UNKNOWN, e);
+            }
             status(rc, &m)
         }
         Op::Memset {
@@ -609,6 +613,9 @@ pub unsafe extern "C" fn cuInit(_flags: c_uint) -> CUresult {
     match Order::from_env() {
         Ok(o) => d.order = Some(o),
         Err(e) => return fail(E::CUDA_ERROR_INVALID_VALUE, e),
+    }
+    if let Err(e) = counters::init_from_env() {
+        return fail(E::CUDA_ERROR_INVALID_VALUE, e);
     }
     profile::start();
     d.init = true;

@@ -39,12 +39,51 @@ struct dim3 {
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
     constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
 };
-struct alignas(8) uint2 { unsigned x, y; };
-struct alignas(16) uint4 { unsigned x, y, z, w; };
-struct alignas(8) int2 { int x, y; };
-struct alignas(16) int4 { int x, y, z, w; };
-struct alignas(8) float2 { float x, y; };
-struct alignas(16) float4 { float x, y, z, w; };
+// The 8- and 16-byte vector types. On the GPU a copy of one is a single 8- or 16-byte access
+// (ld.v2/ld.v4, st.v2/st.v4); here it must be one too, or the profiler's counters would see
+// two or four accesses where the hardware issues one request. So each type holds its fields
+// beside a host vector of the same size, and copies go through that vector, hidden from the
+// optimiser (which would otherwise split the copy into the fields it uses). Member access
+// (`p->x`) stays a 4-byte access, as on the GPU.
+namespace moe_emu {
+template <typename V>
+__attribute__((always_inline)) inline V opaque_vector(V v) {
+    asm("" : "+x"(v));
+    return v;
+}
+}  // namespace moe_emu
+#define MOE_EMU_VECTOR2(NAME, T)                                                                     \
+    union alignas(8) NAME {                                                                           \
+        struct { T x, y; };                                                                           \
+        T v_ __attribute__((vector_size(8)));                                                         \
+        NAME() = default;                                                                             \
+        constexpr NAME(T a, T b) : v_{a, b} {}                                                         \
+        NAME(const NAME& o) : v_(::moe_emu::opaque_vector(o.v_)) {}                                    \
+        NAME& operator=(const NAME& o) {                                                              \
+            v_ = ::moe_emu::opaque_vector(o.v_);                                                      \
+            return *this;                                                                             \
+        }                                                                                             \
+    };
+#define MOE_EMU_VECTOR4(NAME, T)                                                                     \
+    union alignas(16) NAME {                                                                          \
+        struct { T x, y, z, w; };                                                                     \
+        T v_ __attribute__((vector_size(16)));                                                        \
+        NAME() = default;                                                                             \
+        constexpr NAME(T a, T b, T c, T d) : v_{a, b, c, d} {}                                         \
+        NAME(const NAME& o) : v_(::moe_emu::opaque_vector(o.v_)) {}                                    \
+        NAME& operator=(const NAME& o) {                                                              \
+            v_ = ::moe_emu::opaque_vector(o.v_);                                                      \
+            return *this;                                                                             \
+        }                                                                                             \
+    };
+MOE_EMU_VECTOR2(uint2, unsigned)
+MOE_EMU_VECTOR4(uint4, unsigned)
+MOE_EMU_VECTOR2(int2, int)
+MOE_EMU_VECTOR4(int4, int)
+MOE_EMU_VECTOR2(float2, float)
+MOE_EMU_VECTOR4(float4, float)
+#undef MOE_EMU_VECTOR2
+#undef MOE_EMU_VECTOR4
 
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
@@ -81,7 +120,8 @@ uint32_t match_all(uint32_t mask, uint64_t value, int* pred);
 void syncwarp(uint32_t mask);
 // Checks an access the compiler does not instrument (atomics); fails the launch if [p, p + n)
 // is neither inside one live device allocation nor inside the block's shared memory.
-void check_access(const volatile void* p, size_t n, bool write);
+// `site` is the kernel's call site, for the profiler's counters.
+void check_access(const volatile void* p, size_t n, bool write, const void* site);
 // The shared-state-space address of a generic pointer into the block's shared memory.
 uint32_t shared_offset(const void* p);
 // The block's shared memory: a static variable's storage (one per `key`, i.e. per declaration,
@@ -241,10 +281,13 @@ __forceinline__ T __ldg(const T* p) {
 inline size_t __cvta_generic_to_shared(const void* p) { return ::moe_emu::shared_offset(p); }
 
 // Atomics on global or shared memory. The block's threads share one OS thread, blocks run on
-// several, so global atomics are real ones.
+// several, so global atomics are real ones. They are checked (and counted) once, as one atomic
+// access: not instrumented, and never inlined, so that their return address is the kernel's
+// call site.
+#define MOE_EMU_ATOMIC_FN __attribute__((noinline, no_sanitize_address)) inline
 #define MOE_EMU_ATOMIC(NAME, T, EXPR)                                         \
-    inline T NAME(T* p, T v) {                                                \
-        ::moe_emu::check_access(p, sizeof(T), true);                          \
+    MOE_EMU_ATOMIC_FN T NAME(T* p, T v) {                                     \
+        ::moe_emu::check_access(p, sizeof(T), true, __builtin_return_address(0)); \
         T old;                                                                \
         __atomic_load(p, &old, __ATOMIC_RELAXED);                            \
         T next;                                                               \
@@ -271,16 +314,18 @@ MOE_EMU_ATOMIC(atomicAnd, unsigned, old & v)
 MOE_EMU_ATOMIC(atomicXor, unsigned, old ^ v)
 #undef MOE_EMU_ATOMIC
 
-inline int atomicCAS(int* p, int compare, int v) {
-    ::moe_emu::check_access(p, sizeof(int), true);
+MOE_EMU_ATOMIC_FN int atomicCAS(int* p, int compare, int v) {
+    ::moe_emu::check_access(p, sizeof(int), true, __builtin_return_address(0));
     __atomic_compare_exchange_n(p, &compare, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     return compare;
 }
-inline unsigned atomicCAS(unsigned* p, unsigned compare, unsigned v) {
-    ::moe_emu::check_access(p, sizeof(unsigned), true);
+MOE_EMU_ATOMIC_FN unsigned atomicCAS(unsigned* p, unsigned compare, unsigned v) {
+    ::moe_emu::check_access(p, sizeof(unsigned), true, __builtin_return_address(0));
     __atomic_compare_exchange_n(p, &compare, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     return compare;
 }
+
+#undef MOE_EMU_ATOMIC_FN
 
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
