@@ -57,6 +57,7 @@ pub mod layer;
 pub mod model;
 mod params;
 pub mod permute;
+pub mod profile;
 pub mod quant;
 pub mod rng;
 pub mod routing;
