@@ -1,5 +1,9 @@
 //! `moe-kernels bench`: every stage of one MoE block of a real model's shapes, timed on the GPU
-//! with CUDA events, beside the card's measured copy bandwidth and its matrix rate.
+//! with CUDA events, beside the card's measured copy bandwidth and its matrix rate. On the CPU
+//! emulator it reports, instead of times, each stage's exact counters and its *modelled* time
+//! on a card (bench/counters.rs, docs/MODEL.md).
+
+mod counters;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -10,6 +14,7 @@ use moe_kernels::device::WorkCounts;
 use moe_kernels::gemm::GemmVersion;
 use moe_kernels::layer::{ExpertWeights, MoeConfig, MoeLayer, Path, Stage, presets};
 use moe_kernels::model::Model;
+use moe_kernels::profile::{Card, Emulator};
 use moe_kernels::quant::{
     Dictionary, Fp8Matrix, IntMatrix, Mxfp4Matrix, QuantLayer, QuantMatrix, TernaryMatrix,
 };
@@ -56,6 +61,23 @@ pub struct BenchArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    /// On the CPU emulator: the card whose modelled times are reported (h100, h200, rtx4090,
+    /// rtx5090).
+    #[arg(long, default_value = "h100")]
+    pub card: String,
+    /// On the CPU emulator: run this fraction (0, 1] of the GEMM stages' blocks, the counters
+    /// scaled to the whole grid (for prefill sizes; outputs are then not checked).
+    #[arg(long)]
+    pub sample: Option<f64>,
+    /// On the CPU emulator: also append every launch's counters and model to this file, one
+    /// JSON line each (what gpu-check's profile step compares Nsight Compute against).
+    #[arg(long)]
+    pub records: Option<PathBuf>,
+    /// On the CPU emulator, bf16 presets only: leave the routed experts zero instead of drawing
+    /// them, so that a model larger than this machine can be profiled (with MOE_EMU_LAZY set,
+    /// untouched expert pages cost no memory). Counters do not depend on the weights' values.
+    #[arg(long)]
+    pub zero_experts: bool,
 }
 
 /// One token count's stages, and the launches and memsets of one forward.
@@ -238,6 +260,14 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             });
         }
     };
+    let card = Card::parse(&args.card)?;
+    let sample = args.sample.unwrap_or(1.0);
+    if !(sample > 0.0 && sample <= 1.0) {
+        return Err(Error::Unsupported {
+            op: "bench",
+            what: format!("--sample {sample} (a fraction in (0, 1])"),
+        });
+    }
     let dev = Device::new(0)?;
     if !kernels::built() {
         return Err(Error::KernelsNotBuilt {
@@ -260,6 +290,33 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
         return Err(Error::Unsupported {
             op: "bench",
             what: "--tokens needs a count >= 1 and --iters >= 1".into(),
+        });
+    }
+    // On the emulator: its counters and the model, not times.
+    let emu = if emulated {
+        let emu = Emulator::find().ok_or_else(|| Error::Unsupported {
+            op: "bench",
+            what: "an emulator without its counter functions (moe_emu_counters_*): rebuild it \
+                   with scripts/emulate"
+                .into(),
+        })?;
+        emu.register_resources()?;
+        Some(emu)
+    } else {
+        None
+    };
+    if emu.is_none() && (args.sample.is_some() || args.records.is_some() || args.zero_experts) {
+        return Err(Error::Unsupported {
+            op: "bench",
+            what: "--sample, --records and --zero-experts on a GPU (they are for the CPU \
+                   emulator's counters)"
+                .into(),
+        });
+    }
+    if args.zero_experts && (args.model.is_some() || args.format != "bf16") {
+        return Err(Error::Unsupported {
+            op: "bench",
+            what: "--zero-experts with --model or a packed --format (bf16 presets only)".into(),
         });
     }
     let (name, mut layer) = match &args.model {
@@ -290,10 +347,12 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
                     presets::NAMES.join(", ")
                 ),
             })?;
-            (
-                args.preset.clone(),
-                MoeLayer::<bf16>::random(&dev, &cfg, max_t, args.seed)?,
-            )
+            let layer = if args.zero_experts {
+                MoeLayer::<bf16>::random_zero_experts(&dev, &cfg, max_t, args.seed)?
+            } else {
+                MoeLayer::<bf16>::random(&dev, &cfg, max_t, args.seed)?
+            };
+            (args.preset.clone(), layer)
         }
     };
     if args.format != "bf16" {
@@ -302,6 +361,43 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
     layer.set_gemm_version(&dev, version)?;
     layer.set_path(path);
     let cfg = layer.config().clone();
+    if let Some(emu) = &emu {
+        let mut runs = Vec::new();
+        for &t in &tokens {
+            runs.push(counters::count_stages(
+                &dev, &mut layer, t, emu, &card, sample,
+            )?);
+        }
+        if let Some(path) = &args.records {
+            write_records(path, &card, &runs)?;
+        }
+        if args.json {
+            let mut v = counters::runs_json(&card, &runs);
+            v["name"] = name.clone().into();
+            v["device"] = dev.info().name.clone().into();
+            v["format"] = args.format.clone().into();
+            v["gemm"] = args.gemm.clone().into();
+            v["path"] = args.path.clone().into();
+            v["seed"] = args.seed.into();
+            v["zero_experts"] = args.zero_experts.into();
+            println!("{v}");
+        } else {
+            header(&dev, &name, &cfg, None, None);
+            println!(
+                "format {}, gemm {}, path {}{}",
+                args.format,
+                args.gemm,
+                args.path,
+                if args.zero_experts {
+                    ", routed experts zero (--zero-experts)"
+                } else {
+                    ""
+                }
+            );
+            counters::print_table(&card, &runs);
+        }
+        return Ok(());
+    }
     let copy_gbs = copy_bandwidth(&dev)?;
     let matrix = args.matrix_tflops.or_else(|| {
         let n = &dev.info().name;
@@ -416,73 +512,10 @@ fn time_stages(
     }
     layer.check(dev)?;
 
-    // The work: GEMM rows and experts with tokens, from the routing (the decode path builds no
-    // plan).
-    let mut counts = vec![0u32; cfg.experts];
-    for id in dev.download(layer.routing().0)? {
-        if let Some(c) = usize::try_from(id).ok().and_then(|e| counts.get_mut(e)) {
-            *c += 1;
-        }
-    }
-    let rows: f64 = counts.iter().map(|&c| f64::from(c)).sum();
     // The decode path has no Plan, Shared or Combine stage: its Gemm1 holds the shared
     // expert's gate/up and its Gemm2 the shared down projection and the combine.
     let fused = !marks.iter().any(|(s, _)| *s == Stage::Plan);
-    // Weight bytes of the experts with tokens, as stored (compressed for packed formats).
-    let (mut w1, mut w2) = (0.0, 0.0);
-    for (e, _) in counts.iter().enumerate().filter(|(_, c)| **c > 0) {
-        let (a, b) = layer.expert_bytes(e);
-        w1 += a as f64;
-        w2 += b as f64;
-    }
-    let (hf, i, et, k, tf) = (
-        h as f64,
-        cfg.intermediate as f64,
-        cfg.experts_total() as f64,
-        cfg.k() as f64,
-        t as f64,
-    );
-    let is = cfg.shared.map_or(0.0, |s| s.intermediate as f64);
-    let b = 2.0; // bf16
-    let router_b = if cfg.router_f32 { 4.0 } else { 2.0 };
-    let stage_work = |stage: Stage| -> (f64, f64) {
-        match stage {
-            Stage::Route => (
-                2.0 * tf * et * hf,
-                tf * hf * b + et * hf * router_b + tf * et * router_b + tf * k * 8.0,
-            ),
-            Stage::Plan => (0.0, tf * k * 4.0 * 4.0),
-            Stage::Gemm1 => (
-                2.0 * rows * 2.0 * i * hf,
-                w1 + tf * hf * b + 2.0 * rows * hf * b + rows * i * b,
-            ),
-            Stage::Gemm2 => (2.0 * rows * hf * i, w2 + rows * i * b + rows * hf * b),
-            Stage::Shared => (
-                2.0 * tf * 3.0 * is * hf,
-                3.0 * is * hf * b + 2.0 * tf * hf * b + tf * is * b,
-            ),
-            Stage::Combine => (0.0, rows * hf * b + tf * k * 8.0 + tf * hf * b),
-        }
-    };
-    let work_of = |stage: Stage| -> (f64, f64) {
-        let (flops, bytes) = stage_work(stage);
-        if !fused {
-            return (flops, bytes);
-        }
-        let shared_flops = stage_work(Stage::Shared).0;
-        let shared_weights = 3.0 * is * hf * b; // two thirds gate/up, one third down
-        match stage {
-            Stage::Gemm1 => (
-                flops + shared_flops * 2.0 / 3.0,
-                bytes + shared_weights * 2.0 / 3.0,
-            ),
-            Stage::Gemm2 => (
-                flops + shared_flops / 3.0,
-                bytes + shared_weights / 3.0 + stage_work(Stage::Combine).1,
-            ),
-            _ => (flops, bytes),
-        }
-    };
+    let work_of = stage_work(dev, layer, t, fused)?;
     let rows = marks
         .iter()
         .enumerate()
@@ -504,6 +537,86 @@ fn time_stages(
     })
 }
 
+/// What each stage of the last forward on `t` tokens had to do, as (useful FLOPs, fewest bytes
+/// it must move): from that forward's routing (the experts with tokens and their rows), the
+/// weights as stored (compressed for packed formats) and bf16 activations. `fused`: the decode
+/// path, whose Gemm1 holds the shared expert's gate/up and whose Gemm2 its down projection and
+/// the combine.
+fn stage_work(
+    dev: &Device,
+    layer: &MoeLayer<bf16>,
+    t: usize,
+    fused: bool,
+) -> Result<impl Fn(Stage) -> (f64, f64) + use<>, Error> {
+    let cfg = layer.config().clone();
+    let h = cfg.hidden;
+    // The work: GEMM rows and experts with tokens, from the routing (the decode path builds no
+    // plan).
+    let mut counts = vec![0u32; cfg.experts];
+    for id in dev.download(layer.routing().0)? {
+        if let Some(c) = usize::try_from(id).ok().and_then(|e| counts.get_mut(e)) {
+            *c += 1;
+        }
+    }
+    let rows: f64 = counts.iter().map(|&c| f64::from(c)).sum();
+    // Weight bytes of the experts with tokens, as stored (compressed for packed formats).
+    let (mut w1, mut w2) = (0.0, 0.0);
+    for (e, _) in counts.iter().enumerate().filter(|(_, c)| **c > 0) {
+        let (a, b) = layer.expert_bytes(e);
+        w1 += a as f64;
+        w2 += b as f64;
+    }
+    let (hf, i, et, k, tf) = (
+        h as f64,
+        cfg.intermediate as f64,
+        cfg.experts_total() as f64,
+        cfg.k() as f64,
+        t as f64,
+    );
+    let is = cfg.shared.map_or(0.0, |s| s.intermediate as f64);
+    let b = 2.0; // bf16
+    let router_b = if cfg.router_f32 { 4.0 } else { 2.0 };
+    let work = move |stage: Stage| -> (f64, f64) {
+        match stage {
+            Stage::Route => (
+                2.0 * tf * et * hf,
+                tf * hf * b + et * hf * router_b + tf * et * router_b + tf * k * 8.0,
+            ),
+            Stage::Plan => (0.0, tf * k * 4.0 * 4.0),
+            Stage::Gemm1 => (
+                2.0 * rows * 2.0 * i * hf,
+                w1 + tf * hf * b + 2.0 * rows * hf * b + rows * i * b,
+            ),
+            Stage::Gemm2 => (2.0 * rows * hf * i, w2 + rows * i * b + rows * hf * b),
+            Stage::Shared => (
+                2.0 * tf * 3.0 * is * hf,
+                3.0 * is * hf * b + 2.0 * tf * hf * b + tf * is * b,
+            ),
+            Stage::Combine => (0.0, rows * hf * b + tf * k * 8.0 + tf * hf * b),
+        }
+    };
+    let work_of = move |stage: Stage| -> (f64, f64) {
+        let (flops, bytes) = work(stage);
+        if !fused {
+            return (flops, bytes);
+        }
+        let shared_flops = work(Stage::Shared).0;
+        let shared_weights = 3.0 * is * hf * b; // two thirds gate/up, one third down
+        match stage {
+            Stage::Gemm1 => (
+                flops + shared_flops * 2.0 / 3.0,
+                bytes + shared_weights * 2.0 / 3.0,
+            ),
+            Stage::Gemm2 => (
+                flops + shared_flops / 3.0,
+                bytes + shared_weights / 3.0 + work(Stage::Combine).1,
+            ),
+            _ => (flops, bytes),
+        }
+    };
+    Ok(work_of)
+}
+
 fn stage_name(s: Stage) -> &'static str {
     match s {
         Stage::Route => "route",
@@ -515,7 +628,7 @@ fn stage_name(s: Stage) -> &'static str {
     }
 }
 
-fn header(dev: &Device, name: &str, cfg: &MoeConfig, copy: f64, matrix: Option<f64>) {
+fn header(dev: &Device, name: &str, cfg: &MoeConfig, copy: Option<f64>, matrix: Option<f64>) {
     println!(
         "{name}: H={} I={} E={} K={}{} bf16, on {}",
         cfg.hidden,
@@ -526,18 +639,42 @@ fn header(dev: &Device, name: &str, cfg: &MoeConfig, copy: f64, matrix: Option<f
             .map_or(String::new(), |s| format!(" shared Is={}", s.intermediate)),
         dev.info().name
     );
-    if dev.info().emulated {
-        println!(
-            "NOTE: the device is the CPU emulator: every time below is the emulator's, measured on \
-             the host, and is not a GPU figure"
-        );
-    }
+    let Some(copy) = copy else {
+        return;
+    };
     println!(
         "ceilings: copy {copy:.0} GB/s (measured, read+write); matrix {}",
         matrix.map_or("unknown (pass --matrix-tflops)".into(), |m| format!(
             "{m:.0} TFLOP/s dense bf16"
         ))
     );
+}
+
+/// Appends every launch's counters and model to `path`, one JSON line each.
+fn write_records(
+    path: &std::path::Path,
+    card: &Card,
+    runs: &[counters::CountedRun],
+) -> Result<(), Error> {
+    use std::io::Write as _;
+    let mut text = String::new();
+    for run in runs {
+        for s in &run.stages {
+            for (r, m) in &s.launches {
+                text.push_str(&counters::launch_json(r, m, card).to_string());
+                text.push('\n');
+            }
+        }
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| Error::Unsupported {
+            op: "bench",
+            what: format!("--records {}: cannot write it ({e})", path.display()),
+        })
 }
 
 fn print_table(
@@ -549,7 +686,7 @@ fn print_table(
     args: &BenchArgs,
     results: &[Run],
 ) {
-    header(dev, name, cfg, copy, matrix);
+    header(dev, name, cfg, Some(copy), matrix);
     if args.matrix_tflops.is_none() && matrix.is_some() {
         println!("  (matrix rate: datasheet figure, not measured here)");
     }

@@ -52,6 +52,7 @@ struct Heap {
     size_t nallocs = 0, max_allocs = 0;
     uintptr_t bump = 0;
     size_t used = 0, limit = 0;
+    size_t lazy = 0;  // allocations of at least this size stay unpoisoned zero pages (0: none)
     std::vector<std::pair<uintptr_t, size_t>> free_regions;
     std::mutex mu;
 };

@@ -6,6 +6,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #include "internal.h"
 
@@ -77,6 +78,10 @@ bool heap_init() {
     heap.allocs = static_cast<Alloc*>(a);
     heap.max_allocs = kMaxAllocs;
     heap.limit = parse_size(getenv("MOE_EMU_MEMORY"), size_t(16) << 30);
+    // MOE_EMU_LAZY=SIZE: allocations of at least SIZE are not poisoned, so that their pages cost
+    // host memory only once written (reads of untouched pages see zeros). For the profiler's
+    // runs of models larger than this machine, whose weights it leaves zero.
+    heap.lazy = parse_size(getenv("MOE_EMU_LAZY"), 0);
     return true;
 }
 
@@ -121,7 +126,7 @@ Status heap_alloc(size_t n, uintptr_t* out, std::string* msg) {
     heap.allocs[id] = Alloc{base, n, region, len, true};
     for (size_t s = (region - heap.lo) >> kSlotShift, e = (region + len - heap.lo) >> kSlotShift; s < e; ++s)
         heap.slots[s] = uint32_t(id + 1);
-    poison(reinterpret_cast<void*>(base), n);
+    if (heap.lazy == 0 || n < heap.lazy) poison(reinterpret_cast<void*>(base), n);
     heap.used += n;
     *out = base;
     return kOk;
@@ -181,3 +186,19 @@ std::string describe_address(uintptr_t p, size_t n) {
 }
 
 }  // namespace moe_emu
+
+// Sets [p, p + n) to zero: the whole pages inside by handing them back to the kernel (a private
+// anonymous page reads as zeros until written again), the edges by memset. Same contents as a
+// memset, without touching pages that were never written.
+extern "C" void moe_emu_zero(void* p, size_t n) {
+    uint8_t* a = static_cast<uint8_t*>(p);
+    const uintptr_t page = moe_emu::kPage;
+    uint8_t* lo = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(a) + page - 1) / page * page);
+    uint8_t* hi = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(a) + n) / page * page);
+    if (n < (size_t(1) << 20) || hi <= lo || madvise(lo, size_t(hi - lo), MADV_DONTNEED) != 0) {
+        memset(a, 0, n);
+        return;
+    }
+    memset(a, 0, size_t(lo - a));
+    memset(hi, 0, size_t(a + n - hi));
+}

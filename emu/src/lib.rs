@@ -93,6 +93,7 @@ mod ffi {
             msg: *mut c_char,
             cap: usize,
         ) -> c_int;
+        pub fn moe_emu_zero(p: *mut c_void, n: usize);
         pub fn moe_emu_kernel_count() -> usize;
         pub fn moe_emu_kernel(i: usize) -> *const KernelDef;
     }
@@ -534,6 +535,7 @@ fn run(d: &Driver, op: &Op) -> CUresult {
             // SAFETY: [dst, dst + n) lies inside one live allocation (checked above).
             unsafe {
                 match elem {
+                    _ if *value == 0 => ffi::moe_emu_zero(*dst as *mut c_void, n),
                     1 => std::ptr::write_bytes(*dst as *mut u8, *value as u8, n),
                     2 => {
                         std::slice::from_raw_parts_mut(*dst as *mut u16, *count).fill(*value as u16)

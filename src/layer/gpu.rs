@@ -280,6 +280,39 @@ impl<T: Float> MoeLayer<T> {
     /// `cfg.router_f32`, biases of the router and the correction bias are zero. Another program
     /// can rebuild the same weights from [`crate::device::uniform_at`].
     pub fn random(dev: &Device, cfg: &MoeConfig, max_tokens: usize, seed: u64) -> Result<Self> {
+        Self::random_drawn(dev, cfg, max_tokens, seed, true)
+    }
+
+    /// [`MoeLayer::random`] with the routed experts' weights left zero instead of drawn (the
+    /// router, biases and shared expert are drawn the same): for the profiler, whose counters
+    /// do not depend on the weights' values, on models larger than the host. On the CPU
+    /// emulator with `MOE_EMU_LAZY` such weights cost no memory until written. Refused on a GPU,
+    /// where a zero layer would only mislead.
+    pub fn random_zero_experts(
+        dev: &Device,
+        cfg: &MoeConfig,
+        max_tokens: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        if !dev.info().emulated {
+            return Err(Error::Unsupported {
+                op: "MoeLayer::random_zero_experts",
+                what: format!(
+                    "zero experts on {} (only on the CPU emulator, for counters)",
+                    dev.info().name
+                ),
+            });
+        }
+        Self::random_drawn(dev, cfg, max_tokens, seed, false)
+    }
+
+    fn random_drawn(
+        dev: &Device,
+        cfg: &MoeConfig,
+        max_tokens: usize,
+        seed: u64,
+        draw_experts: bool,
+    ) -> Result<Self> {
         cfg.validate("MoeLayer::random")?;
         let (h, i, e, et) = (
             cfg.hidden,
@@ -315,8 +348,15 @@ impl<T: Float> MoeLayer<T> {
                 bias: cfg.router_bias.then(|| dev.zeros(&[et])).transpose()?,
             }
         };
-        let gate_up = ExpertWeights::Plain(draw("gate_up", &[e, 2 * i, h], h)?);
-        let down = ExpertWeights::Plain(draw("down", &[e, h, i], i)?);
+        let expert = |name: &str, shape: &[usize], fan_in: usize| -> Result<Tensor<T>> {
+            if draw_experts {
+                draw(name, shape, fan_in)
+            } else {
+                dev.zeros::<T>(shape)
+            }
+        };
+        let gate_up = ExpertWeights::Plain(expert("gate_up", &[e, 2 * i, h], h)?);
+        let down = ExpertWeights::Plain(expert("down", &[e, h, i], i)?);
         let gate_up_bias = cfg
             .expert_bias
             .then(|| draw("gate_up_bias", &[e, 2 * i], h))
