@@ -1,0 +1,98 @@
+//! The profiler on a real forward: the DRAM bytes the emulator's counters give for a bf16 decode
+//! step against the arithmetic of what it must read, and every launch modelled. Needs the CPU
+//! emulator (its counters); on a GPU it prints SKIPPED.
+
+mod common;
+
+use half::bf16;
+use moe_kernels::layer::{MoeConfig, MoeLayer};
+use moe_kernels::profile::{self, Card, Emulator, LaunchRecord};
+use moe_kernels::routing::RouterConfig;
+
+fn emulator(test: &str) -> Option<(moe_kernels::Device, Emulator)> {
+    let dev = common::gpu(test)?;
+    match Emulator::find() {
+        Some(emu) => Some((dev, emu)),
+        None => {
+            eprintln!("SKIPPED: {test}: the counters come from the CPU emulator, not a GPU");
+            None
+        }
+    }
+}
+
+/// At T = 1 a decode forward must read the router, the chosen experts' weights once and a few
+/// activations: the counted DRAM bytes (distinct sectors, and the L2 model's) are that sum to
+/// within 2%, while the requested bytes show every warp's re-read of x.
+#[test]
+fn gpu_decode_dram_bytes_are_the_active_experts_bytes() {
+    let Some((dev, emu)) = emulator("gpu_decode_dram_bytes_are_the_active_experts_bytes") else {
+        return;
+    };
+    emu.register_resources().unwrap();
+    // Qwen3-30B-A3B's expert shapes, 16 experts, top-4.
+    let cfg = MoeConfig::new(2048, 768, 16, RouterConfig::qwen(4, true));
+    let mut layer = MoeLayer::<bf16>::random(&dev, &cfg, 1, 7).unwrap();
+    let mut x = dev.zeros::<bf16>(&[1, cfg.hidden]).unwrap();
+    dev.fill_uniform(&mut x, 11, -1.0, 1.0).unwrap();
+    let mut y = dev.zeros::<bf16>(&[1, cfg.hidden]).unwrap();
+    dev.synchronize().unwrap();
+
+    emu.enable(true).unwrap();
+    emu.take().unwrap();
+    let run = layer.forward_into(&dev, &mut y, &x);
+    let sync = dev.synchronize();
+    let records: Vec<LaunchRecord> = emu.take().unwrap();
+    emu.enable(false).unwrap();
+    run.unwrap();
+    sync.unwrap();
+    layer.check(&dev).unwrap();
+    assert_eq!(records.len(), 3, "the decode path is three launches");
+
+    let mut chosen: Vec<i32> = dev.download(layer.routing().0).unwrap();
+    chosen.sort_unstable();
+    chosen.dedup();
+    assert_eq!(chosen.len(), 4);
+    let experts: usize = chosen
+        .iter()
+        .map(|&e| {
+            let (gu, d) = layer.expert_bytes(usize::try_from(e).unwrap());
+            gu + d
+        })
+        .sum();
+    let router = cfg.experts * cfg.hidden * 2;
+    let expected = (experts + router) as f64;
+    let sum = |f: fn(&LaunchRecord) -> f64| records.iter().map(f).sum::<f64>();
+    let unique = sum(|r| r.dram.unique_read_bytes + r.dram.unique_write_bytes);
+    let l2 = sum(|r| r.dram.l2_read_bytes + r.dram.l2_write_bytes);
+    let requested = sum(|r| r.global.ld.bytes + r.global.st.bytes + r.global.atom.bytes);
+    println!(
+        "expected {expected:.0} B (experts {experts}, router {router}); unique {unique:.0}, L2 model \
+         {l2:.0}, requested {requested:.0}"
+    );
+    for got in [unique, l2] {
+        assert!(
+            got >= expected && got <= expected * 1.02,
+            "DRAM {got} against {expected}"
+        );
+    }
+    assert!(requested > 1.5 * expected, "x re-read by every warp");
+
+    for card in ["h100", "h200"] {
+        let card = Card::parse(card).unwrap();
+        let ms: Vec<_> = records
+            .iter()
+            .map(|r| profile::model(r, &card).unwrap())
+            .collect();
+        let gate_up = ms[1];
+        let floor = profile::floor(experts as f64, 0.0, &card);
+        println!(
+            "{}: gate_up {:.1} us modelled ({}), chain {:.1} us, floor of all expert bytes {:.1} us",
+            card.name,
+            gate_up.us,
+            gate_up.limiter,
+            profile::chain_us(&ms),
+            floor.us
+        );
+        assert!(profile::chain_us(&ms) > floor.us);
+    }
+}
