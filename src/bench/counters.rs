@@ -67,6 +67,12 @@ impl CountedStage {
         let ideal = self.sum(|r| s(r).iter().map(|c| c.ideal).sum());
         (wf - ideal, wf)
     }
+    /// Whether any launch of the stage ran a sample of its blocks. Its distinct sectors are
+    /// then the sample's scaled to the grid, which overstates the grid's where blocks share
+    /// data (the same weight tile read by many row blocks): not reported.
+    pub fn sampled(&self) -> bool {
+        self.launches.iter().any(|(r, _)| r.sampled < 1.0)
+    }
     pub fn executed_flops(&self) -> f64 {
         self.sum(LaunchRecord::tensor_flops)
     }
@@ -220,7 +226,11 @@ pub(super) fn print_table(card: &Card, runs: &[CountedRun]) {
                 s.percent_of_floor(),
                 s.limiter.name(),
                 mb(s.requested()),
-                mb(s.unique()),
+                if run.sampled && s.sampled() {
+                    "n/a".into()
+                } else {
+                    mb(s.unique())
+                },
                 mb(s.l2_model()),
                 mb(s.bytes),
                 s.sector_efficiency()
@@ -323,7 +333,7 @@ pub(super) fn runs_json(card: &Card, runs: &[CountedRun]) -> serde_json::Value {
                         "executed_flops": s.executed_flops(),
                         "ideal_bytes": s.bytes,
                         "requested_bytes": s.requested(),
-                        "unique_bytes": s.unique(),
+                        "unique_bytes": (!s.sampled()).then(|| s.unique()),
                         "l2_model_bytes": s.l2_model(),
                         "sector_efficiency": s.sector_efficiency(),
                         "shared_wavefronts": wavefronts,
