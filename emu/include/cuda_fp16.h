@@ -54,3 +54,6 @@ inline __half __float2half_rn(float f) {
 }
 
 inline __half __float2half(float f) { return __float2half_rn(f); }
+
+inline __half __ushort_as_half(unsigned short u) { return __half{u}; }
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }

@@ -1,5 +1,6 @@
 // Every inline-PTX instruction the kernels use, behind one small vocabulary of device helpers:
-// warp-level matrix multiply-accumulate, shared-memory matrix loads and asynchronous copies.
+// warp-level matrix multiply-accumulate, shared-memory matrix loads, asynchronous copies, the
+// byte permute and the FP8 conversion.
 //
 // This header is the single switch point for the CPU emulator (emu/): built with MOE_EMU
 // defined, each helper is the emulator's host twin of the instruction, implemented from the PTX
@@ -147,6 +148,53 @@ __device__ __forceinline__ void cp_async_wait_all() {
     ::moe_emu::cp_async_wait_all();
 #else
     asm volatile("cp.async.wait_all;\n" ::);
+#endif
+}
+
+// prmt.b32 in its generic mode ("Data Movement and Conversion Instructions: prmt"): byte n of
+// the result is the byte of the 8-byte value {b, a} (a bytes 0..3, b bytes 4..7) that the low 3
+// bits of selector nibble n name; where bit 3 of that nibble is set, the byte's top bit is
+// replicated over all 8 bits instead. Only the low 16 bits of sel are read.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+#if defined(MOE_EMU)
+    return ::moe_emu::prmt(a, b, sel);
+#else
+    uint32_t d;
+    asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+#endif
+}
+
+// The four e4m3fn values of v (byte i is value i) as f32, exactly (0x7f and 0xff are NaN). From
+// sm_89 two cvt.rn.f16x2.e4m3x2 ("cvt", the f16x2 from e4m3x2 form: the value of the low byte
+// in the low half) and four f16-to-f32 conversions; before it, bit arithmetic per byte.
+__device__ __forceinline__ void e4m3x4_to_f32(uint32_t v, float (&out)[4]) {
+#if defined(MOE_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890)
+    uint32_t h[2];
+#if defined(MOE_EMU)
+    h[0] = ::moe_emu::cvt_f16x2_e4m3x2(uint16_t(v));
+    h[1] = ::moe_emu::cvt_f16x2_e4m3x2(uint16_t(v >> 16));
+#else
+    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.rn.f16x2.e4m3x2 %0, lo;\ncvt.rn.f16x2.e4m3x2 %1, hi;\n}\n"
+        : "=r"(h[0]), "=r"(h[1])
+        : "r"(v));
+#endif
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        out[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(h[i] & 0xffffu)));
+        out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(h[i] >> 16)));
+    }
+#else
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t b = (v >> (8 * i)) & 0xffu;
+        const uint32_t sign = (b & 0x80u) << 24, e = (b >> 3) & 15, m = b & 7;
+        float f;
+        if (e == 15 && m == 7) f = __int_as_float(0x7fffffff);
+        else if (e == 0) f = __int_as_float(int(__float_as_uint(float(m) * 0.001953125f) | sign));
+        else f = __int_as_float(int(sign | ((e + 120) << 23) | (m << 20)));
+        out[i] = f;
+    }
 #endif
 }
 

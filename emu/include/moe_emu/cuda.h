@@ -346,6 +346,15 @@ inline unsigned __brev(unsigned x) {
     return (x >> 16) | (x << 16);
 }
 
+// Bytes x<7:0> .. x<31:24> are inputs 0..3, y's 4..7; result byte n is input (s >> 4n) & 7
+// (the CUDA Math API's integer intrinsics: three selector bits per byte, no sign replication).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long in = (static_cast<unsigned long long>(y) << 32) | x;
+    unsigned r = 0;
+    for (int n = 0; n < 4; ++n) r |= static_cast<unsigned>((in >> (8 * ((s >> (4 * n)) & 7u))) & 0xffu) << (8 * n);
+    return r;
+}
+
 inline float __int_as_float(int x) { return ::moe_emu::from_bits32<float>(uint32_t(x)); }
 inline float __uint_as_float(unsigned x) { return ::moe_emu::from_bits32<float>(x); }
 inline int __float_as_int(float x) { return int(::moe_emu::to_bits32(x)); }

@@ -23,6 +23,39 @@ void cp_async_commit();
 void cp_async_wait(int n);
 void cp_async_wait_all();
 
+// prmt.b32, generic mode ("Data Movement and Conversion Instructions: prmt"): the 8 bytes
+// {b, a} are numbered 0..7 from a's low byte; result byte n is byte (sel >> 4n) & 7, or, where
+// bit 3 of that nibble is set, the top bit of that byte replicated over the 8 bits.
+inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+    const uint64_t bytes = (uint64_t(b) << 32) | a;
+    uint32_t d = 0;
+    for (int n = 0; n < 4; ++n) {
+        const uint32_t s = (sel >> (4 * n)) & 15u;
+        uint32_t v = uint32_t(bytes >> (8 * (s & 7u))) & 0xffu;
+        if (s & 8u) v = (v & 0x80u) ? 0xffu : 0u;
+        d |= v << (8 * n);
+    }
+    return d;
+}
+
+// cvt.rn.f16x2.e4m3x2 d, a ("cvt", conversions from e4m3x2): the e4m3fn value in a's low byte
+// to d's low half, the high byte's to the high half. Every e4m3fn value is exact in f16:
+// +-0, subnormals m/8 * 2^-6, normals (1 + m/8) * 2^(e - 7) up to 448; S.1111.111 is NaN
+// (0x7fff here: the canonical NaN, sign dropped).
+inline uint16_t e4m3_to_f16_bits(uint32_t b) {
+    const uint32_t sign = (b & 0x80u) << 8, e = (b >> 3) & 15u, m = b & 7u;
+    if (e == 15u && m == 7u) return 0x7fffu;
+    if (e != 0u) return uint16_t(sign | ((e + 8u) << 10) | (m << 7));  // f16 exponent e - 7 + 15
+    if (m == 0u) return uint16_t(sign);
+    // m * 2^-9 with m's top bit p: 2^(p - 9) * (1 + (m - 2^p) / 2^p), a normal f16.
+    const uint32_t p = m >= 4u ? 2u : (m >= 2u ? 1u : 0u);
+    return uint16_t(sign | ((p + 6u) << 10) | ((m - (1u << p)) << (10u - p)));
+}
+
+inline uint32_t cvt_f16x2_e4m3x2(uint16_t a) {
+    return uint32_t(e4m3_to_f16_bits(a & 0xffu)) | (uint32_t(e4m3_to_f16_bits(uint32_t(a) >> 8)) << 16);
+}
+
 // ---- Hopper (sm_90a), kernels/common/ptx_sm90.cuh; implemented in emu/runtime/hopper.cpp ----
 
 // mbarrier.init / inval / arrive / expect_tx / try_wait.parity on the shared::cta object at
