@@ -35,6 +35,7 @@
 #include "epilogue.cuh"
 #include "params.cuh"
 #include "qdecode.cuh"
+#include "qdot.cuh"
 #include "reduce.cuh"
 #include "route.cuh"
 
@@ -95,6 +96,48 @@ __device__ __forceinline__ int decode_zc_kind(const DecodeParams& p, int id) {
     return kind == 1 || kind == 2 ? kind : 0;
 }
 
+// Warp 0's prologue: token t's routing (route_token, the routing kernels' own code) into s_ids /
+// s_w, and into p.route.ids / weights from the column-0 block of slot 0. Lane k returns slot k's.
+template <typename TL, int VPT>
+__device__ __forceinline__ RouteChoice decode_route(const DecodeParams& p, int64_t t, int s, int32_t* s_ids,
+                                                    float* s_w) {
+    const int K = p.route.k, lane = threadIdx.x & 31;
+    const RouteChoice c = route_token<TL, VPT>(p.route, t);
+    if (lane < K) {
+        s_ids[lane] = c.id;
+        s_w[lane] = c.weight;
+        if (blockIdx.x == 0 && s == 0) {
+            p.route.ids[t * K + lane] = c.id;
+            p.route.weights[t * K + lane] = c.weight;
+        }
+    }
+    return c;
+}
+
+// Slot s's block-wide extras for token t (every thread of a column-0 block calls it): the shared
+// expert's gate logit x[t] . g, a constant expert's (a1, a2) = softmax(W_z x[t]).
+template <typename T>
+__device__ __forceinline__ void decode_slot_extras(const DecodeParams& p, const T* x, int64_t t, int s, int id) {
+    const int K = p.route.k;
+    const bool shared = s == K;
+    if (shared && p.shared_gate != nullptr) {
+        const float d = block_dot(x, static_cast<const T*>(p.shared_gate), p.hidden);
+        // Rounded to the dtype, as the model's gate Linear rounds its output.
+        if (threadIdx.x == 0) p.shared_gate_logit[t] = Float<T>::to_f32(Float<T>::from_f32(d));
+    }
+    if (!shared && id >= p.experts && id < p.route.experts && decode_zc_kind(p, id) == 2) {
+        const T* wz = static_cast<const T*>(p.const_w) + int64_t(id - p.experts) * 2 * p.hidden;
+        const float d0 = block_dot(x, wz, p.hidden);
+        const float d1 = block_dot(x, wz + p.hidden, p.hidden);
+        const float m = fmaxf(d0, d1);
+        const float e0 = expf(d0 - m), e1 = expf(d1 - m);
+        if (threadIdx.x == 0) {
+            p.alpha[2 * (t * K + s)] = e0 / (e0 + e1);
+            p.alpha[2 * (t * K + s) + 1] = e1 / (e0 + e1);
+        }
+    }
+}
+
 template <typename T, typename TL, int VPT>
 __device__ __forceinline__ void decode_gate_up_v1(const DecodeParams& p) {
     __shared__ int32_t s_ids[32];
@@ -104,15 +147,7 @@ __device__ __forceinline__ void decode_gate_up_v1(const DecodeParams& p) {
     const int s = int(blockIdx.y % S);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (warp == 0) {
-        const RouteChoice c = route_token<TL, VPT>(p.route, t);
-        if (lane < K) {
-            s_ids[lane] = c.id;
-            s_w[lane] = c.weight;
-            if (blockIdx.x == 0 && s == 0) {
-                p.route.ids[t * K + lane] = c.id;
-                p.route.weights[t * K + lane] = c.weight;
-            }
-        }
+        decode_route<TL, VPT>(p, t, s, s_ids, s_w);
     }
     __syncthreads();
     const bool shared = s == K;
@@ -120,24 +155,7 @@ __device__ __forceinline__ void decode_gate_up_v1(const DecodeParams& p) {
     const T* x = static_cast<const T*>(p.x) + t * p.hidden;
 
     // The slot's block-wide extras, before any warp leaves (uniform per block).
-    if (blockIdx.x == 0) {
-        if (shared && p.shared_gate != nullptr) {
-            const float d = block_dot(x, static_cast<const T*>(p.shared_gate), p.hidden);
-            // Rounded to the dtype, as the model's gate Linear rounds its output.
-            if (threadIdx.x == 0) p.shared_gate_logit[t] = Float<T>::to_f32(Float<T>::from_f32(d));
-        }
-        if (!shared && id >= p.experts && id < p.route.experts && decode_zc_kind(p, id) == 2) {
-            const T* wz = static_cast<const T*>(p.const_w) + int64_t(id - p.experts) * 2 * p.hidden;
-            const float d0 = block_dot(x, wz, p.hidden);
-            const float d1 = block_dot(x, wz + p.hidden, p.hidden);
-            const float m = fmaxf(d0, d1);
-            const float e0 = expf(d0 - m), e1 = expf(d1 - m);
-            if (threadIdx.x == 0) {
-                p.alpha[2 * (t * K + s)] = e0 / (e0 + e1);
-                p.alpha[2 * (t * K + s) + 1] = e1 / (e0 + e1);
-            }
-        }
-    }
+    if (blockIdx.x == 0) decode_slot_extras(p, x, t, s, id);
     if (!shared && (id < 0 || id >= p.experts)) return;  // no GEMV: an unused or a zero expert
 
     const DecodeProj& up = shared ? p.shared_up : p.up;
@@ -194,6 +212,191 @@ __device__ __forceinline__ void decode_down_v1(const DecodeParams& p) {
     if (lane == 0) static_cast<T*>(p.y)[t * H + c] = Float<T>::from_f32(acc);
 }
 
+// ---- v2: the activation staged once per block, compressed rows decoded 16 bytes per lane ----
+
+// This lane's share of x . W_e[row[i]] for R rows of expert e (plain or packed), x staged in xs
+// (and at xg in global memory for the experts fast_kind leaves to the per-8 decoder).
+// qs: the expert's table entry, copied to shared memory by the caller (every lane reads it; from
+// global memory that would be 64 bytes requested per lane), read into registers once here.
+template <typename T, int R>
+__device__ __forceinline__ void dot_rows_v2(const DecodeProj& w, int e, const QuantExpert& qs, const int (&row)[R],
+                                            const StagedX& xs, const T* xg, int32_t* status, float (&acc)[R]) {
+    const int kd = w.g.kdim;
+#pragma unroll
+    for (int i = 0; i < R; ++i) acc[i] = 0.f;
+    if (w.blob == nullptr) {
+        const uint8_t* codes = static_cast<const uint8_t*>(w.g.w) + int64_t(e) * w.g.n * kd * int64_t(sizeof(T));
+        stream_rows<kFastPlain, T, R>(nullptr, QuantExpert{}, codes, int64_t(kd) * sizeof(T), kd, row, xs, acc);
+        return;
+    }
+    const QuantExpert q = qs;
+    const uint8_t* codes = w.blob + q.codes;
+    switch (fast_kind(q, kd)) {
+        case kFastInt4: stream_rows<kFastInt4, T, R>(w.blob, q, codes, kd / 2, kd, row, xs, acc); break;
+        case kFastMxfp4: stream_rows<kFastMxfp4, T, R>(w.blob, q, codes, kd / 2, kd, row, xs, acc); break;
+        case kFastInt8: stream_rows<kFastInt8, T, R>(w.blob, q, codes, kd, kd, row, xs, acc); break;
+        case kFastFp8: stream_rows<kFastFp8, T, R>(w.blob, q, codes, kd, kd, row, xs, acc); break;
+        case kFastBf16: stream_rows<kFastBf16, T, R>(w.blob, q, codes, int64_t(kd) * 2, kd, row, xs, acc); break;
+        default:
+#pragma unroll
+            for (int i = 0; i < R; ++i) acc[i] = dot_row<T>(w, e, row[i], xg, status);
+    }
+}
+
+// As decode_gate_up_v1, with x[t] staged in shared memory by warps 1..7 while warp 0 routes, and
+// the gate and up rows streamed together.
+template <typename T, typename TL, int VPT>
+__device__ __forceinline__ void decode_gate_up_v2(const DecodeParams& p) {
+    extern __shared__ __align__(16) unsigned char dyn_smem[];
+    __shared__ int32_t s_ids[32];
+    __shared__ float s_w[32];
+    __shared__ QuantExpert s_q;
+    const int K = p.route.k, S = p.slots;
+    const int64_t t = blockIdx.y / S;
+    const int s = int(blockIdx.y % S);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const T* x = static_cast<const T*>(p.x) + t * p.hidden;
+    const StagedX xs = staged_x_at(dyn_smem, p.hidden);
+    const bool shared = s == K;
+    if (warp == 0) {
+        const RouteChoice c = decode_route<TL, VPT>(p, t, s, s_ids, s_w);
+        // The slot's table entry (packed layers), one lane.
+        const int e = shared ? 0 : __shfl_sync(kFullMask, c.id, s);
+        const DecodeProj& dp = shared ? p.shared_up : p.up;
+        if (lane == 0 && dp.blob != nullptr && e >= 0 && e < p.experts) s_q = dp.experts[e];
+    } else {
+        stage_x(x, p.hidden, xs, threadIdx.x - 32, blockDim.x - 32);
+    }
+    __syncthreads();
+    const int id = shared ? 0 : s_ids[s];
+
+    if (blockIdx.x == 0) decode_slot_extras(p, x, t, s, id);
+    if (!shared && (id < 0 || id >= p.experts)) return;
+
+    const DecodeProj& up = shared ? p.shared_up : p.up;
+    const int n_out = up.g.n / 2;
+    const int j = blockIdx.x * kDecodeWarps + warp;
+    if (j >= n_out) return;  // no barrier follows
+    const int rows[2] = {weight_row(up.g, j, 0), weight_row(up.g, j, 1)};
+    float a[2];
+    dot_rows_v2<T, 2>(up, id, s_q, rows, xs, x, p.status, a);
+    const float g = warp_sum(a[0]);
+    const float u = warp_sum(a[1]);
+    if (lane == 0) {
+        const float scale = !shared && up.g.scale_input ? s_w[s] : 1.f;
+        T* h = static_cast<T*>(p.h) + (t * S + s) * int64_t(p.ld_h);
+        h[j] = Float<T>::from_f32(epilogue<T>(up.g, id, j, g, u, scale));
+    }
+}
+
+// As decode_down_v1, with the token's h rows staged in shared memory, p.down_pass slots at a time
+// (one barrier per pass), every lane summing w_k times its share of each slot's dot, one warp
+// reduction at the end; lane 0 adds the per-slot biases and the zero-computation experts. A warp
+// owns one output column, or two (c and c + 8, where the grid has ceil(H / 16) column blocks:
+// the host's choice at T >= 4), which then share every staged x load.
+template <typename T, int NC>
+__device__ __forceinline__ void decode_down_v2_cols(const DecodeParams& p, unsigned char* dyn_smem, QuantExpert* s_q) {
+    const int K = p.route.k, S = p.slots, H = p.hidden, E = p.experts;
+    const int64_t t = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int col[NC];
+#pragma unroll
+    for (int i = 0; i < NC; ++i) col[i] = blockIdx.x * kDecodeWarps * NC + i * kDecodeWarps + warp;
+    const bool live = col[0] < H;              // warps past H stay for the barriers
+    const bool both = NC == 2 && col[NC - 1] < H;  // the second column exists (uniform per warp)
+    const bool has_shared = p.shared_down.g.w != nullptr || p.shared_down.blob != nullptr;
+    const int slots = K + int(has_shared);
+    const int64_t region = (staged_x_bytes(p.ld_h) + 15) / 16 * 16;
+    const T* x = static_cast<const T*>(p.x) + t * H;
+    const T* h = static_cast<const T*>(p.h);
+    float acc[NC], extra[NC];  // this lane's share of the GEMV terms; lane 0: biases, zc experts
+#pragma unroll
+    for (int i = 0; i < NC; ++i) acc[i] = extra[i] = 0.f;
+    for (int s0 = 0; s0 < slots; s0 += p.down_pass) {
+        const int s1 = min(slots, s0 + p.down_pass);
+        if (s0 > 0) __syncthreads();
+        for (int s = s0; s < s1; ++s) {
+            const bool sh = s == K;
+            const int id = sh ? 0 : p.route.ids[t * K + s];
+            if (sh || (id >= 0 && id < E)) {
+                const DecodeProj& dp = sh ? p.shared_down : p.down;
+                stage_x(h + (t * S + s) * int64_t(p.ld_h), dp.g.kdim,
+                        staged_x_at(dyn_smem + (s - s0) * region, dp.g.kdim), threadIdx.x, blockDim.x);
+                if (threadIdx.x == 0 && dp.blob != nullptr) s_q[s - s0] = dp.experts[id];
+            }
+        }
+        __syncthreads();
+        if (!live) continue;
+        for (int s = s0; s < s1; ++s) {
+            const bool sh = s == K;
+            const DecodeProj& dp = sh ? p.shared_down : p.down;
+            const int id = sh ? 0 : p.route.ids[t * K + s];
+            float w;
+            if (sh) {
+                w = p.shared_gate != nullptr ? 1.f / (1.f + expf(-p.shared_gate_logit[t])) : 1.f;
+            } else {
+                w = p.route.weights[t * K + s];
+                if (id >= E && id < p.route.experts) {
+                    const int kind = decode_zc_kind(p, id);
+#pragma unroll
+                    for (int i = 0; i < NC; ++i) {
+                        if (i > 0 && !both) break;
+                        const float xv = Float<T>::to_f32(x[col[i]]);
+                        if (kind == 1) {
+                            extra[i] = fmaf(w, xv, extra[i]);
+                        } else if (kind == 2) {
+                            const float a1 = w * p.alpha[2 * (t * K + s)], a2 = w * p.alpha[2 * (t * K + s) + 1];
+                            const T* v = static_cast<const T*>(p.const_v) + int64_t(id - E) * H;
+                            extra[i] += a1 * xv + a2 * Float<T>::to_f32(v[col[i]]);
+                        }
+                    }
+                    continue;
+                }
+                if (id < 0 || id >= E) {
+                    if (id != -1 && lane == 0 && blockIdx.x == 0 && warp == 0) atomicAdd(p.status, 1);
+                    continue;
+                }
+                if (p.weight_at_input) w = 1.f;
+#pragma unroll
+                for (int i = 0; i < NC; ++i)
+                    if (i == 0 || both) extra[i] = fmaf(w, epilogue<T>(p.down.g, id, col[i], 0.f, 0.f, 1.f), extra[i]);
+            }
+            const StagedX xs = staged_x_at(dyn_smem + (s - s0) * region, dp.g.kdim);
+            const T* hg = h + (t * S + s) * int64_t(p.ld_h);
+            if (both) {
+                float a[NC];
+                dot_rows_v2<T, NC>(dp, id, s_q[s - s0], col, xs, hg, p.status, a);
+#pragma unroll
+                for (int i = 0; i < NC; ++i) acc[i] = fmaf(w, a[i], acc[i]);
+            } else {
+                const int one[1] = {col[0]};
+                float a[1];
+                dot_rows_v2<T, 1>(dp, id, s_q[s - s0], one, xs, hg, p.status, a);
+                acc[0] = fmaf(w, a[0], acc[0]);
+            }
+        }
+    }
+    if (!live) return;
+#pragma unroll
+    for (int i = 0; i < NC; ++i) {
+        if (i > 0 && !both) break;
+        const float v = warp_sum(acc[i]);
+        if (lane == 0) {
+            float y = v + extra[i];
+            if (p.residual != nullptr) y += Float<T>::to_f32(static_cast<const T*>(p.residual)[t * H + col[i]]);
+            static_cast<T*>(p.y)[t * H + col[i]] = Float<T>::from_f32(y);
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void decode_down_v2(const DecodeParams& p) {
+    extern __shared__ __align__(16) unsigned char dyn_smem[];
+    __shared__ QuantExpert s_q[33];  // the pass's slots' table entries (packed layers)
+    if (int64_t(gridDim.x) * kDecodeWarps >= p.hidden) decode_down_v2_cols<T, 1>(p, dyn_smem, s_q);
+    else decode_down_v2_cols<T, 2>(p, dyn_smem, s_q);
+}
+
 }  // namespace moe
 
 #define MOE_DECODE_UP(NAME, T, TL, VPT) \
@@ -207,6 +410,23 @@ __device__ __forceinline__ void decode_down_v1(const DecodeParams& p) {
     MOE_DECODE_UP(decode_gate_up_##SUFFIX##_e256, T, TL, 8) \
     MOE_DECODE_UP(decode_gate_up_##SUFFIX##_e512, T, TL, 16) \
     MOE_DECODE_UP(decode_gate_up_##SUFFIX##_e1024, T, TL, 32)
+// Two blocks per SM: the gate and up rows' two chunks in flight per lane need about 120
+// registers; the e1024 routing prologue needs more still and takes one.
+#define MOE_DECODE_UP2(NAME, T, TL, VPT, MINB) \
+    extern "C" __global__ void __launch_bounds__(moe::kDecodeThreads, MINB) NAME(const moe::DecodeParams p) { \
+        moe::decode_gate_up_v2<T, TL, VPT>(p); \
+    }
+#define MOE_DECODE_UP2_ALL(SUFFIX, T, TL) \
+    MOE_DECODE_UP2(decode_gate_up_v2_##SUFFIX##_e32, T, TL, 1, 2) \
+    MOE_DECODE_UP2(decode_gate_up_v2_##SUFFIX##_e64, T, TL, 2, 2) \
+    MOE_DECODE_UP2(decode_gate_up_v2_##SUFFIX##_e128, T, TL, 4, 2) \
+    MOE_DECODE_UP2(decode_gate_up_v2_##SUFFIX##_e256, T, TL, 8, 2) \
+    MOE_DECODE_UP2(decode_gate_up_v2_##SUFFIX##_e512, T, TL, 16, 2) \
+    MOE_DECODE_UP2(decode_gate_up_v2_##SUFFIX##_e1024, T, TL, 32, 1)
+MOE_DECODE_UP2_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+MOE_DECODE_UP2_ALL(bf16_f32, __nv_bfloat16, float)
+MOE_DECODE_UP2_ALL(f16_f16, __half, __half)
+MOE_DECODE_UP2_ALL(f16_f32, __half, float)
 MOE_DECODE_UP_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
 MOE_DECODE_UP_ALL(bf16_f32, __nv_bfloat16, float)
 MOE_DECODE_UP_ALL(f16_f16, __half, __half)
@@ -218,3 +438,10 @@ MOE_DECODE_UP_ALL(f16_f32, __half, float)
     }
 MOE_DECODE_DOWN(bf16, __nv_bfloat16)
 MOE_DECODE_DOWN(f16, __half)
+
+#define MOE_DECODE_DOWN2(SUFFIX, T) \
+    extern "C" __global__ void __launch_bounds__(moe::kDecodeThreads, 2) decode_down_v2_##SUFFIX(const moe::DecodeParams p) { \
+        moe::decode_down_v2<T>(p); \
+    }
+MOE_DECODE_DOWN2(bf16, __nv_bfloat16)
+MOE_DECODE_DOWN2(f16, __half)

@@ -409,7 +409,8 @@ pub(crate) struct DecodeParams {
     pub slots: i32,
     pub ld_h: i32,
     pub weight_at_input: i32,
-    pub pad_: i32,
+    /// decode_down_v2: the slots whose `h` rows are staged in shared memory at once (>= 1).
+    pub down_pass: i32,
 }
 const _: () = assert!(size_of::<DecodeParams>() == 704);
 const _: () = assert!(offset_of!(DecodeParams, up) == 80);

@@ -672,6 +672,34 @@ fn packed(cfg: &MoeConfig, w: &LayerWeights<bf16>, format: &str) -> LayerWeights
     };
     let pack = |f: &str, v: &[bf16], n: usize, kd: usize| -> QuantMatrix {
         let v: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+        // "int{4,8}-g{G}[-sym][-act]": a group of G, symmetric, GPTQ's act-order (the groups
+        // of a column permutation, g_idx[k] = ((k * 7 + 3) mod Kd) / G).
+        if let Some(rest) = f.strip_prefix("int").filter(|r| r.contains("-g")) {
+            let bits: u32 = rest[..1].parse().unwrap();
+            let mut parts = rest.split('-').skip(1);
+            let group: usize = parts.next().unwrap()[1..].parse().unwrap();
+            let flags: Vec<&str> = parts.collect();
+            let m = IntMatrix::quantize(&v, n, kd, bits, group, !flags.contains(&"sym")).unwrap();
+            if !flags.contains(&"act") {
+                return QuantMatrix::Int(m);
+            }
+            let g_idx = (0..kd)
+                .map(|k| (((k * 7 + 3) % kd) / group) as u32)
+                .collect();
+            return QuantMatrix::Int(
+                IntMatrix::new(
+                    bits,
+                    group,
+                    n,
+                    kd,
+                    m.qweight().to_vec(),
+                    m.scales().to_vec(),
+                    m.zeros().map(<[u8]>::to_vec),
+                    Some(g_idx),
+                )
+                .unwrap(),
+            );
+        }
         match f {
             "int4" => QuantMatrix::Int(IntMatrix::quantize(&v, n, kd, 4, 32, true).unwrap()),
             "int8" => QuantMatrix::Int(IntMatrix::quantize(&v, n, kd, 8, 32, false).unwrap()),
@@ -824,6 +852,56 @@ fn gpu_decode_path_matches_the_cpu_forward_in_every_format() {
             check_decode(&dev, &cfg, &w, t, "qwen3-30b-a3b");
         }
     }
+}
+
+/// The decode kernels' versions (v2 by default) on the cases that choose between v2's bit-level
+/// decoders and the per-8-weight fallback: int4 and int8 at groups 32, 64 and 128, symmetric and
+/// with zero points; a group below one chunk (16 for int4), act-order, and row lengths that are
+/// not a multiple of a chunk (264 and 104, where fp8 falls back) take the fallback.
+#[test]
+fn gpu_decode_versions_match_the_cpu_forward_at_every_group_size() {
+    let Some(dev) = common::gpu("gpu_decode_versions_match_the_cpu_forward_at_every_group_size")
+    else {
+        return;
+    };
+    use moe_kernels::layer::{DecodeVersion, presets};
+    let mut cases = Vec::new();
+    let cfg = presets::narrowed("qwen3-30b-a3b", 256, 128).unwrap();
+    for f in [
+        "int4-g32",
+        "int4-g64-sym",
+        "int4-g128",
+        "int8-g64",
+        "int8-g128-sym",
+        "int4-g16",
+        "int4-g128-act",
+        "mxfp4",
+        "fp8",
+    ] {
+        cases.push((cfg.clone(), f));
+    }
+    let odd = presets::narrowed("gpt-oss-120b", 264, 104).unwrap();
+    for f in ["fp8", "int8-g8", "int4-g8"] {
+        cases.push((odd.clone(), f));
+    }
+    let (mut compared, mut total) = (0, 0);
+    for (cfg, format) in &cases {
+        let w = packed(cfg, &random_weights(cfg, 31), format);
+        for version in [DecodeVersion::V1, DecodeVersion::V2] {
+            for t in [1, 7] {
+                let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
+                layer.set_path(GemmPath::Decode);
+                layer.set_decode_version(version);
+                let name = format!("H={} {format} {version:?}", cfg.hidden);
+                compared += check_against_cpu(&dev, &mut layer, cfg, &w, t, &name);
+                total += t;
+            }
+        }
+    }
+    assert!(
+        4 * compared >= 3 * total,
+        "only {compared} of {total} tokens compared"
+    );
 }
 
 #[test]

@@ -350,7 +350,7 @@ struct DecodeParams {
     int32_t slots;                // S
     int32_t ld_h;                 // elements between rows of h: max(I, Is)
     int32_t weight_at_input;      // 1: the routing weight scales the expert input (Llama 4)
-    int32_t pad_;
+    int32_t down_pass;            // decode_down_v2: slots whose h rows are staged at once (>= 1)
 };
 static_assert(sizeof(DecodeParams) == 704, "mirror in src/params.rs");
 static_assert(offsetof(DecodeParams, up) == 80, "mirror in src/params.rs");

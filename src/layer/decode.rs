@@ -5,21 +5,46 @@
 //! sums each token's slots back in its epilogue, with the zero-computation experts, the shared
 //! expert's gate and the routing weights. No plan, no gather, no sorted ids.
 
-use super::gpu::{ExpertWeights, Logits, MoeLayer, RouterWeights, Stage};
+use super::gpu::{DecodeVersion, ExpertWeights, Logits, MoeLayer, RouterWeights, Stage};
 use super::{MoeConfig, ZeroExpert};
 use crate::activation::{GateLayout, GatedAct};
 use crate::device::{Device, Tensor};
 use crate::dtype::Float;
-use crate::error::{Error, Result};
+use crate::error::{DriverResultExt, Error, Result};
 use crate::gemm::ScaleAt;
 use crate::kernels::Module;
 use crate::params::{DecodeParams, DecodeProj, GroupedGemmParams};
 use crate::routing;
 
 use cudarc::driver::LaunchConfig;
+use cudarc::driver::sys::CUfunction_attribute;
 
 /// Output columns per block of both kernels, one per warp.
 const WARPS: usize = 8;
+
+/// Shared memory of a vector of `n` elements staged by the v2 kernels (kernels/common/qdot.cuh:
+/// f32 values in rows of 32 padded to 36, and an (even, odd) pair of sums per 16), rounded up
+/// to 16 bytes.
+pub(super) fn staged_bytes(n: usize) -> usize {
+    (n.div_ceil(32) * 144 + n.div_ceil(16) * 8).next_multiple_of(16)
+}
+
+/// The most dynamic shared memory a v2 decode block asks for: two blocks (what the kernels'
+/// launch bounds ask for) fit on every sm_80+ SM.
+const V2_SMEM_BUDGET: usize = 72 * 1024;
+
+/// The v2 kernels' dynamic shared memory for hidden `h`, row length `ld_h` and `slots` down
+/// slots: (gate/up bytes, down bytes, slots staged per down pass), or None where one staged row
+/// exceeds the budget (the layer takes v1).
+pub(super) fn v2_smem(h: usize, ld_h: usize, slots: usize) -> Option<(usize, usize, usize)> {
+    let up = staged_bytes(h);
+    let region = staged_bytes(ld_h);
+    if up > V2_SMEM_BUDGET || region > V2_SMEM_BUDGET {
+        return None;
+    }
+    let pass = (V2_SMEM_BUDGET / region).clamp(1, slots.max(1));
+    Some((up, pass * region, pass))
+}
 
 /// The decode path's scratch, sized once for [`MoeLayer::DECODE_TOKENS`] tokens.
 pub(super) struct DecodeWs<T> {
@@ -49,6 +74,14 @@ impl<T: Float> DecodeWs<T> {
             slots,
             ld_h,
         })
+    }
+
+    pub(super) fn ld_h(&self) -> usize {
+        self.ld_h
+    }
+
+    pub(super) fn slots(&self) -> usize {
+        self.slots
     }
 
     /// An error if the last forwards found ids or codewords no routing and no packer gives;
@@ -263,14 +296,40 @@ impl<T: Float> MoeLayer<T> {
             slots: i32::try_from(s).expect("K <= 32"),
             ld_h: i32::try_from(ld_h).expect("bounded by MoeConfig::validate"),
             weight_at_input: i32::from(scale_input),
-            pad_: 0,
+            down_pass: 1,
         };
+        let smem = match self.decode_version {
+            DecodeVersion::V1 => None,
+            DecodeVersion::V2 => v2_smem(h, ld_h, s),
+        };
+        let params = DecodeParams {
+            down_pass: smem.map_or(1, |(_, _, pass)| {
+                i32::try_from(pass).expect("at most K + 1 <= 33")
+            }),
+            ..params
+        };
+        let v = if smem.is_some() { "v2_" } else { "" };
         let dtype = T::DTYPE.name();
         let name = format!(
-            "decode_gate_up_{dtype}_{logits_dtype}_e{}",
+            "decode_gate_up_{v}{dtype}_{logits_dtype}_e{}",
             routing::route_capacity(et)
         );
         let func = dev.function(OP, Module::Decode, &name)?;
+        let (up_smem, down_smem) = smem.map_or((0, 0), |(u, d, _)| (u, d));
+        let allow = |func: &cudarc::driver::CudaFunction, bytes: usize| -> Result<()> {
+            if bytes > 48 * 1024 {
+                // A property of the function (allowed inside a capture), set in the current
+                // context, which need not be this device's on this thread yet.
+                dev.context().bind_to_thread().op(OP)?;
+                func.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    i32::try_from(bytes).expect("below V2_SMEM_BUDGET"),
+                )
+                .op(OP)?;
+            }
+            Ok(())
+        };
+        allow(&func, up_smem)?;
         let cols =
             |n: usize| u32::try_from(n.div_ceil(WARPS)).expect("bounded by MoeConfig::validate");
         let up_cfg = LaunchConfig {
@@ -280,9 +339,9 @@ impl<T: Float> MoeLayer<T> {
                 1,
             ),
             block_dim: (32 * WARPS as u32, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: u32::try_from(up_smem).expect("below V2_SMEM_BUDGET"),
         };
-        // SAFETY: `decode_gate_up_{t}_{l}_e{N}` takes one DecodeParams (mirrored in
+        // SAFETY: `decode_gate_up_{v2_}{t}_{l}_e{N}` takes one DecodeParams (mirrored in
         // src/params.rs) and routes up to N >= E_total experts per token from logits [T,
         // E_total] of dtype l, as route_{l}_e{N} does (the rule validated with the layer's
         // config). Block (x, y) handles token y / S < T and slot y % S: it writes ids/weights
@@ -291,20 +350,31 @@ impl<T: Float> MoeLayer<T> {
         // [1, 2Is, H]) through plain [E, 2I, H] weights or a packed layer's validated table and
         // blob, its bias [E, 2I], and writes h[y, j] for j < I (Is) < ld_h in the workspace of
         // DECODE_TOKENS * S rows; alpha [T*K, 2] and gate_logit [T] likewise. Everything was
-        // allocated on this device by from_device or checked above.
+        // allocated on this device by from_device or checked above. v2 gets the dynamic shared
+        // memory v2_smem computed for this H and ld_h (x [H] staged; down: down_pass slots of
+        // ld_h), allowed above 48 KB just before.
         unsafe { dev.launch(OP, &func, up_cfg, &params) }?;
         mark(Stage::Gemm1)?;
 
-        let func = dev.function(OP, Module::Decode, &format!("decode_down_{dtype}"))?;
-        let down_cfg = LaunchConfig {
-            grid_dim: (cols(h), u32::try_from(t).expect("T <= DECODE_TOKENS"), 1),
-            block_dim: (32 * WARPS as u32, 1, 1),
-            shared_mem_bytes: 0,
+        let func = dev.function(OP, Module::Decode, &format!("decode_down_{v}{dtype}"))?;
+        allow(&func, down_smem)?;
+        // v2 at T >= 4: two output columns per warp (they share each staged x load); at smaller
+        // T one, for more blocks in flight. The kernel reads which from the grid's width.
+        let down_cols = if smem.is_some() && t >= 4 && h >= 16 {
+            u32::try_from(h.div_ceil(2 * WARPS)).expect("bounded by MoeConfig::validate")
+        } else {
+            cols(h)
         };
-        // SAFETY: `decode_down_{t}` takes the same DecodeParams. Block (x, t) reads ids/weights
+        let down_cfg = LaunchConfig {
+            grid_dim: (down_cols, u32::try_from(t).expect("T <= DECODE_TOKENS"), 1),
+            block_dim: (32 * WARPS as u32, 1, 1),
+            shared_mem_bytes: u32::try_from(down_smem).expect("below V2_SMEM_BUDGET"),
+        };
+        // SAFETY: `decode_down_{v2_}{t}` takes the same DecodeParams. Block (x, t) reads ids/weights
         // [T, K] as gate/up wrote them (in [-1, E_total)), the h rows of its token's slots,
         // the down weights [E, H, I] (or the packed layer) of ids in [0, E) and the shared
         // expert's [1, H, Is], and writes y[t, c] for c < H: y is [T, H], checked by forward.
+        // v2 owns columns 8x .. 8x + 8 (16x .. 16x + 16 on the narrower grid) and checks c < H.
         unsafe { dev.launch(OP, &func, down_cfg, &params) }?;
         mark(Stage::Gemm2)
     }

@@ -25,6 +25,20 @@ pub enum Path {
     Gemm,
 }
 
+/// The kernels of [`Path::Decode`] (kernels/decode.cu); every version stays selectable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeVersion {
+    /// One warp per output column, 8 weights per lane per step, `x` read from L1 by every warp,
+    /// compressed weights through the per-8-weight decoder (a scale lookup per weight).
+    V1,
+    /// The default: the activation staged once per block in shared memory as f32; compressed
+    /// rows read 16 bytes per lane with the scale once per chunk and bit-level decoders
+    /// (kernels/common/qdot.cuh); the gate and up rows streamed together; `decode_down` stages
+    /// the token's rows and reduces once per column. Layers whose rows exceed the shared-memory
+    /// budget take v1.
+    V2,
+}
+
 /// The router's weights: in the model dtype, or f32 when the model routes in f32.
 pub enum RouterWeights<T> {
     Model {
@@ -171,6 +185,7 @@ pub struct MoeLayer<T: Float> {
     pub(super) cfg: MoeConfig,
     pub(super) max_tokens: usize,
     pub(super) path: Path,
+    pub(super) decode_version: DecodeVersion,
     /// The prefill GEMM; the plan's block height is its tile height.
     pub(super) version: GemmVersion,
     pub(super) w: DeviceWeights<T>,
@@ -493,6 +508,7 @@ impl<T: Float> MoeLayer<T> {
             cfg: cfg.clone(),
             max_tokens,
             path: Path::Auto,
+            decode_version: DecodeVersion::V2,
             version: GemmVersion::V1,
             w,
             zc_kinds: (!codes.is_empty())
@@ -526,6 +542,34 @@ impl<T: Float> MoeLayer<T> {
     /// Chooses the expert GEMM of later forwards.
     pub fn set_path(&mut self, path: Path) {
         self.path = path;
+    }
+
+    /// Chooses the decode path's kernels ([`DecodeVersion::V2`] by default).
+    pub fn set_decode_version(&mut self, version: DecodeVersion) {
+        self.decode_version = version;
+    }
+
+    /// The decode path's kernels as chosen.
+    pub fn decode_version(&self) -> DecodeVersion {
+        self.decode_version
+    }
+
+    /// The decode path's kernels that run: the chosen version, or v1 where v2's staged rows
+    /// exceed its shared-memory budget (hidden or intermediate sizes above about 16,000).
+    pub fn decode_kernels(&self) -> DecodeVersion {
+        match self.decode_version {
+            DecodeVersion::V2
+                if super::decode::v2_smem(
+                    self.cfg.hidden,
+                    self.decode.ld_h(),
+                    self.decode.slots(),
+                )
+                .is_some() =>
+            {
+                DecodeVersion::V2
+            }
+            _ => DecodeVersion::V1,
+        }
     }
 
     /// Chooses the prefill GEMM version (v1 by default). v2 and v3 plan in blocks of 128 rows;

@@ -28,7 +28,10 @@ mod planned;
 pub mod presets;
 pub mod reference;
 
-pub use gpu::{DeviceWeights, ExpertWeights, MoeLayer, Path, RANDOM_TENSORS, RouterWeights, Stage};
+pub use gpu::{
+    DecodeVersion, DeviceWeights, ExpertWeights, MoeLayer, Path, RANDOM_TENSORS, RouterWeights,
+    Stage,
+};
 
 use crate::activation::{GateLayout, GatedAct};
 use crate::error::{Error, Result};
