@@ -13,10 +13,12 @@
 #            test fails; the model tests run the command's forward --check on every fixture),
 #            the main job, compute-sanitizer memcheck and racecheck on one GPU test per family
 #   decode   the decode tests and their sanitizer runs, the layer bench at T = 1, 4, 16 for four
-#            presets, the planned GEMV path beside it, the quick peer comparison
+#            presets (decode kernels v2; v1 beside it for two), the planned GEMV path beside it,
+#            the quick peer comparison
 #   prefill  the GEMM and prefill tests, sanitizer runs on the GEMM pipeline edges (synccheck
 #            too), the layer bench at T = 256, 4096, GEMM v3 beside v2 at T = 4096, 16384
-#   quant    the compressed-expert tests and sanitizer runs, int4 / MXFP4 / FP8 experts benched
+#   quant    the compressed-expert tests and sanitizer runs; Qwen3 int4 and FP8, gpt-oss MXFP4 and
+#            Mixtral int4 experts through the decode path at T = 1, 4, 16 with v2 and v1
 #   offload, ep   no such kernels yet (ep_send's test runs in core)
 #   profile  Nsight Compute (--clock-control none) on at most 12 kernel launches of the layer
 #            bench (decode at T = 1 and 16, the v1 GEMMs at T = 256, the v3 GEMMs at T = 4096):
@@ -240,11 +242,14 @@ memcheck layer gpu_decode_path_is_three_launches_and_no_memset
 racecheck layer gpu_decode_path_is_three_launches_and_no_memset
 memcheck grouped_gemm gpu_grouped_gemv_matches_reference
 EOF
-    # The decode path (three launches) beside the copy bandwidth the bench measures, then the
-    # planned GEMV path.
+    # The decode path (three launches, v2 kernels) beside the copy bandwidth the bench measures,
+    # v1 on two of the shapes, then the planned GEMV path (the compressed formats: quant).
     local preset
     for preset in qwen3-30b-a3b mixtral-8x7b deepseek-v3 gpt-oss-120b; do
         bench "layer-$preset-decode" 20 --preset "$preset" --tokens 1,4,16
+    done
+    for preset in qwen3-30b-a3b gpt-oss-120b; do
+        bench "layer-$preset-decode-v1" 20 --preset "$preset" --tokens 1,4,16 --decode v1
     done
     for preset in qwen3-30b-a3b gpt-oss-120b; do
         bench "layer-$preset-planned" 20 --preset "$preset" --path gemv --tokens 1,4,16
@@ -279,9 +284,16 @@ section_quant() {
 memcheck quant gpu_quant_gemv_matches_reference_per_format_and_mixed
 racecheck quant gpu_quant_gemv_matches_reference_per_format_and_mixed
 EOF
-    bench layer-qwen3-30b-a3b-int4 20 --preset qwen3-30b-a3b --format int4 --tokens 1,4,16
-    bench layer-gpt-oss-120b-mxfp4 20 --preset gpt-oss-120b --format mxfp4 --tokens 1,4,16
-    bench layer-qwen3-30b-a3b-fp8 20 --preset qwen3-30b-a3b --format fp8 --tokens 1,4,16
+    # Each preset's shipped format through the decode path, v2 then v1 (DeepSeek-V3's FP8
+    # experts are packed on the host: 11 GB, not here).
+    local spec preset format v
+    for spec in qwen3-30b-a3b:int4 gpt-oss-120b:mxfp4 qwen3-30b-a3b:fp8 mixtral-8x7b:int4; do
+        preset=${spec%%:*} format=${spec#*:}
+        for v in v2 v1; do
+            bench "layer-$preset-$format-decode-$v" 25 --preset "$preset" --format "$format" \
+                --tokens 1,4,16 --decode "$v"
+        done
+    done
     bench layer-qwen3-30b-a3b-int4-prefill 30 --preset qwen3-30b-a3b --format int4 --tokens 4096
 }
 

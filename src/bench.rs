@@ -12,7 +12,7 @@ use cudarc::driver::{CudaEvent, sys::CUevent_flags};
 use half::bf16;
 use moe_kernels::device::WorkCounts;
 use moe_kernels::gemm::GemmVersion;
-use moe_kernels::layer::{ExpertWeights, MoeConfig, MoeLayer, Path, Stage, presets};
+use moe_kernels::layer::{DecodeVersion, ExpertWeights, MoeConfig, MoeLayer, Path, Stage, presets};
 use moe_kernels::model::Model;
 use moe_kernels::profile::{Card, Emulator};
 use moe_kernels::quant::{
@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// plan and the grouped GEMV) or gemm.
     #[arg(long, default_value = "auto")]
     pub path: String,
+    /// The decode path's kernels: v2 (default: x staged in shared memory, 16-byte compressed
+    /// chunks) or v1 (one warp per column, 8 weights per lane per step).
+    #[arg(long, default_value = "v2")]
+    pub decode: String,
     /// Timed iterations per token count, the median reported (default 20; on the CPU
     /// emulator 2).
     #[arg(long)]
@@ -260,6 +264,16 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             });
         }
     };
+    let decode = match args.decode.as_str() {
+        "v1" => DecodeVersion::V1,
+        "v2" => DecodeVersion::V2,
+        other => {
+            return Err(Error::Unsupported {
+                op: "bench",
+                what: format!("--decode {other:?} (v1 or v2)"),
+            });
+        }
+    };
     let card = Card::parse(&args.card)?;
     let sample = args.sample.unwrap_or(1.0);
     if !(sample > 0.0 && sample <= 1.0) {
@@ -360,6 +374,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
     }
     layer.set_gemm_version(&dev, version)?;
     layer.set_path(path);
+    layer.set_decode_version(decode);
     let cfg = layer.config().clone();
     if let Some(emu) = &emu {
         let mut runs = Vec::new();
@@ -378,16 +393,20 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             v["format"] = args.format.clone().into();
             v["gemm"] = args.gemm.clone().into();
             v["path"] = args.path.clone().into();
+            v["decode"] = format!("{:?}", layer.decode_kernels())
+                .to_lowercase()
+                .into();
             v["seed"] = args.seed.into();
             v["zero_experts"] = args.zero_experts.into();
             println!("{v}");
         } else {
             header(&dev, &name, &cfg, None, None);
             println!(
-                "format {}, gemm {}, path {}{}",
+                "format {}, gemm {}, path {}, decode {:?}{}",
                 args.format,
                 args.gemm,
                 args.path,
+                layer.decode_kernels(),
                 if args.zero_experts {
                     ", routed experts zero (--zero-experts)"
                 } else {

@@ -3,7 +3,7 @@
 //! and checked on sampled tokens against the CPU forward.
 
 use half::bf16;
-use moe_kernels::layer::{Experts, LayerWeights, MoeConfig, MoeLayer, reference};
+use moe_kernels::layer::{DecodeVersion, Experts, LayerWeights, MoeConfig, MoeLayer, reference};
 use moe_kernels::rng::Rng;
 use moe_kernels::routing::{RouterConfig, reference as route_ref};
 use moe_kernels::{Device, Error};
@@ -58,7 +58,7 @@ pub struct Outcome {
     pub passed: bool,
 }
 
-/// Runs the block on T random tokens (the GEMV path up to 16 tokens, the GEMM path above),
+/// Runs the block on T random tokens (the decode path up to 16 tokens, the GEMM path above),
 /// times one forward, and checks 4 sampled tokens against the CPU forward.
 pub fn gpu_case(
     dev: &Device,
@@ -117,10 +117,12 @@ pub fn gpu_case(
     passed &= max_err <= 0.05 * scale;
     Ok(Outcome {
         tokens: t,
-        path: if t <= MoeLayer::<bf16>::DECODE_TOKENS {
-            "gemv"
-        } else {
+        path: if t > MoeLayer::<bf16>::DECODE_TOKENS {
             "gemm"
+        } else if layer.decode_kernels() == DecodeVersion::V2 {
+            "decode v2"
+        } else {
+            "decode v1"
         },
         micros: elapsed.as_secs_f64() * 1e6,
         max_err,

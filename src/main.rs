@@ -38,7 +38,7 @@ enum Command {
     /// Run one MoE block of a Hugging Face checkpoint on an input file.
     Forward(forward::ForwardArgs),
     /// Time every stage of an MoE block of a real model's shapes on the GPU.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +75,11 @@ fn info(ptxas: bool) {
              scripts/install-cuda-toolchain.sh)"
         ),
     }
+    println!(
+        "defaults: decode path v2 (x staged in shared memory, compressed rows decoded 16 bytes \
+         per lane; exact on the emulator, fewer requests and fewer instructions per weight than \
+         v1; not yet run on a GPU), prefill GEMM v1 (v2 and v3 are selectable)"
+    );
     match Device::new(0) {
         Ok(dev) => {
             let i = dev.info();
