@@ -28,8 +28,16 @@
 // Where two tokens choose one expert, its weights are read once per token: at T <= 16 and K = 8
 // over E = 128 that is rare enough to leave for a by-expert variant to measure against.
 //
+// decode_gate_up_v2_* / decode_down_v2_* (the default; MoeLayer::set_decode_version): the same
+//   contracts. x[t] (gate/up) or the token's h rows (down) staged in shared memory as f32 with
+//   kernels/common/qdot.cuh, compressed rows decoded a 16-byte chunk per lane; dynamic shared
+//   memory as src/layer/decode.rs's v2_smem sizes it; down takes two columns per warp on the
+//   narrower grid (ceil(H / 16) blocks), which the host picks at T >= 4.
+//
 // History
 //   v1: one warp per output column, 16-byte loads, x[t] re-read from L1/L2 by every warp.
+//   v2: the staged activation and the chunk decoders (SASS per int4 weight 137 -> 4.0), gate and
+//       up rows together, one reduction per down column.
 
 #include "dtype.cuh"
 #include "epilogue.cuh"
