@@ -22,7 +22,7 @@ fn emulator(test: &str) -> Option<(moe_kernels::Device, Emulator)> {
 
 /// At T = 1 a decode forward must read the router, the chosen experts' weights once and a few
 /// activations: the counted DRAM bytes (distinct sectors, and the L2 model's) are that sum to
-/// within 2%, while the requested bytes show every warp's re-read of x.
+/// within 2%, and the requested bytes within 25% of it (x staged once per block).
 #[test]
 fn gpu_decode_dram_bytes_are_the_active_experts_bytes() {
     let Some((dev, emu)) = emulator("gpu_decode_dram_bytes_are_the_active_experts_bytes") else {
@@ -75,7 +75,12 @@ fn gpu_decode_dram_bytes_are_the_active_experts_bytes() {
             "DRAM {got} against {expected}"
         );
     }
-    assert!(requested > 1.5 * expected, "x re-read by every warp");
+    // The decode kernels v2 stage x once per block (v1 re-read it from every warp: over 1.5x):
+    // what is requested beyond the weights is each block's staging of x and of h.
+    assert!(
+        requested < 1.25 * expected,
+        "requested {requested} against {expected}: x re-read by every warp?"
+    );
 
     for card in ["h100", "h200"] {
         let card = Card::parse(card).unwrap();
