@@ -1,24 +1,27 @@
 // Dot products against compressed weight rows at memory speed: the v2 inner loop of the decode
-// kernels (kernels/decode.cu). qdecode.cuh decodes 8 weights at a time with a scale lookup per
+// kernels (kernels/decode.cu) and of quant_gemv_v2 (kernels/quant.cu), which takes up to 8
+// tokens' activations per pass and decodes each chunk once for all of them. qdecode.cuh decodes 8 weights at a time with a scale lookup per
 // weight; here each lane takes 16 bytes of one row's codes per step, loads the scale (and zero
 // point) once for them, turns the codes into floats with a few bit operations and multiplies
 // them with the activation, which the block has staged once in shared memory as f32.
 //
 // The staged activation (StagedX): x[0, n) as f32 in rows of 32 elements padded to 36 (144
 // bytes), so that the lanes of a warp, each reading its chunk's 16-byte units, hit distinct
-// banks; and per 16 elements the sums of the even and of the odd elements, which the offset
-// decoders below subtract.
+// banks.
 //
-// The decoders never round a weight: each code becomes an exact float of the form
-// C + q * 2^-m (a magic exponent ORed over the code's bits), the lane sums x * that, and the chunk
-// removes C * sum(x) with the staged sums before it applies the scale. So the product differs from
-// the f64 one on the CPU decoders' weights only by f32 rounding of the sums.
+// The decoders never round a weight: each code becomes an exact float C + q * 2^-m (a magic
+// exponent placed over the code's bits), and subtracting the float C + z * 2^-m (z the zero point
+// or the format's bias; both in [C, 2C), so the difference is exact) leaves (q - z) * 2^-m
+// exactly. The lane multiplies that with x and the chunk applies 2^m and the scale once. So the
+// product differs from the f64 one on the CPU decoders' weights only by f32 rounding of the sums.
+// (Subtracting C * sum(x) after the products instead saves the subtraction but cancels: up to
+// 15 bits lost for int8.)
 //   int4   even columns' nibbles at bits 16..19 (0.5 + q/256), odd ones' at 12..15 (0.5 + q/4096),
 //          moved there with 0.5f's exponent byte by four byte permutes per 8 codes:
-//          1/2 PRMT + 1 LOP3 + 1 FFMA per weight
-//   int8   each byte at bits 8..15 of 1.0 (1 + q/32768) by one PRMT: 1 PRMT + 1 FFMA per weight
+//          1/2 PRMT + 1 LOP3 + 1 FADD + 1 FFMA per weight
+//   int8   each byte at bits 8..15 of 1.0 (1 + q/32768) by one PRMT: 1 PRMT + 1 FADD + 1 FFMA
 //   mxfp4  a byte table lookup (PRMT) per 4 codes gives 12 + 2 * e2m1 in [0, 24], placed at bits
-//          16..23 of 0.5 (0.5 + u/256)
+//          16..23 of 0.5 (0.5 + u/256), less 0.5 + 12/256
 //   fp8    cvt.rn.f16x2.e4m3x2 (sm_89 and later; bit arithmetic before), the 128 x 128 block scale
 //          once per chunk
 // Which experts take this path: fast_kind(); the rest (act-order, a group that is not a power of
@@ -36,16 +39,13 @@ namespace moe {
 // ---- the staged activation ----
 
 // Bytes of shared memory for a staged vector of n elements (a multiple of 8).
-__host__ __device__ constexpr int64_t staged_x_bytes(int64_t n) { return (n + 31) / 32 * 144 + (n + 15) / 16 * 8; }
+__host__ __device__ constexpr int64_t staged_x_bytes(int64_t n) { return (n + 31) / 32 * 144; }
 
 struct StagedX {
-    float* v;      // [n], swizzled
-    float2* sums;  // [ceil(n / 16)] (even, odd) element sums of each 16
+    float* v;  // [n], swizzled
 };
 
-__device__ __forceinline__ StagedX staged_x_at(unsigned char* smem, int n) {
-    return StagedX{reinterpret_cast<float*>(smem), reinterpret_cast<float2*>(smem + (n + 31) / 32 * 144)};
-}
+__device__ __forceinline__ StagedX staged_x_at(unsigned char* smem) { return StagedX{reinterpret_cast<float*>(smem)}; }
 
 // Where x[k] sits in StagedX::v: rows of 32 elements padded to 36, so that lanes reading 16
 // bytes at the same offset of rows (or half or quarter rows) c, c + 1, ... land 9 (4.5, 2.25)
@@ -58,25 +58,18 @@ __device__ __forceinline__ int staged_index(int k) { return (k >> 5) * 36 + (k &
 __device__ __forceinline__ float4 staged4(const float* xr, int o) { return *reinterpret_cast<const float4*>(xr + o); }
 
 // Threads tid = 0, step, 2 step, ... of the caller's set stage x[0, n), n % 8 == 0, 16 elements
-// each; the caller puts a barrier between this and the first read.
+// each (zeros where !valid: a padding row the caller computes with but never writes); the
+// caller puts a barrier between this and the first read.
 template <typename T>
-__device__ __forceinline__ void stage_x(const T* x, int n, StagedX s, int tid, int step) {
+__device__ __forceinline__ void stage_x(const T* x, int n, StagedX s, int tid, int step, bool valid = true) {
     for (int g = tid; g * 16 < n; g += step) {
         float v[16];
-        load8(x + 16 * g, reinterpret_cast<float(&)[8]>(v[0]));
-        if (16 * g + 8 < n) {
-            load8(x + 16 * g + 8, reinterpret_cast<float(&)[8]>(v[8]));
-        } else {
 #pragma unroll
-            for (int i = 8; i < 16; ++i) v[i] = 0.f;
+        for (int i = 0; i < 16; ++i) v[i] = 0.f;
+        if (valid) {
+            load8(x + 16 * g, reinterpret_cast<float(&)[8]>(v[0]));
+            if (16 * g + 8 < n) load8(x + 16 * g + 8, reinterpret_cast<float(&)[8]>(v[8]));
         }
-        float even = 0.f, odd = 0.f;
-#pragma unroll
-        for (int i = 0; i < 16; i += 2) {
-            even += v[i];
-            odd += v[i + 1];
-        }
-        s.sums[g] = make_float2(even, odd);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
             if (u < 2 || 16 * g + 8 < n) {
@@ -89,12 +82,10 @@ __device__ __forceinline__ void stage_x(const T* x, int n, StagedX s, int tid, i
 
 // ---- one chunk's activation, loaded once for every row that uses it ----
 
-// The staged x of a chunk's N 16-byte units (N = 8 for 32 columns, 4 for 16, 2 for 8) and the
-// chunk's sums: (even, odd) of each 16 columns, the second pair zero for a 16-column chunk.
+// The staged x of a chunk's N 16-byte units (N = 8 for 32 columns, 4 for 16, 2 for 8).
 template <int N>
 struct XChunk {
     float4 u[N];
-    float4 s;
 };
 
 template <int N>
@@ -103,18 +94,17 @@ __device__ __forceinline__ XChunk<N> load_xchunk(const StagedX& x, int k0) {
     const float* xr = x.v + staged_index(k0);
 #pragma unroll
     for (int i = 0; i < N; ++i) r.u[i] = staged4(xr, 4 * i);
-    if constexpr (N == 8) {
-        r.s = *reinterpret_cast<const float4*>(x.sums + (k0 >> 4));
-    } else if constexpr (N == 4) {
-        const float2 v = x.sums[k0 >> 4];
-        r.s = make_float4(v.x, v.y, 0.f, 0.f);
-    } else {
-        r.s = make_float4(0.f, 0.f, 0.f, 0.f);
-    }
     return r;
 }
 
 // ---- the per-chunk decoders: 16 bytes of codes at column k0 of a row ----
+
+// A chunk's N weights, decoded exactly: weight of column k0 + i = w[i] * (i even ? m : m_odd).
+template <int N>
+struct WChunk {
+    float w[N];
+    float m, m_odd;
+};
 
 // The codes' floats: byte 3 of a word from prmt is 0x3f (0.5f's exponent, from kHalf), so one AND
 // leaves 0.5 + q/256 (a nibble at bits 16..19) or 0.5 + q/4096 (at bits 12..15), exactly.
@@ -122,51 +112,44 @@ constexpr uint32_t kHalf = 0x3f000000u;
 __device__ __forceinline__ float nib16(uint32_t p) { return __uint_as_float(p & 0xff0f0000u); }
 __device__ __forceinline__ float nib12(uint32_t p) { return __uint_as_float(p & 0xff00f000u); }
 
-// 32 int4 codes (columns k0 .. k0 + 32, 8 per word, low nibble first) against their staged x:
-// sum of x * (q - z).
-__device__ __forceinline__ float chunk_int4(const uint4 c, const XChunk<8>& x, float z) {
-    const uint32_t w[4] = {c.x, c.y, c.z, c.w};
+// 32 int4 codes (8 per word, low nibble first), zero point z an integer in [0, 16): even columns
+// (q - z)/256, odd ones (q - z)/4096, before the scale.
+__device__ __forceinline__ void decode_int4(const uint4 c, float z, float (&w)[32]) {
+    const uint32_t v[4] = {c.x, c.y, c.z, c.w};
     const uint32_t half = kHalf;
-    float a16 = 0.f, a12 = 0.f;  // even columns: sum x (0.5 + q/256); odd: sum x (0.5 + q/4096)
+    const float ze = fmaf(z, 1.f / 256.f, 0.5f), zo = fmaf(z, 1.f / 4096.f, 0.5f);  // exact
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        const float4 xa = x.u[2 * j], xb = x.u[2 * j + 1];
         // Nibble i of the word is column 8j + i; byte b holds nibbles 2b (low) and 2b + 1. Each
         // permute puts one byte at 1 (its high nibble at 12..15) and one at 2 (its low nibble at
         // 16..19), and 0x3f at 3.
-        const uint32_t p0 = __byte_perm(w[j], half, 0x7210);  // nibbles 3 @12, 4 @16
-        const uint32_t p1 = __byte_perm(w[j], half, 0x7100);  // nibbles 1 @12, 2 @16
-        const uint32_t p2 = __byte_perm(w[j], half, 0x7320);  // nibbles 5 @12, 6 @16
-        const uint32_t p3 = __byte_perm(w[j], half, 0x7030);  // nibbles 7 @12, 0 @16
-        a16 = fmaf(xa.x, nib16(p3), a16);
-        a12 = fmaf(xa.y, nib12(p1), a12);
-        a16 = fmaf(xa.z, nib16(p1), a16);
-        a12 = fmaf(xa.w, nib12(p0), a12);
-        a16 = fmaf(xb.x, nib16(p0), a16);
-        a12 = fmaf(xb.y, nib12(p2), a12);
-        a16 = fmaf(xb.z, nib16(p2), a16);
-        a12 = fmaf(xb.w, nib12(p3), a12);
+        const uint32_t p0 = __byte_perm(v[j], half, 0x7210);  // nibbles 3 @12, 4 @16
+        const uint32_t p1 = __byte_perm(v[j], half, 0x7100);  // nibbles 1 @12, 2 @16
+        const uint32_t p2 = __byte_perm(v[j], half, 0x7320);  // nibbles 5 @12, 6 @16
+        const uint32_t p3 = __byte_perm(v[j], half, 0x7030);  // nibbles 7 @12, 0 @16
+        w[8 * j + 0] = nib16(p3) - ze;
+        w[8 * j + 1] = nib12(p1) - zo;
+        w[8 * j + 2] = nib16(p1) - ze;
+        w[8 * j + 3] = nib12(p0) - zo;
+        w[8 * j + 4] = nib16(p0) - ze;
+        w[8 * j + 5] = nib12(p2) - zo;
+        w[8 * j + 6] = nib16(p2) - ze;
+        w[8 * j + 7] = nib12(p3) - zo;
     }
-    const float xe = x.s.x + x.s.z, xo = x.s.y + x.s.w;  // two 16s: even, odd, even, odd
-    const float xq = fmaf(256.f, fmaf(-0.5f, xe, a16), 4096.f * fmaf(-0.5f, xo, a12));  // sum x q
-    return fmaf(-z, xe + xo, xq);
 }
 
-// 16 int8 codes (columns k0 .. k0 + 16, 4 per word): sum of x * (q - z).
-__device__ __forceinline__ float chunk_int8(const uint4 c, const XChunk<4>& x, float z) {
-    const uint32_t w[4] = {c.x, c.y, c.z, c.w};
-    float a = 0.f;  // sum x (1 + q / 32768)
+// 16 int8 codes (4 per word), zero point z an integer in [0, 256): (q - z)/32768.
+__device__ __forceinline__ void decode_int8(const uint4 c, float z, float (&w)[16]) {
+    const uint32_t v[4] = {c.x, c.y, c.z, c.w};
+    const float zc = fmaf(z, 1.f / 32768.f, 1.f);  // exact
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        const float4 xv = x.u[j];
         // Bytes 4..7 are 1.0f's: result 0x3f80 qq 00 with byte i of the word at bits 8..15.
-        a = fmaf(xv.x, __uint_as_float(__byte_perm(w[j], 0x3f800000u, 0x7604)), a);
-        a = fmaf(xv.y, __uint_as_float(__byte_perm(w[j], 0x3f800000u, 0x7614)), a);
-        a = fmaf(xv.z, __uint_as_float(__byte_perm(w[j], 0x3f800000u, 0x7624)), a);
-        a = fmaf(xv.w, __uint_as_float(__byte_perm(w[j], 0x3f800000u, 0x7634)), a);
+        w[4 * j + 0] = __uint_as_float(__byte_perm(v[j], 0x3f800000u, 0x7604)) - zc;
+        w[4 * j + 1] = __uint_as_float(__byte_perm(v[j], 0x3f800000u, 0x7614)) - zc;
+        w[4 * j + 2] = __uint_as_float(__byte_perm(v[j], 0x3f800000u, 0x7624)) - zc;
+        w[4 * j + 3] = __uint_as_float(__byte_perm(v[j], 0x3f800000u, 0x7634)) - zc;
     }
-    const float xs = x.s.x + x.s.y;
-    return fmaf(-z, xs, 32768.f * (a - xs));
 }
 
 // Four e2m1 codes in the low 16 bits of m (code i in nibble i: sign, 2 exponent bits, 1 mantissa
@@ -180,63 +163,39 @@ __device__ __forceinline__ uint32_t e2m1x4_offset(uint32_t m) {
     return pos + 0x0c0c0c0cu - neg;                          // no byte carries or borrows
 }
 
-// 32 e2m1 codes (columns k0 .. k0 + 32, low nibble first): sum of x * v.
-__device__ __forceinline__ float chunk_mxfp4(const uint4 c, const XChunk<8>& x) {
-    const uint32_t w[4] = {c.x, c.y, c.z, c.w};
-    float a = 0.f;  // sum x (0.5 + u / 256), u = 12 + 2 v
+// 32 e2m1 codes (low nibble first): v/128, before the block scale.
+__device__ __forceinline__ void decode_mxfp4(const uint4 c, float (&w)[32]) {
+    const uint32_t v[4] = {c.x, c.y, c.z, c.w};
+    constexpr float kBias = 0.5f + 12.f / 256.f;  // u = 12 + 2 v: (0.5 + u/256) - kBias = v/128
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        const uint32_t lo = e2m1x4_offset(w[j]), hi = e2m1x4_offset(w[j] >> 16);
-        const float4 xa = x.u[2 * j], xb = x.u[2 * j + 1];
+        const uint32_t lo = e2m1x4_offset(v[j]), hi = e2m1x4_offset(v[j] >> 16);
         // Bytes 4..7 are 0.5f's (0x3f000000): result 0x3f uu 00 00, u < 128 leaves the exponent.
-        a = fmaf(xa.x, __uint_as_float(__byte_perm(lo, 0x3f000000u, 0x7044)), a);
-        a = fmaf(xa.y, __uint_as_float(__byte_perm(lo, 0x3f000000u, 0x7144)), a);
-        a = fmaf(xa.z, __uint_as_float(__byte_perm(lo, 0x3f000000u, 0x7244)), a);
-        a = fmaf(xa.w, __uint_as_float(__byte_perm(lo, 0x3f000000u, 0x7344)), a);
-        a = fmaf(xb.x, __uint_as_float(__byte_perm(hi, 0x3f000000u, 0x7044)), a);
-        a = fmaf(xb.y, __uint_as_float(__byte_perm(hi, 0x3f000000u, 0x7144)), a);
-        a = fmaf(xb.z, __uint_as_float(__byte_perm(hi, 0x3f000000u, 0x7244)), a);
-        a = fmaf(xb.w, __uint_as_float(__byte_perm(hi, 0x3f000000u, 0x7344)), a);
+        w[8 * j + 0] = __uint_as_float(__byte_perm(lo, 0x3f000000u, 0x7044)) - kBias;
+        w[8 * j + 1] = __uint_as_float(__byte_perm(lo, 0x3f000000u, 0x7144)) - kBias;
+        w[8 * j + 2] = __uint_as_float(__byte_perm(lo, 0x3f000000u, 0x7244)) - kBias;
+        w[8 * j + 3] = __uint_as_float(__byte_perm(lo, 0x3f000000u, 0x7344)) - kBias;
+        w[8 * j + 4] = __uint_as_float(__byte_perm(hi, 0x3f000000u, 0x7044)) - kBias;
+        w[8 * j + 5] = __uint_as_float(__byte_perm(hi, 0x3f000000u, 0x7144)) - kBias;
+        w[8 * j + 6] = __uint_as_float(__byte_perm(hi, 0x3f000000u, 0x7244)) - kBias;
+        w[8 * j + 7] = __uint_as_float(__byte_perm(hi, 0x3f000000u, 0x7344)) - kBias;
     }
-    const float xs = (x.s.x + x.s.y) + (x.s.z + x.s.w);
-    // sum x u = 256 (a - xs / 2); sum x v = (sum x u - 12 xs) / 2.
-    return fmaf(128.f, a - 0.5f * xs, -6.f * xs);
 }
 
-// 16 e4m3fn codes (columns k0 .. k0 + 16): sum of x * e4m3(q).
-__device__ __forceinline__ float chunk_fp8(const uint4 c, const XChunk<4>& x) {
-    const uint32_t w[4] = {c.x, c.y, c.z, c.w};
-    float a = 0.f;
+// 16 e4m3fn codes: their values, before the block scale.
+__device__ __forceinline__ void decode_fp8(const uint4 c, float (&w)[16]) {
+    const uint32_t v[4] = {c.x, c.y, c.z, c.w};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const float4 xv = x.u[j];
-        float f[4];
-        ptx::e4m3x4_to_f32(w[j], f);
-        a = fmaf(xv.x, f[0], a);
-        a = fmaf(xv.y, f[1], a);
-        a = fmaf(xv.z, f[2], a);
-        a = fmaf(xv.w, f[3], a);
-    }
-    return a;
+    for (int j = 0; j < 4; ++j) ptx::e4m3x4_to_f32(v[j], reinterpret_cast<float(&)[4]>(w[4 * j]));
 }
 
-// 8 plain weights of T (columns k0 .. k0 + 8): sum of x * w.
+// 8 plain weights of T.
 template <typename T>
-__device__ __forceinline__ float chunk_plain(const uint4 c, const XChunk<2>& x) {
-    float w[8];
+__device__ __forceinline__ void decode_plain(const uint4 c, float (&w)[8]) {
     Vec16<T> v;
     *reinterpret_cast<uint4*>(&v) = c;
 #pragma unroll
     for (int i = 0; i < 8; ++i) w[i] = Float<T>::to_f32(v.v[i]);
-    const float4 xa = x.u[0], xb = x.u[1];
-    float a = xa.x * w[0];
-    a = fmaf(xa.y, w[1], a);
-    a = fmaf(xa.z, w[2], a);
-    a = fmaf(xa.w, w[3], a);
-    a = fmaf(xb.x, w[4], a);
-    a = fmaf(xb.y, w[5], a);
-    a = fmaf(xb.z, w[6], a);
-    return fmaf(xb.w, w[7], a);
 }
 
 // ---- the formats' policies: one row's chunk, scale and zero point included ----
@@ -264,69 +223,132 @@ __device__ __forceinline__ int fast_kind(const QuantExpert& q, int kd) {
 template <int KIND>
 constexpr int kChunkCols = KIND == kFastInt4 || KIND == kFastMxfp4 ? 32 : (KIND == kFastInt8 || KIND == kFastFp8 ? 16 : 8);
 
-// Row r's chunk at column k0 of expert q (KIND = fast_kind(q, kd), not kFastPlain), scaled.
-template <int KIND>
-__device__ __forceinline__ float chunk_packed(const uint8_t* blob, const QuantExpert& q, int kd, int r, int k0,
-                                              const uint4 c, const XChunk<kChunkCols<KIND> / 4>& x) {
+// Row r's chunk c at column k0 of expert q (KIND = fast_kind(q, kd), or kFastPlain with T the
+// weights' dtype), decoded with its scale as the multipliers.
+template <int KIND, typename T>
+__device__ __forceinline__ WChunk<kChunkCols<KIND>> decode_chunk(const uint8_t* blob, const QuantExpert& q, int kd,
+                                                                 int r, int k0, const uint4 c) {
+    WChunk<kChunkCols<KIND>> d;
     if constexpr (KIND == kFastInt4 || KIND == kFastInt8) {
         const int groups = kd / q.group;
         const int64_t rg = int64_t(r) * groups + (k0 >> (31 - __clz(q.group)));
         const float s = __half2float(reinterpret_cast<const __half*>(blob + q.scales)[rg]);
         const float z = q.zeros >= 0 ? float(blob[q.zeros + rg]) : float(1 << (q.bits - 1));
-        if constexpr (KIND == kFastInt4) return s * chunk_int4(c, x, z);
-        else return s * chunk_int8(c, x, z);
+        if constexpr (KIND == kFastInt4) {
+            decode_int4(c, z, d.w);
+            d.m = 256.f * s;  // powers of two: exact
+            d.m_odd = 4096.f * s;
+        } else {
+            decode_int8(c, z, d.w);
+            d.m = d.m_odd = 32768.f * s;
+        }
     } else if constexpr (KIND == kFastMxfp4) {
-        return e8m0_to_f32(blob[q.scales + (int64_t(r) * kd + k0) / 32]) * chunk_mxfp4(c, x);
+        decode_mxfp4(c, d.w);
+        d.m = d.m_odd = 128.f * e8m0_to_f32(blob[q.scales + (int64_t(r) * kd + k0) / 32]);
     } else if constexpr (KIND == kFastFp8) {
+        decode_fp8(c, d.w);
         const int kb = (kd + 127) / 128;
-        return reinterpret_cast<const float*>(blob + q.scales)[(r / 128) * kb + k0 / 128] * chunk_fp8(c, x);
+        d.m = d.m_odd = reinterpret_cast<const float*>(blob + q.scales)[(r / 128) * kb + k0 / 128];
+    } else if constexpr (KIND == kFastBf16) {
+        decode_plain<__nv_bfloat16>(c, d.w);
+        d.m = d.m_odd = 1.f;
     } else {
-        return chunk_plain<__nv_bfloat16>(c, x);  // kFastBf16
+        decode_plain<T>(c, d.w);
+        d.m = d.m_odd = 1.f;
+    }
+    return d;
+}
+
+// A decoded chunk against its staged x: int4 sums its even and odd columns apart (their
+// multipliers differ), the others in one chain.
+template <int KIND, int N>
+__device__ __forceinline__ float chunk_dot(const WChunk<N>& d, const XChunk<N / 4>& x) {
+    if constexpr (KIND == kFastInt4) {
+        float ae = 0.f, ao = 0.f;
+#pragma unroll
+        for (int u = 0; u < N / 4; ++u) {
+            ae = fmaf(x.u[u].x, d.w[4 * u], ae);
+            ao = fmaf(x.u[u].y, d.w[4 * u + 1], ao);
+            ae = fmaf(x.u[u].z, d.w[4 * u + 2], ae);
+            ao = fmaf(x.u[u].w, d.w[4 * u + 3], ao);
+        }
+        return fmaf(d.m, ae, d.m_odd * ao);
+    } else {
+        float a = 0.f;
+#pragma unroll
+        for (int u = 0; u < N / 4; ++u) {
+            a = fmaf(x.u[u].x, d.w[4 * u], a);
+            a = fmaf(x.u[u].y, d.w[4 * u + 1], a);
+            a = fmaf(x.u[u].z, d.w[4 * u + 2], a);
+            a = fmaf(x.u[u].w, d.w[4 * u + 3], a);
+        }
+        return KIND == kFastPlain || KIND == kFastBf16 ? a : d.m * a;
     }
 }
 
 // ---- the mainloop ----
 
-// One lane's loop over R rows of one expert for one decoder kind: two 16-byte chunks per row in
-// flight per step, the chunk at column 32 * cols * step + cols * lane; each chunk's x loaded
-// once for the R rows.
-template <int KIND, typename T, int R>
-__device__ __forceinline__ void stream_rows(const uint8_t* blob, const QuantExpert& q, const uint8_t* codes,
-                                            int64_t row_bytes, int kd, const int (&row)[R], const StagedX& xs,
-                                            float (&acc)[R]) {
+// One lane's loop over R rows of one expert and NT staged activations (tokens), for one decoder
+// kind: the chunks c_begin .. c_end of each row (column c * cols), two 16-byte chunks per row in
+// flight per step, chunk c_begin + 32 * step + lane; each row's chunk decoded once for the NT
+// tokens, each token's x loaded once for the R rows. xs[n] holds columns k_base .. of token n (k_base a
+// multiple of 32, so the staged rows of 32 keep their alignment); acc[i][n] += row i . x_n.
+template <int KIND, typename T, int R, int NT>
+__device__ __forceinline__ void stream_rows_tile(const uint8_t* blob, const QuantExpert& q, const uint8_t* codes,
+                                                 int64_t row_bytes, int kd, const int (&row)[R], int c_begin,
+                                                 int c_end, int k_base, const StagedX (&xs)[NT],
+                                                 float (&acc)[R][NT]) {
     constexpr int kCols = kChunkCols<KIND>;
-    const int nch = kd / kCols;
-    auto chunk = [&](int r, int k0, const uint4 c, const XChunk<kCols / 4>& x) {
-        if constexpr (KIND == kFastPlain) return chunk_plain<T>(c, x);
-        else return chunk_packed<KIND>(blob, q, kd, r, k0, c, x);
+    auto step = [&](int c, const uint4 (&v)[R]) {
+        const int k0 = c * kCols;
+        if constexpr (NT == 1) {
+            // One token: each row's chunk decoded just before its use, so that only one is live.
+            const XChunk<kCols / 4> x = load_xchunk<kCols / 4>(xs[0], k0 - k_base);
+#pragma unroll
+            for (int i = 0; i < R; ++i) acc[i][0] += chunk_dot<KIND>(decode_chunk<KIND, T>(blob, q, kd, row[i], k0, v[i]), x);
+        } else {
+            WChunk<kCols> d[R];
+#pragma unroll
+            for (int i = 0; i < R; ++i) d[i] = decode_chunk<KIND, T>(blob, q, kd, row[i], k0, v[i]);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const XChunk<kCols / 4> x = load_xchunk<kCols / 4>(xs[n], k0 - k_base);
+#pragma unroll
+                for (int i = 0; i < R; ++i) acc[i][n] += chunk_dot<KIND>(d[i], x);
+            }
+        }
     };
-    int c = threadIdx.x & 31;
-    for (; c + 32 < nch; c += 64) {
+    int c = c_begin + (threadIdx.x & 31);
+    for (; c + 32 < c_end; c += 64) {
         uint4 v0[R], v1[R];
 #pragma unroll
         for (int i = 0; i < R; ++i) {
             v0[i] = __ldg(reinterpret_cast<const uint4*>(codes + row[i] * row_bytes) + c);
             v1[i] = __ldg(reinterpret_cast<const uint4*>(codes + row[i] * row_bytes) + c + 32);
         }
-        {
-            const XChunk<kCols / 4> x = load_xchunk<kCols / 4>(xs, c * kCols);
-#pragma unroll
-            for (int i = 0; i < R; ++i) acc[i] += chunk(row[i], c * kCols, v0[i], x);
-        }
-        {
-            const XChunk<kCols / 4> x = load_xchunk<kCols / 4>(xs, (c + 32) * kCols);
-#pragma unroll
-            for (int i = 0; i < R; ++i) acc[i] += chunk(row[i], (c + 32) * kCols, v1[i], x);
-        }
+        step(c, v0);
+        step(c + 32, v1);
     }
-    if (c < nch) {
+    if (c < c_end) {
         uint4 v0[R];
 #pragma unroll
         for (int i = 0; i < R; ++i) v0[i] = __ldg(reinterpret_cast<const uint4*>(codes + row[i] * row_bytes) + c);
-        const XChunk<kCols / 4> x = load_xchunk<kCols / 4>(xs, c * kCols);
-#pragma unroll
-        for (int i = 0; i < R; ++i) acc[i] += chunk(row[i], c * kCols, v0[i], x);
+        step(c, v0);
     }
+}
+
+// One token's whole rows (the decode kernels): stream_rows_tile over every chunk, acc[i] += row i . x.
+template <int KIND, typename T, int R>
+__device__ __forceinline__ void stream_rows(const uint8_t* blob, const QuantExpert& q, const uint8_t* codes,
+                                            int64_t row_bytes, int kd, const int (&row)[R], const StagedX& xs,
+                                            float (&acc)[R]) {
+    const StagedX x1[1] = {xs};
+    float a[R][1];
+#pragma unroll
+    for (int i = 0; i < R; ++i) a[i][0] = acc[i];
+    stream_rows_tile<KIND, T, R, 1>(blob, q, codes, row_bytes, kd, row, 0, kd / kChunkCols<KIND>, 0, x1, a);
+#pragma unroll
+    for (int i = 0; i < R; ++i) acc[i] = a[i][0];
 }
 
 }  // namespace moe

@@ -23,10 +23,9 @@ use cudarc::driver::sys::CUfunction_attribute;
 const WARPS: usize = 8;
 
 /// Shared memory of a vector of `n` elements staged by the v2 kernels (kernels/common/qdot.cuh:
-/// f32 values in rows of 32 padded to 36, and an (even, odd) pair of sums per 16), rounded up
-/// to 16 bytes.
+/// f32 values in rows of 32 padded to 36), a multiple of 16 bytes.
 pub(super) fn staged_bytes(n: usize) -> usize {
-    (n.div_ceil(32) * 144 + n.div_ceil(16) * 8).next_multiple_of(16)
+    n.div_ceil(32) * 144
 }
 
 /// The most dynamic shared memory a v2 decode block asks for: two blocks (what the kernels'
