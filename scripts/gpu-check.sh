@@ -294,6 +294,11 @@ EOF
                 --tokens 1,4,16 --decode "$v"
         done
     done
+    # The compressed-expert GEMV (--path gemv), v2 beside v1.
+    for v in v2 v1; do
+        bench "layer-qwen3-30b-a3b-int4-gemv-$v" 25 --preset qwen3-30b-a3b --format int4 --path gemv \
+            --tokens 1,16,64 --quant-gemv "$v"
+    done
     bench layer-qwen3-30b-a3b-int4-prefill 30 --preset qwen3-30b-a3b --format int4 --tokens 4096
 }
 

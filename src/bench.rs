@@ -16,7 +16,8 @@ use moe_kernels::layer::{DecodeVersion, ExpertWeights, MoeConfig, MoeLayer, Path
 use moe_kernels::model::Model;
 use moe_kernels::profile::{Card, Emulator};
 use moe_kernels::quant::{
-    Dictionary, Fp8Matrix, IntMatrix, Mxfp4Matrix, QuantLayer, QuantMatrix, TernaryMatrix,
+    Dictionary, Fp8Matrix, IntMatrix, Mxfp4Matrix, QuantGemvVersion, QuantLayer, QuantMatrix,
+    TernaryMatrix,
 };
 use moe_kernels::rng::Rng;
 use moe_kernels::{Device, Error, Tensor, kernels};
@@ -51,6 +52,10 @@ pub struct BenchArgs {
     /// chunks) or v1 (one warp per column, 8 weights per lane per step).
     #[arg(long, default_value = "v2")]
     pub decode: String,
+    /// The compressed-expert GEMV of --path gemv: v2 (default: a chunk decoded once for up to 8
+    /// rows) or v1 (the per-8-weight decoder).
+    #[arg(long, default_value = "v2")]
+    pub quant_gemv: String,
     /// Timed iterations per token count, the median reported (default 20; on the CPU
     /// emulator 2).
     #[arg(long)]
@@ -274,6 +279,16 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             });
         }
     };
+    let quant_gemv = match args.quant_gemv.as_str() {
+        "v1" => QuantGemvVersion::V1,
+        "v2" => QuantGemvVersion::V2,
+        other => {
+            return Err(Error::Unsupported {
+                op: "bench",
+                what: format!("--quant-gemv {other:?} (v1 or v2)"),
+            });
+        }
+    };
     let card = Card::parse(&args.card)?;
     let sample = args.sample.unwrap_or(1.0);
     if !(sample > 0.0 && sample <= 1.0) {
@@ -375,6 +390,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
     layer.set_gemm_version(&dev, version)?;
     layer.set_path(path);
     layer.set_decode_version(decode);
+    layer.set_quant_gemv_version(quant_gemv);
     let cfg = layer.config().clone();
     if let Some(emu) = &emu {
         let mut runs = Vec::new();
@@ -396,17 +412,19 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             v["decode"] = format!("{:?}", layer.decode_kernels())
                 .to_lowercase()
                 .into();
+            v["quant_gemv"] = args.quant_gemv.clone().into();
             v["seed"] = args.seed.into();
             v["zero_experts"] = args.zero_experts.into();
             println!("{v}");
         } else {
             header(&dev, &name, &cfg, None, None);
             println!(
-                "format {}, gemm {}, path {}, decode {:?}{}",
+                "format {}, gemm {}, path {}, decode {:?}, quant gemv {}{}",
                 args.format,
                 args.gemm,
                 args.path,
                 layer.decode_kernels(),
+                args.quant_gemv,
                 if args.zero_experts {
                     ", routed experts zero (--zero-experts)"
                 } else {

@@ -14,8 +14,8 @@ use moe_kernels::gemm::reference::{GroupedGemmRef, grouped_gemm};
 use moe_kernels::gemm::{Epilogue, GemmOptions, ScaleAt};
 use moe_kernels::permute::{self, Layout, Plan, reference as plan_ref};
 use moe_kernels::quant::{
-    self, Dictionary, Fp8Matrix, GptqVersion, HostTensor, IntMatrix, Mxfp4Matrix, QuantLayer,
-    QuantMatrix, TernaryMatrix, e2m1_from_f64, e2m1_to_f32, e4m3_from_f32, e4m3_to_f32,
+    self, Dictionary, Fp8Matrix, GptqVersion, HostTensor, IntMatrix, Mxfp4Matrix, QuantGemvVersion,
+    QuantLayer, QuantMatrix, TernaryMatrix, e2m1_from_f64, e2m1_to_f32, e4m3_from_f32, e4m3_to_f32,
     e8m0_to_f32, import_awq, import_gptq, ternarize,
 };
 use moe_kernels::rng::Rng;
@@ -1151,13 +1151,20 @@ fn run_gemv<T: Float, TO: Float>(dev: &Device, experts: &[QuantMatrix], c: &Gemv
         row_weights: c.scale.map(|at| (&rw, at)),
     };
     let mut layer = QuantLayer::upload(dev, experts).unwrap();
+    // Each GEMV version's output, or the prefill path's.
+    let mut runs = Vec::new();
     if c.prefill {
         let mut scratch = dev.filled_bytes::<T>(&[e, c.n, c.kd], 0xff).unwrap();
         quant::quant_gemm_into(dev, &mut out, &a, &mut layer, &plan, opts, &mut scratch).unwrap();
+        runs.push(("", dev.download(&out).unwrap()));
     } else {
-        quant::quant_gemv_into(dev, &mut out, &a, &mut layer, &plan, opts).unwrap();
+        for (v, name) in [(QuantGemvVersion::V1, " v1"), (QuantGemvVersion::V2, " v2")] {
+            dev.fill_bytes(&mut out, 0xff).unwrap();
+            layer.set_gemv_version(v);
+            quant::quant_gemv_into(dev, &mut out, &a, &mut layer, &plan, opts).unwrap();
+            runs.push((name, dev.download(&out).unwrap()));
+        }
     }
-    let got = dev.download(&out).unwrap();
     plan.check(dev).unwrap();
     layer.check(dev).unwrap();
 
@@ -1211,19 +1218,21 @@ fn run_gemv<T: Float, TO: Float>(dev: &Device, experts: &[QuantMatrix], c: &Gemv
         row_scale: c.scale.map(|at| (&row_scale[..], at)),
         epilogue: c.epilogue,
     });
-    let (mut g, mut r) = (Vec::new(), Vec::new());
-    for (i, row) in want.iter().enumerate() {
-        if let Some(row) = row {
-            g.extend_from_slice(&got[i * n_out..(i + 1) * n_out]);
-            r.extend_from_slice(row);
+    for (version, got) in &runs {
+        let (mut g, mut r) = (Vec::new(), Vec::new());
+        for (i, row) in want.iter().enumerate() {
+            if let Some(row) = row {
+                g.extend_from_slice(&got[i * n_out..(i + 1) * n_out]);
+                r.extend_from_slice(row);
+            }
         }
+        assert!(!r.is_empty() || c.t == 0, "{label}: no rows compared");
+        // As the bf16 grouped GEMM: f32 accumulation over Kd terms, one rounding to the output.
+        let tol = Tolerance::new(1e-4, 2.0 * TO::EPSILON);
+        let report = check::compare(&g, &r, tol);
+        println!("quant {label}{version}: {report}");
+        assert!(report.passed(), "quant {label}{version}: {report}");
     }
-    assert!(!r.is_empty() || c.t == 0, "{label}: no rows compared");
-    // As the bf16 grouped GEMM: f32 accumulation over Kd terms, one rounding to the output.
-    let tol = Tolerance::new(1e-4, 2.0 * TO::EPSILON);
-    let report = check::compare(&g, &r, tol);
-    println!("quant {label}: {report}");
-    assert!(report.passed(), "quant {label}: {report}");
 }
 
 #[test]
@@ -1251,6 +1260,23 @@ fn gpu_quant_gemv_matches_reference_per_format_and_mixed() {
         run_gemv::<bf16, bf16>(&dev, &layer, &gemv_case(1, 2, n, kd, swiglu), &name);
         run_gemv::<bf16, f32>(&dev, &layer, &gemv_case(16, 2, n, kd, swiglu), &name);
     }
+    // Kd = 1152: v2 stages 1024 columns per pass, so a second, partial pass; beside every
+    // format, symmetric int4 with groups of 128 and int8 with groups of 64 (both on v2's
+    // decoders; every_format's int8 groups of 384 fall back to v1's loop). T = 9, K = 2 over 10
+    // experts: some experts get one row (v2's one-row instance), others several (padded passes).
+    let mut wide = every_format(&mut rng, 16, 1152, false);
+    for (bits, group) in [(4, 128), (8, 64)] {
+        let w: Vec<f32> = (0..16 * 1152).map(|_| rng.normal() as f32 / 34.0).collect();
+        wide.push(QuantMatrix::Int(
+            IntMatrix::quantize(&w, 16, 1152, bits, group, false).unwrap(),
+        ));
+    }
+    run_gemv::<bf16, f32>(
+        &dev,
+        &wide,
+        &gemv_case(9, 2, 16, 1152, swiglu),
+        "mixed, Kd = 1152",
+    );
     // Mixed layers: one expert of each format in one launch; Kd = 288 is not a multiple of a
     // warp's 256-column step; the down projection with the routing weight on the output; f16
     // activations with gpt-oss's clamped SwiGLU and a bias; everything on one expert.

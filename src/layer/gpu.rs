@@ -8,7 +8,7 @@ use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::gemm::{self, GemmOptions, GemmRows, GemmVersion};
 use crate::permute::{Plan, reference::padded_capacity};
-use crate::quant::{self, QuantLayer};
+use crate::quant::{self, QuantGemvVersion, QuantLayer};
 
 /// Which forward a layer runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -547,6 +547,16 @@ impl<T: Float> MoeLayer<T> {
     /// Chooses the decode path's kernels ([`DecodeVersion::V2`] by default).
     pub fn set_decode_version(&mut self, version: DecodeVersion) {
         self.decode_version = version;
+    }
+
+    /// Chooses the compressed-expert GEMV of [`Path::Gemv`] for the packed projections
+    /// ([`QuantGemvVersion::V2`] by default); plain experts are unaffected.
+    pub fn set_quant_gemv_version(&mut self, version: QuantGemvVersion) {
+        for w in [&mut self.w.gate_up, &mut self.w.down] {
+            if let ExpertWeights::Packed(q) = w {
+                q.set_gemv_version(version);
+            }
+        }
     }
 
     /// The decode path's kernels as chosen.

@@ -16,6 +16,22 @@ use crate::permute::{Layout, Plan};
 /// Warps per block of the dequantise and GEMV kernels, as `kQuantWarps` in quant.cu.
 const WARPS: usize = 8;
 
+/// The kernels of [`quant_gemv_into`] (kernels/quant.cu); every version stays selectable
+/// ([`QuantLayer::set_gemv_version`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QuantGemvVersion {
+    /// One warp per output column, 8 weights per lane per step through the per-8-weight decoder
+    /// (a scale lookup per weight), up to 8 rows' activations read from L1 for each step.
+    V1,
+    /// The default: an expert's rows 8 at a time (one when it has one), their activations
+    /// staged in shared memory 1024 columns at a time; each lane decodes a 16-byte chunk of
+    /// codes once for all of them with the decode path's chunk decoders
+    /// (kernels/common/qdot.cuh). Experts those decoders do not cover (act-order, group sizes
+    /// that are not a power of two of at least a chunk, ternary) run v1's loop.
+    #[default]
+    V2,
+}
+
 /// Every expert of one layer (all `[N, Kd]`, each in its own format) in one device blob, with
 /// the per-expert table the kernels read (`QuantExpert` in quant_params.cuh).
 #[derive(Debug)]
@@ -28,6 +44,7 @@ pub struct QuantLayer {
     kdim: usize,
     names: Vec<String>,
     bytes: Vec<usize>,
+    gemv: QuantGemvVersion,
 }
 
 /// The blob under construction: each part starts on a 16-byte boundary.
@@ -156,7 +173,16 @@ impl QuantLayer {
             kdim,
             names: experts.iter().map(QuantMatrix::name).collect(),
             bytes: experts.iter().map(QuantMatrix::bytes).collect(),
+            gemv: QuantGemvVersion::default(),
         })
+    }
+
+    /// The kernel [`quant_gemv_into`] runs on this layer (default [`QuantGemvVersion::V2`]).
+    pub fn set_gemv_version(&mut self, version: QuantGemvVersion) {
+        self.gemv = version;
+    }
+    pub fn gemv_version(&self) -> QuantGemvVersion {
+        self.gemv
     }
 
     pub fn experts(&self) -> usize {
@@ -281,7 +307,7 @@ pub fn dequantize_into<T: Float>(
 
 /// The decode path over compressed weights: [`gemm::grouped_gemv_into`]'s product, epilogue and
 /// contract (sorted rows `a [S, Kd]`, `out [S, N_out]`), each expert's weight decoded in
-/// registers from `layer`, whatever its format.
+/// registers from `layer`, whatever its format, by the layer's [`QuantGemvVersion`].
 pub fn quant_gemv_into<T: Float, TO: Float>(
     dev: &Device,
     out: &mut Tensor<TO>,
@@ -309,16 +335,22 @@ pub fn quant_gemv_into<T: Float, TO: Float>(
         block_dim: (32 * WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let name = format!("quant_gemv_{}_{}", T::DTYPE, TO::DTYPE);
+    let v = match layer.gemv {
+        QuantGemvVersion::V1 => "",
+        QuantGemvVersion::V2 => "v2_",
+    };
+    let name = format!("quant_gemv_{v}{}_{}", T::DTYPE, TO::DTYPE);
     let func = dev.function(OP, Module::Quant, &name)?;
-    // SAFETY: `quant_gemv_{in}_{out}` takes one QuantGemvParams (mirrored in
+    // SAFETY: `quant_gemv_{v2_}{in}_{out}` takes one QuantGemvParams (mirrored in
     // src/quant/params.rs) for the dtype pairs prepare_params lets through. Its GroupedGemmParams
     // part was checked as for grouped_gemv_into: a [S, Kd], out [S, N_out], bias [E, N], the
     // plan's [E+1] offsets and [S] sorted slots, with E = layer.experts() = plan.experts(); the
     // weight pointer is unused. Block (x, e) reads expert e's table entry (e < E = grid.y) and
     // decodes weight rows below N (weight_row of a column below N_out) through offsets that
     // QuantLayer::upload built from validated containers (see dequantize_into); ternary
-    // codewords and runs that would leave their row are skipped and counted.
+    // codewords and runs that would leave their row are skipped and counted. v2 reads rows of a
+    // only below the expert's count (16-byte loads, as v1's: Kd % 8 == 0) and
+    // its 36 KB of shared memory is static.
     unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }

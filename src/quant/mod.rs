@@ -40,7 +40,7 @@ mod ternary;
 pub use fp8::{Fp8Matrix, e4m3_from_f32, e4m3_to_f32};
 pub use import::{GptqVersion, HostTensor, import_awq, import_gptq};
 pub use int::IntMatrix;
-pub use layer::{QuantLayer, dequantize_into, quant_gemm_into, quant_gemv_into};
+pub use layer::{QuantGemvVersion, QuantLayer, dequantize_into, quant_gemm_into, quant_gemv_into};
 pub use mxfp4::{Mxfp4Matrix, e2m1_from_f64, e2m1_to_f32, e8m0_to_f32};
 pub use ternary::{Dictionary, Ternarized, TernaryMatrix, ternarize};
 
