@@ -33,7 +33,7 @@
 //       per-column scale lookups, no shared memory, no vectorised activation reuse across gate
 //       and up.
 //   v2 (quant_gemv_v2_*, the default GEMV; QuantLayer::set_gemv_version): v1's grid and
-//       contract; an expert's rows 8 per pass (one where the expert has one row), warp w staging
+//       contract; an expert's rows 8 per pass (1, 2 or 4 where fewer remain), warp w staging
 //       row w's activations 1024 columns at a time in shared memory as f32 (zeros past the
 //       expert's rows), each lane decoding a 16-byte chunk of its column's gate and up rows once
 //       for the 8 rows with kernels/common/qdot.cuh's decoders. Experts those decoders do not
@@ -141,16 +141,21 @@ __device__ __forceinline__ void quant_gemv_v1(const QuantGemvParams& p) {
 
 // ---- v2: chunks decoded once for up to 8 tokens, the activations staged in shared memory ----
 
+template <typename TO>
+__device__ __forceinline__ void out_store(const GroupedGemmParams& g, int64_t r, int n_out, int j, float v) {
+    static_cast<TO*>(g.out)[r * n_out + j] = Float<TO>::from_f32(v);
+}
+
 constexpr int kGemvTokens = 8;    // an expert's rows per pass, one staged by each warp
 constexpr int kGemvTile = 1024;   // columns of those rows staged per pass (one int4 chunk per lane)
 constexpr int kGemvStaged = int(staged_x_bytes(kGemvTile));  // 4608 bytes, a multiple of 16
 
-// Expert e's rows r0 .. r0 + count against output column j (its gate and up rows where R = 2),
-// NT rows per pass (a pass of NT = 8 stages 8 rows, zeros past count). Every warp of the block
-// calls it (the staging barriers); `live` warps own a column below N_out.
+// One pass: expert e's rows r0 .. r0 + nrows (nrows <= NT; rows NT > nrows staged as zeros) against
+// output column j (its gate and up rows where R = 2). Every warp of the block calls it (the
+// staging barriers); `live` warps own a column below N_out.
 template <typename T, typename TO, int KIND, int R, int NT>
-__device__ __forceinline__ void quant_gemv_v2_rows(const QuantGemvParams& p, const QuantExpert& q, int e, int r0,
-                                                   int count, int j, bool live, unsigned char* smem) {
+__device__ __forceinline__ void quant_gemv_v2_pass(const QuantGemvParams& p, const QuantExpert& q, int e, int64_t r0,
+                                                   int nrows, int j, bool live, unsigned char* smem) {
     const GroupedGemmParams& g = p.g;
     const int kd = g.kdim, n_out = R == 2 ? g.n / 2 : g.n;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -163,52 +168,55 @@ __device__ __forceinline__ void quant_gemv_v2_rows(const QuantGemvParams& p, con
 #pragma unroll
     for (int n = 0; n < NT; ++n) xs[n] = staged_x_at(smem + n * kGemvStaged);
     const T* A = static_cast<const T*>(g.a);
-    TO* out = static_cast<TO*>(g.out);
-    for (int c0 = 0; c0 < count; c0 += NT) {
-        const int nrows = min(NT, count - c0);
-        float acc[R][NT];
+    float acc[R][NT];
 #pragma unroll
-        for (int i = 0; i < R; ++i)
+    for (int i = 0; i < R; ++i)
 #pragma unroll
-            for (int n = 0; n < NT; ++n) acc[i][n] = 0.f;
-        for (int k0 = 0; k0 < kd; k0 += kGemvTile) {
-            const int width = min(kGemvTile, kd - k0);
-            __syncthreads();  // the previous pass has read what this one overwrites
-            if (warp < NT) {
-                stage_x(A + (int64_t(r0) + c0 + warp) * kd + k0, width, staged_x_at(smem + warp * kGemvStaged),
-                        lane, 32, warp < nrows);
-            }
-            __syncthreads();
-            if (live) {
-                stream_rows_tile<KIND, T, R, NT>(p.blob, q, p.blob + q.codes, row_bytes, kd, rows, k0 / kCols,
-                                                 (k0 + width) / kCols, k0, xs, acc);
-            }
+        for (int n = 0; n < NT; ++n) acc[i][n] = 0.f;
+    for (int k0 = 0; k0 < kd; k0 += kGemvTile) {
+        const int width = min(kGemvTile, kd - k0);
+        __syncthreads();  // the previous pass has read what this one overwrites
+        if (warp < NT) {
+            stage_x(A + (r0 + warp) * kd + k0, width, staged_x_at(smem + warp * kGemvStaged), lane, 32, warp < nrows);
         }
-        if (!live) continue;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-            if (n >= nrows) break;
-            const float gv = warp_sum(acc[0][n]);
-            const float uv = R == 2 ? warp_sum(acc[R - 1][n]) : 0.f;
-            if (lane == 0) {
-                const int64_t r = int64_t(r0) + c0 + n;
-                out[r * n_out + j] = Float<TO>::from_f32(epilogue<T>(g, e, j, gv, uv, row_scale(g, r)));
-            }
+        __syncthreads();
+        if (live) {
+            stream_rows_tile<KIND, T, R, NT>(p.blob, q, p.blob + q.codes, row_bytes, kd, rows, k0 / kCols,
+                                             (k0 + width) / kCols, k0, xs, acc);
         }
+    }
+    if (!live) return;  // no barrier follows in this pass; the next pass's first barrier waits for all
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        if (n >= nrows) break;
+        const float gv = warp_sum(acc[0][n]);
+        const float uv = R == 2 ? warp_sum(acc[R - 1][n]) : 0.f;
+        if (lane == 0) {
+            out_store<TO>(g, r0 + n, n_out, j, epilogue<T>(g, e, j, gv, uv, row_scale(g, r0 + n)));
+        }
+    }
+}
+
+// Expert e's rows in passes of up to 8, each pass taking the smallest instance of 1, 2, 4 or 8
+// rows that holds it, so that an expert with few rows computes few padding rows.
+template <typename T, typename TO, int KIND, int R>
+__device__ __forceinline__ void quant_gemv_v2_rows(const QuantGemvParams& p, const QuantExpert& q, int e, int r0,
+                                                   int count, int j, bool live, unsigned char* smem) {
+    for (int c0 = 0; c0 < count; c0 += kGemvTokens) {
+        const int nrows = min(kGemvTokens, count - c0);
+        const int64_t r = int64_t(r0) + c0;
+        if (nrows == 1) quant_gemv_v2_pass<T, TO, KIND, R, 1>(p, q, e, r, nrows, j, live, smem);
+        else if (nrows == 2) quant_gemv_v2_pass<T, TO, KIND, R, 2>(p, q, e, r, nrows, j, live, smem);
+        else if (nrows <= 4) quant_gemv_v2_pass<T, TO, KIND, R, 4>(p, q, e, r, nrows, j, live, smem);
+        else quant_gemv_v2_pass<T, TO, KIND, R, kGemvTokens>(p, q, e, r, nrows, j, live, smem);
     }
 }
 
 template <typename T, typename TO, int KIND>
 __device__ __forceinline__ void quant_gemv_v2_kind(const QuantGemvParams& p, const QuantExpert& q, int e, int r0,
                                                    int count, int j, bool live, unsigned char* smem) {
-    // One row: no padding rows to compute; more: eight per pass.
-    if (p.g.gated) {
-        if (count == 1) quant_gemv_v2_rows<T, TO, KIND, 2, 1>(p, q, e, r0, count, j, live, smem);
-        else quant_gemv_v2_rows<T, TO, KIND, 2, kGemvTokens>(p, q, e, r0, count, j, live, smem);
-    } else {
-        if (count == 1) quant_gemv_v2_rows<T, TO, KIND, 1, 1>(p, q, e, r0, count, j, live, smem);
-        else quant_gemv_v2_rows<T, TO, KIND, 1, kGemvTokens>(p, q, e, r0, count, j, live, smem);
-    }
+    if (p.g.gated) quant_gemv_v2_rows<T, TO, KIND, 2>(p, q, e, r0, count, j, live, smem);
+    else quant_gemv_v2_rows<T, TO, KIND, 1>(p, q, e, r0, count, j, live, smem);
 }
 
 // quant_gemv_v1's contract and grid. Experts that fast_kind leaves to the per-8 decoder

@@ -23,7 +23,7 @@ pub enum QuantGemvVersion {
     /// One warp per output column, 8 weights per lane per step through the per-8-weight decoder
     /// (a scale lookup per weight), up to 8 rows' activations read from L1 for each step.
     V1,
-    /// The default: an expert's rows 8 at a time (one when it has one), their activations
+    /// The default: an expert's rows up to 8 at a time (passes of 1, 2, 4 or 8), their activations
     /// staged in shared memory 1024 columns at a time; each lane decodes a 16-byte chunk of
     /// codes once for all of them with the decode path's chunk decoders
     /// (kernels/common/qdot.cuh). Experts those decoders do not cover (act-order, group sizes
