@@ -37,7 +37,9 @@
 // History
 //   v1: one warp per output column, 16-byte loads, x[t] re-read from L1/L2 by every warp.
 //   v2: the staged activation and the chunk decoders (SASS per int4 weight 137 -> 4.0), gate and
-//       up rows together, one reduction per down column. The decoders first subtracted the
+//       up rows together, one reduction per down column; the down kernel's routed slots of one
+//       decoder kind stream together, 8 (4 with two columns) rows' loads in flight per lane
+//       before any is reduced. The decoders first subtracted the
 //       magic offset as C * sum(x) after the products, which cancels (up to 15 bits lost for
 //       int8); they now subtract it, with the zero point, from each decoded float, exactly
 //       (one FADD per weight: 4.0 -> 4.9 for int4).
@@ -300,13 +302,107 @@ __device__ __forceinline__ void decode_gate_up_v2(const DecodeParams& p) {
     }
 }
 
+// The decoder kind that every routed slot in [s0, s_end) with a GEMV (an id in [0, E)) shares, or
+// kFastNone where they differ, one has no fast decoder, or there is none. s_id, s_q: the pass's
+// ids and table entries, from slot s0.
+__device__ __forceinline__ int down_batch_kind(const DecodeParams& p, int s0, int s_end, const int32_t* s_id,
+                                               const QuantExpert* s_q) {
+    int kind = kFastNone;
+    for (int s = s0; s < s_end; ++s) {
+        const int id = s_id[s - s0];
+        if (id < 0 || id >= p.experts) continue;
+        const int k = p.down.blob == nullptr ? kFastPlain : fast_kind(s_q[s - s0], p.down.g.kdim);
+        if (k == kFastNone || (kind != kFastNone && k != kind)) return kFastNone;
+        kind = k;
+    }
+    return kind;
+}
+
+// acc[c] += sum over the routed GEMV slots s in [s0, s_end) of w_s * (h_s . W_{e_s}[col[c]]), P slots
+// at a time: each lane issues the 16-byte loads of all P slots' rows before it reduces any, so
+// a token's slots wait for DRAM once per step, not once each. h_s staged at region (s - s0);
+// s_id, s_w, s_q: the pass's ids, routing weights and table entries, from slot s0.
+template <int KIND, typename T, int NC, int P>
+__device__ __forceinline__ void down_slots_batched(const DecodeParams& p, int s0, int s_end, const int32_t* s_id,
+                                                   const float* s_w, const QuantExpert* s_q, unsigned char* dyn_smem,
+                                                   int64_t region, const int (&col)[NC], float (&acc)[NC]) {
+    const DecodeProj& dp = p.down;
+    const int kd = dp.g.kdim;
+    constexpr int kCols = kChunkCols<KIND>;
+    const int nch = kd / kCols;
+    const int64_t row_bytes = KIND == kFastInt4 || KIND == kFastMxfp4   ? kd / 2
+                              : KIND == kFastInt8 || KIND == kFastFp8 ? kd
+                              : KIND == kFastPlain                    ? int64_t(kd) * int64_t(sizeof(T))
+                                                                      : int64_t(kd) * 2;
+    for (int b0 = s0; b0 < s_end; b0 += P) {
+        const uint8_t* rows[P][NC];  // nullptr: no GEMV in this place
+        float w[P];
+#pragma unroll
+        for (int i = 0; i < P; ++i) {
+            const int s = b0 + i;
+            const int id = s < s_end ? s_id[s - s0] : -1;
+            const bool ok = id >= 0 && id < p.experts;
+            w[i] = ok && !p.weight_at_input ? s_w[s - s0] : 1.f;
+            const uint8_t* base = nullptr;
+            if (ok) {
+                base = KIND == kFastPlain ? static_cast<const uint8_t*>(dp.g.w) + int64_t(id) * dp.g.n * row_bytes
+                                          : dp.blob + s_q[s - s0].codes;
+            }
+#pragma unroll
+            for (int c = 0; c < NC; ++c) rows[i][c] = ok ? base + col[c] * row_bytes : nullptr;
+        }
+        for (int ch = threadIdx.x & 31; ch < nch; ch += 32) {
+            uint4 v[P][NC];
+#pragma unroll
+            for (int i = 0; i < P; ++i)
+#pragma unroll
+                for (int c = 0; c < NC; ++c)
+                    v[i][c] = rows[i][c] != nullptr ? __ldg(reinterpret_cast<const uint4*>(rows[i][c]) + ch)
+                                                    : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int i = 0; i < P; ++i) {
+                if (rows[i][0] == nullptr) continue;
+                const int r = b0 + i - s0;
+                const XChunk<kCols / 4> x = load_xchunk<kCols / 4>(staged_x_at(dyn_smem + r * region), ch * kCols);
+#pragma unroll
+                for (int c = 0; c < NC; ++c) {
+                    const float d = chunk_dot<KIND>(decode_chunk<KIND, T>(dp.blob, s_q[r], kd, col[c], ch * kCols, v[i][c]), x);
+                    acc[c] = fmaf(w[i], d, acc[c]);
+                }
+            }
+        }
+    }
+}
+
+// down_slots_batched for the kind down_batch_kind found: 8 slots per step with one column per
+// warp, 4 with two.
+template <typename T, int NC>
+__device__ __forceinline__ void down_slots_kind(int kind, const DecodeParams& p, int s0, int s_end,
+                                                const int32_t* s_id, const float* s_w, const QuantExpert* s_q,
+                                                unsigned char* dyn_smem, int64_t region, const int (&col)[NC],
+                                                float (&acc)[NC]) {
+    constexpr int P = NC == 1 ? 8 : 4;
+    switch (kind) {
+        case kFastInt4: down_slots_batched<kFastInt4, T, NC, P>(p, s0, s_end, s_id, s_w, s_q, dyn_smem, region, col, acc); break;
+        case kFastInt8: down_slots_batched<kFastInt8, T, NC, P>(p, s0, s_end, s_id, s_w, s_q, dyn_smem, region, col, acc); break;
+        case kFastMxfp4: down_slots_batched<kFastMxfp4, T, NC, P>(p, s0, s_end, s_id, s_w, s_q, dyn_smem, region, col, acc); break;
+        case kFastFp8: down_slots_batched<kFastFp8, T, NC, P>(p, s0, s_end, s_id, s_w, s_q, dyn_smem, region, col, acc); break;
+        case kFastBf16: down_slots_batched<kFastBf16, T, NC, P>(p, s0, s_end, s_id, s_w, s_q, dyn_smem, region, col, acc); break;
+        case kFastPlain: down_slots_batched<kFastPlain, T, NC, P>(p, s0, s_end, s_id, s_w, s_q, dyn_smem, region, col, acc); break;
+        default: break;
+    }
+}
+
 // As decode_down_v1, with the token's h rows staged in shared memory, p.down_pass slots at a time
 // (one barrier per pass), every lane summing w_k times its share of each slot's dot, one warp
 // reduction at the end; lane 0 adds the per-slot biases and the zero-computation experts. A warp
 // owns one output column, or two (c and c + 8, where the grid has ceil(H / 16) column blocks:
-// the host's choice at T >= 4), which then share every staged x load.
+// the host's choice at T >= 4), which then share every staged x load. The routed slots of a pass
+// that share a decoder kind stream together (down_slots_batched); the shared expert and passes
+// of mixed kinds stream slot by slot.
 template <typename T, int NC>
-__device__ __forceinline__ void decode_down_v2_cols(const DecodeParams& p, unsigned char* dyn_smem, QuantExpert* s_q) {
+__device__ __forceinline__ void decode_down_v2_cols(const DecodeParams& p, unsigned char* dyn_smem, QuantExpert* s_q,
+                                                   int32_t* s_id, float* s_w) {
     const int K = p.route.k, S = p.slots, H = p.hidden, E = p.experts;
     const int64_t t = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -326,9 +422,16 @@ __device__ __forceinline__ void decode_down_v2_cols(const DecodeParams& p, unsig
     for (int s0 = 0; s0 < slots; s0 += p.down_pass) {
         const int s1 = min(slots, s0 + p.down_pass);
         if (s0 > 0) __syncthreads();
+        // The pass's ids and weights, read from global memory once per block.
+        if (threadIdx.x < s1 - s0) {
+            const int s = s0 + threadIdx.x;
+            s_id[threadIdx.x] = s == K ? 0 : p.route.ids[t * K + s];
+            s_w[threadIdx.x] = s == K ? 0.f : p.route.weights[t * K + s];
+        }
+        __syncthreads();
         for (int s = s0; s < s1; ++s) {
             const bool sh = s == K;
-            const int id = sh ? 0 : p.route.ids[t * K + s];
+            const int id = s_id[s - s0];
             if (sh || (id >= 0 && id < E)) {
                 const DecodeProj& dp = sh ? p.shared_down : p.down;
                 stage_x(h + (t * S + s) * int64_t(p.ld_h), dp.g.kdim,
@@ -338,15 +441,16 @@ __device__ __forceinline__ void decode_down_v2_cols(const DecodeParams& p, unsig
         }
         __syncthreads();
         if (!live) continue;
+        const int batch = down_batch_kind(p, s0, min(s1, K), s_id, s_q);
         for (int s = s0; s < s1; ++s) {
             const bool sh = s == K;
             const DecodeProj& dp = sh ? p.shared_down : p.down;
-            const int id = sh ? 0 : p.route.ids[t * K + s];
+            const int id = s_id[s - s0];
             float w;
             if (sh) {
                 w = p.shared_gate != nullptr ? 1.f / (1.f + expf(-p.shared_gate_logit[t])) : 1.f;
             } else {
-                w = p.route.weights[t * K + s];
+                w = s_w[s - s0];
                 if (id >= E && id < p.route.experts) {
                     const int kind = decode_zc_kind(p, id);
 #pragma unroll
@@ -371,6 +475,7 @@ __device__ __forceinline__ void decode_down_v2_cols(const DecodeParams& p, unsig
 #pragma unroll
                 for (int i = 0; i < NC; ++i)
                     if (i == 0 || both) extra[i] = fmaf(w, epilogue<T>(p.down.g, id, col[i], 0.f, 0.f, 1.f), extra[i]);
+                if (batch != kFastNone) continue;  // streamed with the pass's other routed slots below
             }
             const StagedX xs = staged_x_at(dyn_smem + (s - s0) * region);
             const T* hg = h + (t * S + s) * int64_t(p.ld_h);
@@ -384,6 +489,16 @@ __device__ __forceinline__ void decode_down_v2_cols(const DecodeParams& p, unsig
                 float a[1];
                 dot_rows_v2<T, 1>(dp, id, s_q[s - s0], one, xs, hg, p.status, a);
                 acc[0] = fmaf(w, a[0], acc[0]);
+            }
+        }
+        if (batch != kFastNone) {
+            if (both) {
+                down_slots_kind<T, NC>(batch, p, s0, min(s1, K), s_id, s_w, s_q, dyn_smem, region, col, acc);
+            } else {
+                const int one[1] = {col[0]};
+                float a[1] = {acc[0]};
+                down_slots_kind<T, 1>(batch, p, s0, min(s1, K), s_id, s_w, s_q, dyn_smem, region, one, a);
+                acc[0] = a[0];
             }
         }
     }
@@ -404,8 +519,10 @@ template <typename T>
 __device__ __forceinline__ void decode_down_v2(const DecodeParams& p) {
     extern __shared__ __align__(16) unsigned char dyn_smem[];
     __shared__ QuantExpert s_q[33];  // the pass's slots' table entries (packed layers)
-    if (int64_t(gridDim.x) * kDecodeWarps >= p.hidden) decode_down_v2_cols<T, 1>(p, dyn_smem, s_q);
-    else decode_down_v2_cols<T, 2>(p, dyn_smem, s_q);
+    __shared__ int32_t s_id[33];     // the pass's expert ids and routing weights
+    __shared__ float s_w[33];
+    if (int64_t(gridDim.x) * kDecodeWarps >= p.hidden) decode_down_v2_cols<T, 1>(p, dyn_smem, s_q, s_id, s_w);
+    else decode_down_v2_cols<T, 2>(p, dyn_smem, s_q, s_id, s_w);
 }
 
 }  // namespace moe

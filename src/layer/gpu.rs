@@ -34,7 +34,8 @@ pub enum DecodeVersion {
     /// The default: the activation staged once per block in shared memory as f32; compressed
     /// rows read 16 bytes per lane with the scale once per chunk and bit-level decoders
     /// (kernels/common/qdot.cuh); the gate and up rows streamed together; `decode_down` stages
-    /// the token's rows and reduces once per column. Layers whose rows exceed the shared-memory
+    /// the token's rows, streams the routed slots that share a decoder together and reduces once
+    /// per column. Layers whose rows exceed the shared-memory
     /// budget take v1.
     V2,
 }
