@@ -14,6 +14,13 @@
 //!
 //! The generated `$OUT_DIR/kernel_images.rs` holds one `Option<&[u8]>` per file (`None` when not
 //! built), the nvcc version, the architectures and the ptxas resource report.
+//!
+//! `MOE_KERNELS_CACHE=DIR` (optional) keeps each file's fatbin, ptxas report and PTX warnings in
+//! DIR under a key made of the nvcc found, its version, every nvcc argument but the output
+//! paths, the file and the headers of `kernels/common` it includes, directly or not (`#include
+//! "name"` lines; names and bytes). A later build with the same key (another profile, `cargo
+//! clippy` after `cargo build`, a scratch copy of the crate) copies them instead of running
+//! nvcc. Line info in a reused image names the source paths of the build that made it.
 
 use std::env;
 use std::fmt::Write as _;
@@ -47,6 +54,73 @@ struct Built {
     ptxas_report: String,
 }
 
+/// What `MOE_KERNELS_CACHE` keys an image by, besides the nvcc arguments.
+struct CacheKey {
+    dir: PathBuf,
+    /// nvcc's path and version, hashed.
+    common: u128,
+}
+
+/// nvcc's path (links resolved: a scratch copy that links the toolchain finds the same one) and
+/// version.
+fn common_hash(nvcc: &Path, version: &str) -> u128 {
+    let mut h = Hasher::new();
+    let real = fs::canonicalize(nvcc).unwrap_or_else(|_| nvcc.to_path_buf());
+    h.bytes(real.to_string_lossy().as_bytes());
+    h.bytes(version.as_bytes());
+    h.finish()
+}
+
+/// The headers of `common` that `src` includes, directly or through another (`#include "name"`
+/// lines), sorted by name.
+fn included_headers(src: &Path, common: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = Vec::new();
+    let mut todo = vec![src.to_path_buf()];
+    while let Some(file) = todo.pop() {
+        let text = fs::read_to_string(&file).unwrap_or_default();
+        for line in text.lines() {
+            let Some(rest) = line.trim_start().strip_prefix("#include") else {
+                continue;
+            };
+            let Some(name) = rest
+                .trim()
+                .strip_prefix('"')
+                .and_then(|r| r.split('"').next())
+            else {
+                continue;
+            };
+            let path = common.join(name);
+            if path.is_file() && !found.contains(&path) {
+                found.push(path.clone());
+                todo.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The cache entry of kernel `k` built with `args`: nvcc, the arguments, the file and the headers
+/// it includes, as they are now.
+fn cache_entry(
+    c: &CacheKey,
+    args: &[std::ffi::OsString],
+    k: &Kernel,
+    kernel_dir: &Path,
+) -> PathBuf {
+    let mut h = Hasher::new();
+    h.bytes(&c.common.to_le_bytes());
+    for a in args {
+        h.bytes(a.to_string_lossy().as_bytes());
+    }
+    h.bytes(&fs::read(&k.src).unwrap_or_default());
+    for path in included_headers(&k.src, &kernel_dir.join("common")) {
+        h.bytes(path.file_name().unwrap().to_string_lossy().as_bytes());
+        h.bytes(&fs::read(&path).unwrap_or_default());
+    }
+    c.dir.join(format!("{}-{:032x}", k.stem, h.finish()))
+}
+
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
@@ -60,6 +134,7 @@ fn main() {
         "CUDA_PATH",
         "PATH",
         "NVCC_CCBIN",
+        "MOE_KERNELS_CACHE",
     ] {
         println!("cargo::rerun-if-env-changed={var}");
     }
@@ -114,7 +189,20 @@ fn main() {
         None => generate(&kernels, &[], None, &[]),
         Some(nvcc) => {
             let version = nvcc_version(&nvcc);
-            let built = compile_all(&nvcc, &kernels, &archs, &kernel_dir, &out_dir);
+            let cache = env::var_os("MOE_KERNELS_CACHE")
+                .filter(|d| !d.is_empty())
+                .map(|dir| CacheKey {
+                    dir: PathBuf::from(dir),
+                    common: common_hash(&nvcc, &version),
+                });
+            let built = compile_all(
+                &nvcc,
+                &kernels,
+                &archs,
+                &kernel_dir,
+                &out_dir,
+                cache.as_ref(),
+            );
             let arch_names = arch_names(&archs);
             generate(&kernels, &built, Some(&version), &arch_names)
         }
@@ -232,12 +320,13 @@ fn compile_all(
     archs: &[u32],
     kernel_dir: &Path,
     out_dir: &Path,
+    cache: Option<&CacheKey>,
 ) -> Vec<Built> {
     // Two cores on CI: compile files in parallel, one nvcc each.
     let results: Vec<Result<Built, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = kernels
             .iter()
-            .map(|k| s.spawn(move || compile_one(nvcc, k, archs, kernel_dir, out_dir)))
+            .map(|k| s.spawn(move || compile_one(nvcc, k, archs, kernel_dir, out_dir, cache)))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -261,38 +350,55 @@ fn compile_one(
     archs: &[u32],
     kernel_dir: &Path,
     out_dir: &Path,
+    cache: Option<&CacheKey>,
 ) -> Result<Built, String> {
     let fatbin = out_dir.join(format!("{}.fatbin", k.stem));
     let keep_dir = out_dir.join(format!("{}.keep", k.stem));
     let _ = fs::remove_dir_all(&keep_dir);
     fs::create_dir_all(&keep_dir).map_err(|e| e.to_string())?;
 
-    let mut cmd = Command::new(nvcc);
-    cmd.arg("-fatbin")
-        .arg("-O3")
-        .arg("-std=c++17")
-        .arg("-lineinfo")
+    // The arguments that decide the image; the output paths follow them.
+    let mut args: Vec<std::ffi::OsString> = [
+        "-fatbin",
+        "-O3",
+        "-std=c++17",
+        "-lineinfo",
         // The driver inflates compressed images at load time; every test, bench and CLI binary
         // embeds all of them, so this keeps each binary small.
-        .arg("-Xfatbin=-compress-all")
+        "-Xfatbin=-compress-all",
+        "-Xptxas=-v",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    if let Some(ccbin) = env::var_os("NVCC_CCBIN") {
+        args.push("-ccbin".into());
+        args.push(ccbin);
+    }
+    if k.hopper_only {
+        args.push("-gencode=arch=compute_90a,code=sm_90a".into());
+    } else {
+        for a in archs {
+            args.push(format!("-gencode=arch=compute_{a},code=sm_{a}").into());
+        }
+        let top = archs.last().unwrap();
+        args.push(format!("-gencode=arch=compute_{top},code=compute_{top}").into());
+    }
+
+    let entry = cache.map(|c| cache_entry(c, &args, k, kernel_dir));
+    if let Some(entry) = &entry
+        && let Some(built) = from_cache(k, entry, &fatbin)
+    {
+        return Ok(built);
+    }
+
+    let mut cmd = Command::new(nvcc);
+    cmd.args(&args)
         .arg("--keep")
         .arg("--keep-dir")
         .arg(&keep_dir)
-        .arg("-Xptxas=-v")
         .arg("-I")
         .arg(kernel_dir.join("common"));
-    if let Some(ccbin) = env::var_os("NVCC_CCBIN") {
-        cmd.arg("-ccbin").arg(ccbin);
-    }
-    if k.hopper_only {
-        cmd.arg("-gencode=arch=compute_90a,code=sm_90a");
-    } else {
-        for a in archs {
-            cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
-        }
-        let top = archs.last().unwrap();
-        cmd.arg(format!("-gencode=arch=compute_{top},code=compute_{top}"));
-    }
     cmd.arg("-o").arg(&fatbin).arg(&k.src);
 
     let out = cmd
@@ -308,8 +414,17 @@ fn compile_one(
             stderr
         ));
     }
-    check_ptx_isa(k, &keep_dir);
+    let ptx_warnings = check_ptx_isa(k, &keep_dir);
+    for w in &ptx_warnings {
+        println!("cargo::warning={w}");
+    }
     warn_on_spills(k, &stderr);
+    // Stored only if no source changed while nvcc ran (the image might not be the key's).
+    if let (Some(entry), Some(c)) = (&entry, cache)
+        && cache_entry(c, &args, k, kernel_dir) == *entry
+    {
+        to_cache(entry, &fatbin, &stderr, &ptx_warnings);
+    }
     Ok(Built {
         stem: k.stem.clone(),
         fatbin,
@@ -317,8 +432,67 @@ fn compile_one(
     })
 }
 
-/// Warns when nvcc emitted PTX newer than the CUDA 13.0 driver accepts.
-fn check_ptx_isa(k: &Kernel, keep_dir: &Path) {
+/// A cached image for `k` copied to `fatbin`, its warnings repeated; None on a miss.
+fn from_cache(k: &Kernel, entry: &Path, fatbin: &Path) -> Option<Built> {
+    let report = fs::read_to_string(entry.join("ptxas.txt")).ok()?;
+    let warnings = fs::read_to_string(entry.join("ptx-warnings.txt")).ok()?;
+    fs::copy(entry.join("image.fatbin"), fatbin).ok()?;
+    for w in warnings.lines() {
+        println!("cargo::warning={w}");
+    }
+    warn_on_spills(k, &report);
+    Some(Built {
+        stem: k.stem.clone(),
+        fatbin: fatbin.to_path_buf(),
+        ptxas_report: report,
+    })
+}
+
+/// Stores an image under `entry`, whole or not at all: written beside it, then renamed (a build
+/// that stored the same key first wins; failures only cost the next build a compile).
+fn to_cache(entry: &Path, fatbin: &Path, report: &str, ptx_warnings: &[String]) {
+    let Some(parent) = entry.parent() else {
+        return;
+    };
+    let tmp = parent.join(format!(
+        ".{}.{}",
+        entry.file_name().unwrap().to_string_lossy(),
+        std::process::id()
+    ));
+    let stored = fs::create_dir_all(&tmp).is_ok()
+        && fs::copy(fatbin, tmp.join("image.fatbin")).is_ok()
+        && fs::write(tmp.join("ptxas.txt"), report).is_ok()
+        && fs::write(tmp.join("ptx-warnings.txt"), ptx_warnings.join("\n")).is_ok();
+    if !stored || fs::rename(&tmp, entry).is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+}
+
+/// Two 64-bit FNV-1a hashes with different offsets, as one 128-bit key: no build dependency,
+/// and a collision between two kernel sources is not a practical concern at this width.
+struct Hasher(u64, u64);
+
+impl Hasher {
+    fn new() -> Self {
+        Hasher(0xcbf2_9ce4_8422_2325, 0x6c62_272e_07bb_0142)
+    }
+
+    /// Hashes `b` with its length in front, so that the boundaries between parts count.
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in (b.len() as u64).to_le_bytes().iter().chain(b) {
+            self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
+            self.1 = (self.1 ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u128 {
+        (u128::from(self.0) << 64) | u128::from(self.1)
+    }
+}
+
+/// The warnings for PTX newer than the CUDA 13.0 driver accepts.
+fn check_ptx_isa(k: &Kernel, keep_dir: &Path) -> Vec<String> {
+    let mut warnings = Vec::new();
     for ptx in list_files(keep_dir)
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "ptx"))
@@ -338,17 +512,18 @@ fn check_ptx_isa(k: &Kernel, keep_dir: &Path) {
             .map(|p| p.parse::<u32>().unwrap_or(0));
         let isa = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
         if isa > MAX_PTX_ISA {
-            println!(
-                "cargo::warning=moe-kernels: {} emitted PTX ISA {}.{}, newer than {}.{}, which a \
-                 CUDA 13.0 driver (r580) rejects; use the pinned 13.0 toolchain",
+            warnings.push(format!(
+                "moe-kernels: {} emitted PTX ISA {}.{}, newer than {}.{}, which a CUDA 13.0 \
+                 driver (r580) rejects; use the pinned 13.0 toolchain",
                 k.src.display(),
                 isa.0,
                 isa.1,
                 MAX_PTX_ISA.0,
                 MAX_PTX_ISA.1
-            );
+            ));
         }
     }
+    warnings
 }
 
 /// DeepGEMM's rule: a kernel that uses local memory without a written reason is not done.
