@@ -25,14 +25,32 @@
 //             expert's h . W[c]) + residual[t, c]: f32, one rounding, no atomics, the same bits
 //             every run.
 //
-// Where two tokens choose one expert, its weights are read once per token: at T <= 16 and K = 8
-// over E = 128 that is rare enough to leave for a by-expert variant to measure against.
+// Where two tokens choose one expert, v1 and v2 read its weights once per token (Mixtral at
+// T = 16: about 4 times its unique bytes). v3 and v4 below read them once per 8 tokens.
 //
 // decode_gate_up_v2_* / decode_down_v2_* (the default; MoeLayer::set_decode_version): the same
 //   contracts. x[t] (gate/up) or the token's h rows (down) staged in shared memory as f32 with
 //   kernels/common/qdot.cuh, compressed rows decoded a 16-byte chunk per lane; dynamic shared
 //   memory as src/layer/decode.rs's v2_smem sizes it; down takes two columns per warp on the
 //   narrower grid (ceil(H / 16) blocks), which the host picks at T >= 4.
+//
+// decode_gate_up_v3_{t}(DecodeParams p), after route_{l}_e{N} wrote p.route.ids / weights [T, K]
+//   h as decode_gate_up_v2 writes it, by expert: block (x, y) owns output columns 8x .. 8x + 8 of
+//   the y-th smallest distinct id in [0, E) among the ids (grid.y = min(T K, E) + 1; rows past the
+//   number chosen exit at once), or in the last row the shared expert, and computes them for
+//   every (token, slot) that chose it: passes of up to 8 tokens, their x rows staged 1024 columns
+//   at a time (qdot.cuh's gemv_pass_tiled, quant_gemv_v2's mainloop), each weight chunk decoded
+//   once per pass. Per lane the chunks and their order are v2's, so h is v2's bit for bit. The
+//   last row's column-0 block also does every token's block-wide extras.
+// decode_down_v3_{t}(DecodeParams p), after decode_gate_up_v3
+//   The down GEMV the same way, over the slots' h rows: partial[t * S + s, c] = h[t * S + s] .
+//   W_e[c], raw f32 dots (no bias, no weight).
+// decode_combine_{t}(DecodeParams p)
+//   Thread c of block (x, t): y[t, c] from token t's partial rows in slot order, as decode_down_v1
+//   sums them (w_k * epilogue(dot), copy and constant experts, the gated shared expert, the
+//   residual): f32, one rounding, no atomics.
+// The host runs v3 (route, gate/up v3, down v2) or v4 (route, gate/up v3, down v3, combine) at
+// T >= 2; at T = 1 each chosen expert has one token and both run v2.
 //
 // History
 //   v1: one warp per output column, 16-byte loads, x[t] re-read from L1/L2 by every warp.
@@ -43,6 +61,9 @@
 //       magic offset as C * sum(x) after the products, which cancels (up to 15 bits lost for
 //       int8); they now subtract it, with the zero point, from each decoded float, exactly
 //       (one FADD per weight: 4.0 -> 4.9 for int4).
+//   v3: the gate/up GEMV by expert (each chosen expert's rows once per 8 tokens, not once per
+//       token), the tokens routed once by the routing kernel; v4: the down GEMV likewise, with
+//       the slots summed by a combine launch.
 
 #include "dtype.cuh"
 #include "epilogue.cuh"
@@ -107,6 +128,24 @@ __device__ __forceinline__ int decode_zc_kind(const DecodeParams& p, int id) {
     const int kind = p.zc_kinds != nullptr ? p.zc_kinds[id - p.experts] : 0;
     if (kind == 2 && (p.const_w == nullptr || p.const_v == nullptr)) return 0;
     return kind == 1 || kind == 2 ? kind : 0;
+}
+
+// acc plus w times zero-computation expert id's output at column c of token t, slot s: a copy
+// expert's x[t, c], a constant expert's a1 x[t, c] + a2 v[c] (its alpha from gate/up); a zero
+// expert adds nothing.
+template <typename T>
+__device__ __forceinline__ float zc_accumulate(const DecodeParams& p, int64_t t, int s, int id, float w, int c,
+                                               float acc) {
+    const int K = p.route.k;
+    const int kind = decode_zc_kind(p, id);
+    const float xv = Float<T>::to_f32(static_cast<const T*>(p.x)[t * p.hidden + c]);
+    if (kind == 1) return fmaf(w, xv, acc);
+    if (kind == 2) {
+        const float a1 = w * p.alpha[2 * (t * K + s)], a2 = w * p.alpha[2 * (t * K + s) + 1];
+        const T* v = static_cast<const T*>(p.const_v) + int64_t(id - p.experts) * p.hidden;
+        return acc + (a1 * xv + a2 * Float<T>::to_f32(v[c]));
+    }
+    return acc;
 }
 
 // Warp 0's prologue: token t's routing (route_token, the routing kernels' own code) into s_ids /
@@ -193,7 +232,6 @@ __device__ __forceinline__ void decode_down_v1(const DecodeParams& p) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int c = blockIdx.x * kDecodeWarps + warp;
     if (c >= H) return;  // no barrier in this kernel: warps may leave alone
-    const T* x = static_cast<const T*>(p.x) + t * H;
     const T* h = static_cast<const T*>(p.h);
     float acc = 0.f;
     for (int s = 0; s < K; ++s) {
@@ -203,15 +241,7 @@ __device__ __forceinline__ void decode_down_v1(const DecodeParams& p) {
             const float v = warp_sum(dot_row<T>(p.down, id, c, h + (t * S + s) * int64_t(p.ld_h), p.status));
             acc = fmaf(p.weight_at_input ? 1.f : w, epilogue<T>(p.down.g, id, c, v, 0.f, 1.f), acc);
         } else if (id >= E && id < p.route.experts) {
-            const int kind = decode_zc_kind(p, id);
-            const float xv = Float<T>::to_f32(x[c]);
-            if (kind == 1) {
-                acc = fmaf(w, xv, acc);
-            } else if (kind == 2) {
-                const float a1 = w * p.alpha[2 * (t * K + s)], a2 = w * p.alpha[2 * (t * K + s) + 1];
-                const T* v = static_cast<const T*>(p.const_v) + int64_t(id - E) * H;
-                acc += a1 * xv + a2 * Float<T>::to_f32(v[c]);
-            }
+            acc = zc_accumulate<T>(p, t, s, id, w, c, acc);
         } else if (id != -1 && lane == 0 && blockIdx.x == 0 && warp == 0) {
             atomicAdd(p.status, 1);  // not an id the routing gives: counted once per slot
         }
@@ -330,10 +360,7 @@ __device__ __forceinline__ void down_slots_batched(const DecodeParams& p, int s0
     const int kd = dp.g.kdim;
     constexpr int kCols = kChunkCols<KIND>;
     const int nch = kd / kCols;
-    const int64_t row_bytes = KIND == kFastInt4 || KIND == kFastMxfp4   ? kd / 2
-                              : KIND == kFastInt8 || KIND == kFastFp8 ? kd
-                              : KIND == kFastPlain                    ? int64_t(kd) * int64_t(sizeof(T))
-                                                                      : int64_t(kd) * 2;
+    const int64_t row_bytes = row_bytes_of<KIND, T>(kd);
     for (int b0 = s0; b0 < s_end; b0 += P) {
         const uint8_t* rows[P][NC];  // nullptr: no GEMV in this place
         float w[P];
@@ -414,7 +441,6 @@ __device__ __forceinline__ void decode_down_v2_cols(const DecodeParams& p, unsig
     const bool has_shared = p.shared_down.g.w != nullptr || p.shared_down.blob != nullptr;
     const int slots = K + int(has_shared);
     const int64_t region = (staged_x_bytes(p.ld_h) + 15) / 16 * 16;
-    const T* x = static_cast<const T*>(p.x) + t * H;
     const T* h = static_cast<const T*>(p.h);
     float acc[NC], extra[NC];  // this lane's share of the GEMV terms; lane 0: biases, zc experts
 #pragma unroll
@@ -452,18 +478,10 @@ __device__ __forceinline__ void decode_down_v2_cols(const DecodeParams& p, unsig
             } else {
                 w = s_w[s - s0];
                 if (id >= E && id < p.route.experts) {
-                    const int kind = decode_zc_kind(p, id);
 #pragma unroll
                     for (int i = 0; i < NC; ++i) {
                         if (i > 0 && !both) break;
-                        const float xv = Float<T>::to_f32(x[col[i]]);
-                        if (kind == 1) {
-                            extra[i] = fmaf(w, xv, extra[i]);
-                        } else if (kind == 2) {
-                            const float a1 = w * p.alpha[2 * (t * K + s)], a2 = w * p.alpha[2 * (t * K + s) + 1];
-                            const T* v = static_cast<const T*>(p.const_v) + int64_t(id - E) * H;
-                            extra[i] += a1 * xv + a2 * Float<T>::to_f32(v[col[i]]);
-                        }
+                        extra[i] = zc_accumulate<T>(p, t, s, id, w, col[i], extra[i]);
                     }
                     continue;
                 }
@@ -525,6 +543,241 @@ __device__ __forceinline__ void decode_down_v2(const DecodeParams& p) {
     else decode_down_v2_cols<T, 2>(p, dyn_smem, s_q, s_id, s_w);
 }
 
+// ---- v3: the gate/up GEMV by expert, after one routing launch ----
+
+constexpr int kV3MaxEntries = 16 * 32;  // T * K: DECODE_TOKENS tokens of at most 32 slots
+
+// An entry of a v3 block's list: token t, slot s (K for the shared expert) as t * 64 + s.
+__device__ __forceinline__ int v3_entry(int t, int s) { return (t << 6) | s; }
+__device__ __forceinline__ int v3_token(int ent) { return ent >> 6; }
+__device__ __forceinline__ int v3_slot(int ent) { return ent & 63; }
+
+// The block's expert and the (token, slot) entries (v3_entry) that chose it, ascending, into
+// s_list / *s_n: the y-th smallest distinct id in [0, E) of ids [T, K] for y < gridDim.y - 1,
+// and for the last row the shared expert (every token, at slot K; none without one). *s_e: the
+// expert, or -1 where fewer than y + 1 experts were chosen. Warp 0 calls it.
+__device__ __forceinline__ void v3_block_expert(const DecodeParams& p, bool has_shared, uint32_t* s_bits,
+                                                int32_t* s_list, int* s_n, int* s_e) {
+    const int lane = threadIdx.x & 31;
+    const int n = p.route.tokens * p.route.k;
+    const int y = blockIdx.y;
+    if (y == int(gridDim.y) - 1) {
+        for (int t = lane; t < p.route.tokens; t += 32) s_list[t] = v3_entry(t, p.route.k);
+        if (lane == 0) {
+            *s_n = has_shared ? p.route.tokens : 0;
+            *s_e = has_shared ? 0 : -1;
+        }
+        return;
+    }
+    s_bits[lane] = 0u;
+    __syncwarp();
+    for (int i = lane; i < n; i += 32) {
+        const int id = p.route.ids[i];
+        if (id >= 0 && id < p.experts) atomicOr(&s_bits[id >> 5], 1u << (id & 31));
+    }
+    __syncwarp();
+    // The y-th set bit of the 1024-bit set: a prefix sum of the words' counts over the warp.
+    const uint32_t word = s_bits[lane];
+    const int count = __popc(word);
+    int incl = count;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(kFullMask, incl, o);
+        if (lane >= o) incl += v;
+    }
+    const int before = incl - count;
+    const uint32_t owner = __ballot_sync(kFullMask, y >= before && y < incl);
+    int e = -1;
+    if (owner != 0u) {
+        const int src = __ffs(owner) - 1;
+        if (lane == src) {
+            uint32_t w = word;
+            for (int r = y - before; r > 0; --r) w &= w - 1u;  // drop the lower set bits
+            e = 32 * lane + __ffs(w) - 1;
+        }
+        e = __shfl_sync(kFullMask, e, src);
+    }
+    // The entries that chose e, in order: a ballot per 32.
+    int found = 0;
+    if (e >= 0) {
+        for (int base = 0; base < n; base += 32) {
+            const int i = base + lane;
+            const bool hit = i < n && p.route.ids[i] == e;
+            const uint32_t m = __ballot_sync(kFullMask, hit);
+            if (hit) s_list[found + __popc(m & ((1u << lane) - 1u))] = v3_entry(i / p.route.k, i % p.route.k);
+            found += __popc(m);
+        }
+    }
+    if (lane == 0) {
+        *s_n = found;
+        *s_e = e;
+    }
+}
+
+// One pass over NT >= nrows entries ent[0, nrows) of the block's expert e, column j of projection
+// dp. Gate/up (DOWN false): x[t] against the gate and up rows of j, lane 0 of each live warp
+// writes h[t * S + s, j] through the epilogue. Down (DOWN true): h[t * S + s] against row j,
+// partial[t * S + s, j] = the raw dot (decode_combine adds bias, weights and the rest).
+template <typename T, int KIND, int NT, bool DOWN>
+__device__ __forceinline__ void v3_pass(const DecodeParams& p, const DecodeProj& dp, const uint8_t* blob,
+                                        const QuantExpert& q, const uint8_t* codes, int e, bool shared,
+                                        const int32_t* ent, int nrows, int j, bool live, unsigned char* smem) {
+    constexpr int R = DOWN ? 1 : 2;
+    const int K = p.route.k, S = p.slots, kd = dp.g.kdim;
+    const T* X = static_cast<const T*>(p.x);
+    const T* Hr = static_cast<const T*>(p.h);
+    int rows[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) rows[i] = live ? weight_row(dp.g, j, i) : 0;
+    const auto src = [&](int n) {
+        const int t = v3_token(ent[n]);
+        return DOWN ? Hr + (int64_t(t) * S + v3_slot(ent[n])) * int64_t(p.ld_h) : X + int64_t(t) * p.hidden;
+    };
+    float acc[R][NT];
+    gemv_pass_tiled<KIND, T, R, NT>(blob, q, codes, kd, rows, live, src, nrows, smem, acc);
+    if (!live) return;  // no barrier follows in this pass; the next pass's first barrier waits for all
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        if (n >= nrows) break;
+        const float g = warp_sum(acc[0][n]);
+        const float u = DOWN ? 0.f : warp_sum(acc[R - 1][n]);
+        if ((threadIdx.x & 31) == 0) {
+            const int t = v3_token(ent[n]), s = v3_slot(ent[n]);
+            const int64_t row = int64_t(t) * S + s;
+            if (DOWN) {
+                p.partial[row * p.hidden + j] = g;
+            } else {
+                const float scale = !shared && dp.g.scale_input ? p.route.weights[t * K + s] : 1.f;
+                static_cast<T*>(p.h)[row * int64_t(p.ld_h) + j] = Float<T>::from_f32(epilogue<T>(dp.g, e, j, g, u, scale));
+            }
+        }
+    }
+}
+
+// The block's entries in passes of up to kGemvTokens, each taking the smallest instance of 1, 2,
+// 4 or 8 that holds it.
+template <typename T, int KIND, bool DOWN>
+__device__ __forceinline__ void v3_entries(const DecodeParams& p, const DecodeProj& dp, const uint8_t* blob,
+                                           const QuantExpert& q, const uint8_t* codes, int e, bool shared,
+                                           const int32_t* list, int count, int j, bool live, unsigned char* smem) {
+    for (int c0 = 0; c0 < count; c0 += kGemvTokens) {
+        const int nrows = min(kGemvTokens, count - c0);
+        const int32_t* ent = list + c0;
+        if (nrows == 1) v3_pass<T, KIND, 1, DOWN>(p, dp, blob, q, codes, e, shared, ent, nrows, j, live, smem);
+        else if (nrows == 2) v3_pass<T, KIND, 2, DOWN>(p, dp, blob, q, codes, e, shared, ent, nrows, j, live, smem);
+        else if (nrows <= 4) v3_pass<T, KIND, 4, DOWN>(p, dp, blob, q, codes, e, shared, ent, nrows, j, live, smem);
+        else v3_pass<T, KIND, kGemvTokens, DOWN>(p, dp, blob, q, codes, e, shared, ent, nrows, j, live, smem);
+    }
+}
+
+// The by-expert GEMV of one projection (gate/up, or down where DOWN): block (x, y) owns output
+// columns 8x .. 8x + 8 (one per warp) of the y-th distinct expert that the tokens chose
+// (v3_block_expert; rows past the number chosen exit), or in the last row of the grid the shared
+// expert, for every entry that chose it, so that each chosen expert's rows are read once per
+// forward (once per 8 tokens), not once per token. The routing ran before (route_{l}_e{N} into
+// p.route.ids / weights).
+// PLAIN: the instance for plain weights only (dp.blob null), without the packed decoders'
+// registers; the other takes both.
+template <typename T, bool DOWN, bool PLAIN>
+__device__ __forceinline__ void decode_by_expert(const DecodeParams& p) {
+    __shared__ __align__(16) unsigned char smem[kGemvTokens * kGemvStaged];
+    __shared__ uint32_t s_bits[32];
+    __shared__ int32_t s_list[kV3MaxEntries];
+    __shared__ int s_n;
+    __shared__ int s_e;
+    __shared__ QuantExpert s_q;
+    const bool last = blockIdx.y == gridDim.y - 1;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const DecodeProj& dp = DOWN ? (last ? p.shared_down : p.down) : (last ? p.shared_up : p.up);
+    if (!DOWN && last && blockIdx.x == 0) {
+        // Every token's block-wide extras: the shared expert's gate logit, constant experts' alpha.
+        const int K = p.route.k;
+        for (int t = 0; t < p.route.tokens; ++t) {
+            const T* x = static_cast<const T*>(p.x) + int64_t(t) * p.hidden;
+            if (p.slots > K) decode_slot_extras(p, x, t, K, 0);
+            for (int s = 0; s < K; ++s) decode_slot_extras(p, x, t, s, p.route.ids[t * K + s]);
+        }
+    }
+    if (warp == 0) {
+        v3_block_expert(p, p.slots > p.route.k, s_bits, s_list, &s_n, &s_e);
+        if (lane == 0 && dp.blob != nullptr && s_e >= 0) s_q = dp.experts[s_e];
+    }
+    __syncthreads();
+    const int e = s_e, count = s_n;
+    if (e < 0 || count == 0) return;  // uniform per block: before any other barrier
+    const int kd = dp.g.kdim;
+    const int n_out = DOWN ? dp.g.n : dp.g.n / 2;
+    const int j = blockIdx.x * kDecodeWarps + warp;
+    const bool live = j < n_out;
+    if (PLAIN || dp.blob == nullptr) {
+        const uint8_t* codes = static_cast<const uint8_t*>(dp.g.w) + int64_t(e) * dp.g.n * kd * int64_t(sizeof(T));
+        v3_entries<T, kFastPlain, DOWN>(p, dp, nullptr, QuantExpert{}, codes, e, last, s_list, count, j, live, smem);
+        return;
+    }
+    const QuantExpert q = s_q;
+    const uint8_t* codes = dp.blob + q.codes;
+    switch (fast_kind(q, kd)) {
+        case kFastInt4: v3_entries<T, kFastInt4, DOWN>(p, dp, dp.blob, q, codes, e, last, s_list, count, j, live, smem); break;
+        case kFastInt8: v3_entries<T, kFastInt8, DOWN>(p, dp, dp.blob, q, codes, e, last, s_list, count, j, live, smem); break;
+        case kFastMxfp4: v3_entries<T, kFastMxfp4, DOWN>(p, dp, dp.blob, q, codes, e, last, s_list, count, j, live, smem); break;
+        case kFastFp8: v3_entries<T, kFastFp8, DOWN>(p, dp, dp.blob, q, codes, e, last, s_list, count, j, live, smem); break;
+        case kFastBf16: v3_entries<T, kFastBf16, DOWN>(p, dp, dp.blob, q, codes, e, last, s_list, count, j, live, smem); break;
+        default: {
+            // The per-8 decoder (act-order, other groups, ternary), entry by entry, from global.
+            if (!live) return;  // no barrier follows
+            const int K = p.route.k, S = p.slots;
+            for (int c = 0; c < count; ++c) {
+                const int t = v3_token(s_list[c]), s = v3_slot(s_list[c]);
+                const int64_t row = int64_t(t) * S + s;
+                if (DOWN) {
+                    const float v = warp_sum(dot_row<T>(dp, e, j, static_cast<const T*>(p.h) + row * p.ld_h, p.status));
+                    if (lane == 0) p.partial[row * p.hidden + j] = v;
+                    continue;
+                }
+                const T* x = static_cast<const T*>(p.x) + int64_t(t) * p.hidden;
+                const float g = warp_sum(dot_row<T>(dp, e, weight_row(dp.g, j, 0), x, p.status));
+                const float u = warp_sum(dot_row<T>(dp, e, weight_row(dp.g, j, 1), x, p.status));
+                if (lane == 0) {
+                    const float scale = !last && dp.g.scale_input ? p.route.weights[t * K + s] : 1.f;
+                    static_cast<T*>(p.h)[row * int64_t(p.ld_h) + j] =
+                        Float<T>::from_f32(epilogue<T>(dp.g, e, j, g, u, scale));
+                }
+            }
+        }
+    }
+}
+
+// decode_down's contract after decode_down_v3 (the by-expert down GEMV into p.partial): thread c
+// of block (x, t) sums column c of token t's slots in order, as decode_down_v1 does, from the
+// partial dots: w_k * epilogue(partial + bias), copy and constant experts, the gated shared
+// expert, the residual; f32, one rounding, no atomics.
+template <typename T>
+__device__ __forceinline__ void decode_combine(const DecodeParams& p) {
+    const int K = p.route.k, S = p.slots, H = p.hidden, E = p.experts;
+    const int64_t t = blockIdx.y;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= H) return;
+    const float* part = p.partial + t * S * int64_t(H) + c;
+    float acc = 0.f;
+    for (int s = 0; s < K; ++s) {
+        const int id = p.route.ids[t * K + s];
+        const float w = p.route.weights[t * K + s];
+        if (id >= 0 && id < E) {
+            acc = fmaf(p.weight_at_input ? 1.f : w, epilogue<T>(p.down.g, id, c, part[int64_t(s) * H], 0.f, 1.f), acc);
+        } else if (id >= E && id < p.route.experts) {
+            acc = zc_accumulate<T>(p, t, s, id, w, c, acc);
+        } else if (id != -1 && c == 0) {
+            atomicAdd(p.status, 1);  // not an id the routing gives: counted once per slot
+        }
+    }
+    if (S > K) {
+        const float gate = p.shared_gate != nullptr ? 1.f / (1.f + expf(-p.shared_gate_logit[t])) : 1.f;
+        acc = fmaf(gate, part[int64_t(K) * H], acc);
+    }
+    if (p.residual != nullptr) acc += Float<T>::to_f32(static_cast<const T*>(p.residual)[t * H + c]);
+    static_cast<T*>(p.y)[t * H + c] = Float<T>::from_f32(acc);
+}
+
 }  // namespace moe
 
 #define MOE_DECODE_UP(NAME, T, TL, VPT) \
@@ -567,9 +820,30 @@ MOE_DECODE_UP_ALL(f16_f32, __half, float)
 MOE_DECODE_DOWN(bf16, __nv_bfloat16)
 MOE_DECODE_DOWN(f16, __half)
 
+// Two blocks per SM (128 registers): ptxas spills 20 bytes on sm_80 at that cap (none on
+// sm_90, the target of the figures); kept for the second block's loads in flight, not measured.
 #define MOE_DECODE_DOWN2(SUFFIX, T) \
     extern "C" __global__ void __launch_bounds__(moe::kDecodeThreads, 2) decode_down_v2_##SUFFIX(const moe::DecodeParams p) { \
         moe::decode_down_v2<T>(p); \
     }
 MOE_DECODE_DOWN2(bf16, __nv_bfloat16)
 MOE_DECODE_DOWN2(f16, __half)
+
+// decode_{gate_up,down}_v3_{t} take plain or packed experts, one block per SM (the packed
+// decoders' registers); the _plain instances take plain experts only, two blocks per SM (the
+// by-expert kernels are bound by the loads in flight: one block of 8 warps per SM leaves half
+// of them unissued).
+#define MOE_DECODE_V3_ONE(NAME, T, DOWN, PLAIN, MINB) \
+    extern "C" __global__ void __launch_bounds__(moe::kDecodeThreads, MINB) NAME(const moe::DecodeParams p) { \
+        moe::decode_by_expert<T, DOWN, PLAIN>(p); \
+    }
+#define MOE_DECODE_V3(SUFFIX, T) \
+    MOE_DECODE_V3_ONE(decode_gate_up_v3_##SUFFIX, T, false, false, 1) \
+    MOE_DECODE_V3_ONE(decode_down_v3_##SUFFIX, T, true, false, 1) \
+    MOE_DECODE_V3_ONE(decode_gate_up_v3_plain_##SUFFIX, T, false, true, 2) \
+    MOE_DECODE_V3_ONE(decode_down_v3_plain_##SUFFIX, T, true, true, 2) \
+    extern "C" __global__ void __launch_bounds__(256) decode_combine_##SUFFIX(const moe::DecodeParams p) { \
+        moe::decode_combine<T>(p); \
+    }
+MOE_DECODE_V3(bf16, __nv_bfloat16)
+MOE_DECODE_V3(f16, __half)

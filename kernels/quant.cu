@@ -146,45 +146,22 @@ __device__ __forceinline__ void out_store(const GroupedGemmParams& g, int64_t r,
     static_cast<TO*>(g.out)[r * n_out + j] = Float<TO>::from_f32(v);
 }
 
-constexpr int kGemvTokens = 8;    // an expert's rows per pass, one staged by each warp
-constexpr int kGemvTile = 1024;   // columns of those rows staged per pass (one int4 chunk per lane)
-constexpr int kGemvStaged = int(staged_x_bytes(kGemvTile));  // 4608 bytes, a multiple of 16
-
-// One pass: expert e's rows r0 .. r0 + nrows (nrows <= NT; rows NT > nrows staged as zeros) against
-// output column j (its gate and up rows where R = 2). Every warp of the block calls it (the
+// One pass: expert e's rows r0 .. r0 + nrows (nrows <= NT) against output column j (its gate and
+// up rows where R = 2), through qdot.cuh's gemv_pass_tiled. Every warp of the block calls it (the
 // staging barriers); `live` warps own a column below N_out.
 template <typename T, typename TO, int KIND, int R, int NT>
 __device__ __forceinline__ void quant_gemv_v2_pass(const QuantGemvParams& p, const QuantExpert& q, int e, int64_t r0,
                                                    int nrows, int j, bool live, unsigned char* smem) {
     const GroupedGemmParams& g = p.g;
     const int kd = g.kdim, n_out = R == 2 ? g.n / 2 : g.n;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    constexpr int kCols = kChunkCols<KIND>;
-    const int64_t row_bytes = KIND == kFastInt4 || KIND == kFastMxfp4 ? kd / 2 : (KIND == kFastBf16 ? 2 * kd : kd);
+    const int lane = threadIdx.x & 31;
     int rows[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) rows[i] = live ? weight_row(g, j, i) : 0;
-    StagedX xs[NT];
-#pragma unroll
-    for (int n = 0; n < NT; ++n) xs[n] = staged_x_at(smem + n * kGemvStaged);
-    const T* A = static_cast<const T*>(g.a);
+    const T* A = static_cast<const T*>(g.a) + r0 * kd;
+    const auto src = [&](int n) { return A + int64_t(n) * kd; };
     float acc[R][NT];
-#pragma unroll
-    for (int i = 0; i < R; ++i)
-#pragma unroll
-        for (int n = 0; n < NT; ++n) acc[i][n] = 0.f;
-    for (int k0 = 0; k0 < kd; k0 += kGemvTile) {
-        const int width = min(kGemvTile, kd - k0);
-        __syncthreads();  // the previous pass has read what this one overwrites
-        if (warp < NT) {
-            stage_x(A + (r0 + warp) * kd + k0, width, staged_x_at(smem + warp * kGemvStaged), lane, 32, warp < nrows);
-        }
-        __syncthreads();
-        if (live) {
-            stream_rows_tile<KIND, T, R, NT>(p.blob, q, p.blob + q.codes, row_bytes, kd, rows, k0 / kCols,
-                                             (k0 + width) / kCols, k0, xs, acc);
-        }
-    }
+    gemv_pass_tiled<KIND, T, R, NT>(p.blob, q, p.blob + q.codes, kd, rows, live, src, nrows, smem, acc);
     if (!live) return;  // no barrier follows in this pass; the next pass's first barrier waits for all
 #pragma unroll
     for (int n = 0; n < NT; ++n) {

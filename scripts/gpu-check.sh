@@ -13,12 +13,13 @@
 #            test fails; the model tests run the command's forward --check on every fixture),
 #            the main job, compute-sanitizer memcheck and racecheck on one GPU test per family
 #   decode   the decode tests and their sanitizer runs, the layer bench at T = 1, 4, 16 for four
-#            presets (decode kernels v2; v1 beside it for two), the planned GEMV path beside it,
+#            presets (the default decode kernels; v2 beside v3 and v1 beside them for two), the
+#            planned GEMV path beside it,
 #            the quick peer comparison
 #   prefill  the GEMM and prefill tests, sanitizer runs on the GEMM pipeline edges (synccheck
 #            too), the layer bench at T = 256, 4096, GEMM v3 beside v2 at T = 4096, 16384
 #   quant    the compressed-expert tests and sanitizer runs; Qwen3 int4 and FP8, gpt-oss MXFP4 and
-#            Mixtral int4 experts through the decode path at T = 1, 4, 16 with v2 and v1
+#            Mixtral int4 experts through the decode path at T = 1, 4, 16 with v4, v2 and v1
 #   offload, ep   no such kernels yet (ep_send's test runs in core)
 #   profile  Nsight Compute (--clock-control none) on at most 12 kernel launches of the layer
 #            bench (decode at T = 1 and 16, the v1 GEMMs at T = 256, the v3 GEMMs at T = 4096):
@@ -240,13 +241,20 @@ section_decode() {
     sanitize <<'EOF'
 memcheck layer gpu_decode_path_is_three_launches_and_no_memset
 racecheck layer gpu_decode_path_is_three_launches_and_no_memset
+memcheck layer gpu_decode_v3_matches_v2_bit_for_bit
+racecheck layer gpu_decode_v3_matches_v2_bit_for_bit
 memcheck grouped_gemm gpu_grouped_gemv_matches_reference
 EOF
-    # The decode path (three launches, v2 kernels) beside the copy bandwidth the bench measures,
-    # v1 on two of the shapes, then the planned GEMV path (the compressed formats: quant).
+    # The decode path (the default kernels) beside the copy bandwidth the bench measures, v2
+    # (gate/up per token) beside v3 (by expert), v1 on two of the shapes, then the planned GEMV
+    # path (the compressed formats: quant).
     local preset
     for preset in qwen3-30b-a3b mixtral-8x7b deepseek-v3 gpt-oss-120b; do
         bench "layer-$preset-decode" 20 --preset "$preset" --tokens 1,4,16
+    done
+    for preset in qwen3-30b-a3b mixtral-8x7b; do
+        bench "layer-$preset-decode-v2" 20 --preset "$preset" --tokens 4,16 --decode v2
+        bench "layer-$preset-decode-v3" 20 --preset "$preset" --tokens 4,16 --decode v3
     done
     for preset in qwen3-30b-a3b gpt-oss-120b; do
         bench "layer-$preset-decode-v1" 20 --preset "$preset" --tokens 1,4,16 --decode v1
@@ -284,12 +292,12 @@ section_quant() {
 memcheck quant gpu_quant_gemv_matches_reference_per_format_and_mixed
 racecheck quant gpu_quant_gemv_matches_reference_per_format_and_mixed
 EOF
-    # Each preset's shipped format through the decode path, v2 then v1 (DeepSeek-V3's FP8
+    # Each preset's shipped format through the decode path, v4, v2 then v1 (DeepSeek-V3's FP8
     # experts are packed on the host: 11 GB, not here).
     local spec preset format v
     for spec in qwen3-30b-a3b:int4 gpt-oss-120b:mxfp4 qwen3-30b-a3b:fp8 mixtral-8x7b:int4; do
         preset=${spec%%:*} format=${spec#*:}
-        for v in v2 v1; do
+        for v in v4 v2 v1; do
             bench "layer-$preset-$format-decode-$v" 25 --preset "$preset" --format "$format" \
                 --tokens 1,4,16 --decode "$v"
         done
@@ -333,7 +341,7 @@ section_profile() {
     # label | bench arguments | kernel-name regex | launches: 10 launches in all.
     local cases=(
         "decode-t1|--tokens 1|^(router_logits|decode_)|3"
-        "decode-t16|--tokens 16|^(router_logits|decode_)|3"
+        "decode-t16|--tokens 16|^(router_logits|route_|decode_)|4"
         "prefill-t256|--tokens 256 --path gemm|^grouped_gemm_|2"
         "prefill-v3-t4096|--tokens 4096 --gemm v3|^grouped_gemm_v3_|2"
     )

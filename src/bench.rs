@@ -48,9 +48,11 @@ pub struct BenchArgs {
     /// plan and the grouped GEMV) or gemm.
     #[arg(long, default_value = "auto")]
     pub path: String,
-    /// The decode path's kernels: v2 (default: x staged in shared memory, 16-byte compressed
-    /// chunks) or v1 (one warp per column, 8 weights per lane per step).
-    #[arg(long, default_value = "v2")]
+    /// The decode path's kernels: auto (default: v4 for plain experts where T K >= E / 4, else
+    /// v2), v2 (x staged in shared memory, 16-byte compressed chunks), v3 (v2 with the gate/up
+    /// GEMV by expert after one routing launch), v4 (v3 with the down GEMV by expert and a
+    /// combine) or v1 (one warp per column, 8 weights per lane per step).
+    #[arg(long, default_value = "auto")]
     pub decode: String,
     /// The compressed-expert GEMV of --path gemv: v2 (default: a chunk decoded once for up to 8
     /// rows) or v1 (the per-8-weight decoder).
@@ -272,10 +274,13 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
     let decode = match args.decode.as_str() {
         "v1" => DecodeVersion::V1,
         "v2" => DecodeVersion::V2,
+        "v3" => DecodeVersion::V3,
+        "v4" => DecodeVersion::V4,
+        "auto" => DecodeVersion::Auto,
         other => {
             return Err(Error::Unsupported {
                 op: "bench",
-                what: format!("--decode {other:?} (v1 or v2)"),
+                what: format!("--decode {other:?} (auto, v1, v2, v3 or v4)"),
             });
         }
     };
@@ -411,6 +416,12 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             v["path"] = args.path.clone().into();
             v["decode"] = format!("{:?}", layer.decode_kernels())
                 .to_lowercase()
+                .into();
+            // The kernels each token count ran (auto resolves per T).
+            v["decode_kernels"] = tokens
+                .iter()
+                .map(|&t| format!("{:?}", layer.decode_kernels_for(t)).to_lowercase())
+                .collect::<Vec<_>>()
                 .into();
             v["quant_gemv"] = args.quant_gemv.clone().into();
             v["seed"] = args.seed.into();

@@ -119,10 +119,13 @@ pub fn gpu_case(
         tokens: t,
         path: if t > MoeLayer::<bf16>::DECODE_TOKENS {
             "gemm"
-        } else if layer.decode_kernels() == DecodeVersion::V2 {
-            "decode v2"
         } else {
-            "decode v1"
+            match layer.decode_kernels_for(t) {
+                DecodeVersion::V1 => "decode v1",
+                DecodeVersion::V2 => "decode v2",
+                DecodeVersion::V3 => "decode v3",
+                DecodeVersion::V4 | DecodeVersion::Auto => "decode v4",
+            }
         },
         micros: elapsed.as_secs_f64() * 1e6,
         max_err,

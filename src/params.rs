@@ -404,6 +404,7 @@ pub(crate) struct DecodeParams {
     pub const_v: u64,
     pub alpha: u64,
     pub status: u64,
+    pub partial: u64,
     pub hidden: i32,
     pub experts: i32,
     pub slots: i32,
@@ -412,9 +413,9 @@ pub(crate) struct DecodeParams {
     /// decode_down_v2: the slots whose `h` rows are staged in shared memory at once (>= 1).
     pub down_pass: i32,
 }
-const _: () = assert!(size_of::<DecodeParams>() == 704);
+const _: () = assert!(size_of::<DecodeParams>() == 712);
 const _: () = assert!(offset_of!(DecodeParams, up) == 80);
 const _: () = assert!(offset_of!(DecodeParams, x) == 592);
-const _: () = assert!(offset_of!(DecodeParams, hidden) == 680);
+const _: () = assert!(offset_of!(DecodeParams, hidden) == 688);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for DecodeParams {}

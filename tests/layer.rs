@@ -734,6 +734,32 @@ fn packed(cfg: &MoeConfig, w: &LayerWeights<bf16>, format: &str) -> LayerWeights
     }
 }
 
+/// One forward of `x [T, H]` into an output first filled with NaN bits: the ids, and the bits of
+/// the weights and of y.
+fn forward_bits(
+    dev: &Device,
+    layer: &mut MoeLayer<bf16>,
+    x: &moe_kernels::Tensor<bf16>,
+) -> (Vec<i32>, Vec<u32>, Vec<u16>) {
+    let mut y = dev.filled_bytes::<bf16>(x.shape(), 0xff).unwrap();
+    layer.forward_into(dev, &mut y, x).unwrap();
+    layer.check(dev).unwrap();
+    let (ids, wts) = layer.routing();
+    let wts = dev
+        .download(wts)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    let y = dev
+        .download(&y)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    (dev.download(ids).unwrap(), wts, y)
+}
+
 /// The decode path on `t` tokens: against the CPU forward (check_against_cpu), its ids and
 /// weights bit for bit those of the routing kernel (the planned GEMV path's), and the same bits
 /// on a second run. Returns the tokens compared.
@@ -753,25 +779,7 @@ fn check_decode(
         .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
         .collect();
     let xd = dev.upload(&x, &[t, h]).unwrap();
-    let run = |layer: &mut MoeLayer<bf16>| {
-        let mut y = dev.filled_bytes::<bf16>(&[t, h], 0xff).unwrap();
-        layer.forward_into(dev, &mut y, &xd).unwrap();
-        layer.check(dev).unwrap();
-        let (ids, wts) = layer.routing();
-        let wts: Vec<u32> = dev
-            .download(wts)
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
-        let y: Vec<u16> = dev
-            .download(&y)
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
-        (dev.download(ids).unwrap(), wts, y)
-    };
+    let run = |layer: &mut MoeLayer<bf16>| forward_bits(dev, layer, &xd);
     let first = run(&mut layer);
     assert!(
         first == run(&mut layer),
@@ -854,7 +862,7 @@ fn gpu_decode_path_matches_the_cpu_forward_in_every_format() {
     }
 }
 
-/// The decode kernels' versions (v2 by default) on the cases that choose between v2's bit-level
+/// The decode kernels' versions on the cases that choose between v2's bit-level
 /// decoders and the per-8-weight fallback: int4 and int8 at groups 32, 64 and 128, symmetric and
 /// with zero points; a group below one chunk (16 for int4), act-order, and row lengths that are
 /// not a multiple of a chunk (264 and 104, where fp8 falls back) take the fallback.
@@ -887,8 +895,16 @@ fn gpu_decode_versions_match_the_cpu_forward_at_every_group_size() {
     let (mut compared, mut total) = (0, 0);
     for (cfg, format) in &cases {
         let w = packed(cfg, &random_weights(cfg, 31), format);
-        for version in [DecodeVersion::V1, DecodeVersion::V2] {
+        for version in [
+            DecodeVersion::V1,
+            DecodeVersion::V2,
+            DecodeVersion::V3,
+            DecodeVersion::V4,
+        ] {
             for t in [1, 7] {
+                if matches!(version, DecodeVersion::V3 | DecodeVersion::V4) && t == 1 {
+                    continue; // v2's kernels at T = 1
+                }
                 let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
                 layer.set_path(GemmPath::Decode);
                 layer.set_decode_version(version);
@@ -904,11 +920,97 @@ fn gpu_decode_versions_match_the_cpu_forward_at_every_group_size() {
     );
 }
 
+/// Decode v3 (the gate/up GEMV by expert, after one routing launch) against v2, bit for bit: the
+/// same chunks in the same order per lane, so the same y, ids and weights; v3 and v4 (the down
+/// GEMV by expert too) against the CPU.
+/// T = 3 and 11 give passes of 4 (one zero row) and of 8 + 4; the shared experts (Qwen2,
+/// DeepSeek-V3, Llama 4) take every token, and the narrow presets bring constant and copy
+/// experts, and the routing weight on the input.
+#[test]
+fn gpu_decode_v3_matches_v2_bit_for_bit() {
+    let Some(dev) = common::gpu("gpu_decode_v3_matches_v2_bit_for_bit") else {
+        return;
+    };
+    use moe_kernels::layer::DecodeVersion;
+    let mut cases: Vec<(String, MoeConfig, LayerWeights<bf16>)> = configs()
+        .into_iter()
+        .chain(
+            narrow_presets()
+                .iter()
+                .map(|(n, c)| (n.as_str(), c.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .map(|(n, c)| {
+            let w = random_weights(&c, 51);
+            (n.to_string(), c, w)
+        })
+        .collect();
+    // Two tiles of staged columns (1024 + 128), eight experts for 22 slots at T = 11.
+    let wide = MoeConfig::new(1152, 32, 8, RouterConfig::mixtral(2));
+    cases.push((
+        "mixtral-like at H=1152".into(),
+        wide.clone(),
+        random_weights(&wide, 54),
+    ));
+    let narrow = narrow_presets();
+    let (name, cfg) = narrow.iter().find(|(n, _)| n.starts_with("qwen3")).unwrap();
+    for format in ["int4", "int8", "mxfp4", "fp8", "mixed"] {
+        let w = packed(cfg, &random_weights(cfg, 52), format);
+        cases.push((format!("{name} {format}"), cfg.clone(), w));
+    }
+    let (mut compared, mut total) = (0, 0);
+    for (name, cfg, w) in &cases {
+        for t in [3, 11] {
+            let h = cfg.hidden;
+            let mut rng = Rng::new(t as u64 + 9);
+            let x: Vec<bf16> = (0..t * h)
+                .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
+                .collect();
+            let xd = dev.upload(&x, &[t, h]).unwrap();
+            let mut outs = Vec::new();
+            for version in [DecodeVersion::V2, DecodeVersion::V3] {
+                let mut layer = MoeLayer::<bf16>::new(&dev, cfg, w, t).unwrap();
+                layer.set_path(GemmPath::Decode);
+                layer.set_decode_version(version);
+                assert_eq!(layer.decode_kernels(), version, "{name}");
+                outs.push(forward_bits(&dev, &mut layer, &xd));
+            }
+            assert_eq!(outs[0].0, outs[1].0, "{name} T={t}: ids");
+            assert_eq!(outs[0].1, outs[1].1, "{name} T={t}: weights");
+            assert!(outs[0].2 == outs[1].2, "{name} T={t}: y differs from v2's");
+            // v4 (the down GEMV by expert too, then the combine) sums in another order: against
+            // the CPU forward.
+            let mut layer = MoeLayer::<bf16>::new(&dev, cfg, w, t).unwrap();
+            layer.set_path(GemmPath::Decode);
+            layer.set_decode_version(DecodeVersion::V4);
+            compared += check_against_cpu(&dev, &mut layer, cfg, w, t, &format!("{name} v4"));
+            total += t;
+        }
+    }
+    assert!(
+        4 * compared >= 3 * total,
+        "v4: only {compared} of {total} tokens compared"
+    );
+    // And v3 against the CPU forward on its own.
+    for (name, cfg) in configs() {
+        let w = random_weights(&cfg, 53);
+        let mut layer = MoeLayer::<bf16>::new(&dev, &cfg, &w, 16).unwrap();
+        layer.set_path(GemmPath::Decode);
+        layer.set_decode_version(DecodeVersion::V3);
+        let compared = check_against_cpu(&dev, &mut layer, &cfg, &w, 16, &format!("{name} v3"));
+        assert!(
+            4 * compared >= 3 * 16,
+            "{name}: only {compared} of 16 tokens compared"
+        );
+    }
+}
+
 #[test]
 fn gpu_decode_path_is_three_launches_and_no_memset() {
     let Some(dev) = common::gpu("gpu_decode_path_is_three_launches_and_no_memset") else {
         return;
     };
+    use moe_kernels::layer::DecodeVersion;
     for (name, cfg) in narrow_presets() {
         let w = random_weights(&cfg, 31);
         let mut layer = MoeLayer::<bf16>::new(&dev, &cfg, &w, 17).unwrap();
@@ -930,7 +1032,12 @@ fn gpu_decode_path_is_three_launches_and_no_memset() {
                 n.launches, n.memsets
             );
             if t <= MoeLayer::<bf16>::DECODE_TOKENS && path != GemmPath::Gemv {
-                assert!(n.launches <= 3 && n.memsets == 0, "{name} T={t}: {n:?}");
+                // v3 routes once before its gate/up GEMV at T >= 2: a fourth launch; v4 adds
+                // the combine after its down GEMV: a fifth.
+                let v = layer.decode_kernels_for(t);
+                let by_expert = matches!(v, DecodeVersion::V3 | DecodeVersion::V4);
+                let most = 3 + u64::from(by_expert) + u64::from(v == DecodeVersion::V4);
+                assert!(n.launches <= most && n.memsets == 0, "{name} T={t}: {n:?}");
             } else {
                 // Above the threshold the decode path falls back to the planned GEMM.
                 assert!(

@@ -344,6 +344,7 @@ struct DecodeParams {
     const void* const_v;          // [Z, H] constant experts' vectors, or null
     float* alpha;                 // [T * K, 2] a constant expert slot's softmax(W_z x)
     int32_t* status;              // [1] compressed-weight decode issues and bad ids, accumulated
+    float* partial;               // [T * S, H] decode_down_v3's raw dots, row t * S + s (v4 only)
     int32_t hidden;               // H
     int32_t experts;              // E, the routed experts with weights (< route.experts with
                                   // zero-computation experts)
@@ -352,10 +353,10 @@ struct DecodeParams {
     int32_t weight_at_input;      // 1: the routing weight scales the expert input (Llama 4)
     int32_t down_pass;            // decode_down_v2: slots whose h rows are staged at once (>= 1)
 };
-static_assert(sizeof(DecodeParams) == 704, "mirror in src/params.rs");
+static_assert(sizeof(DecodeParams) == 712, "mirror in src/params.rs");
 static_assert(offsetof(DecodeParams, up) == 80, "mirror in src/params.rs");
 static_assert(offsetof(DecodeParams, x) == 592, "mirror in src/params.rs");
-static_assert(offsetof(DecodeParams, hidden) == 680, "mirror in src/params.rs");
+static_assert(offsetof(DecodeParams, hidden) == 688, "mirror in src/params.rs");
 
 // Seeded uniform fill: out[i] = lo + (hi - lo) * u(seed, i), u a hash of the index in [0, 1),
 // rounded once to the dtype. Benches and the bench command fill weights of real shapes this way.

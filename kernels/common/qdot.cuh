@@ -286,6 +286,15 @@ __device__ __forceinline__ float chunk_dot(const WChunk<N>& d, const XChunk<N / 
     }
 }
 
+// Bytes of one row of Kd weights as KIND stores them (T: a plain row's element type).
+template <int KIND, typename T>
+__device__ __forceinline__ int64_t row_bytes_of(int kd) {
+    return KIND == kFastInt4 || KIND == kFastMxfp4 ? kd / 2
+           : KIND == kFastInt8 || KIND == kFastFp8 ? kd
+           : KIND == kFastPlain                    ? int64_t(kd) * int64_t(sizeof(T))
+                                                   : int64_t(kd) * 2;
+}
+
 // ---- the mainloop ----
 
 // One lane's loop over R rows of one expert and NT staged activations (tokens), for one decoder
@@ -306,6 +315,16 @@ __device__ __forceinline__ void stream_rows_tile(const uint8_t* blob, const Quan
             const XChunk<kCols / 4> x = load_xchunk<kCols / 4>(xs[0], k0 - k_base);
 #pragma unroll
             for (int i = 0; i < R; ++i) acc[i][0] += chunk_dot<KIND>(decode_chunk<KIND, T>(blob, q, kd, row[i], k0, v[i]), x);
+        } else if constexpr (kCols == 8) {
+            // 8-column chunks (bf16, plain): row by row, each token's x chunk read from shared
+            // memory once per row; this order keeps the by-expert decode kernels' plain instances
+            // within two blocks' registers without spilling (the token-major order below spills).
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                const WChunk<kCols> d = decode_chunk<KIND, T>(blob, q, kd, row[i], k0, v[i]);
+#pragma unroll
+                for (int n = 0; n < NT; ++n) acc[i][n] += chunk_dot<KIND>(d, load_xchunk<kCols / 4>(xs[n], k0 - k_base));
+            }
         } else {
             WChunk<kCols> d[R];
 #pragma unroll
@@ -349,6 +368,50 @@ __device__ __forceinline__ void stream_rows(const uint8_t* blob, const QuantExpe
     stream_rows_tile<KIND, T, R, 1>(blob, q, codes, row_bytes, kd, row, 0, kd / kChunkCols<KIND>, 0, x1, a);
 #pragma unroll
     for (int i = 0; i < R; ++i) acc[i] = a[i][0];
+}
+
+}  // namespace moe
+
+namespace moe {
+
+// ---- the by-expert GEMV pass (quant_gemv_v2, decode_gate_up_v3) ----
+
+constexpr int kGemvTokens = 8;   // activation rows per pass, one staged by each warp
+constexpr int kGemvTile = 1024;  // columns of those rows staged at a time (one int4 chunk per lane)
+constexpr int kGemvStaged = int(staged_x_bytes(kGemvTile));  // 4608 bytes, a multiple of 16
+
+// One pass of an expert's GEMV over NT <= kGemvTokens activation rows: src(n) is row n's start in
+// global memory (n < nrows; rows nrows .. NT are staged as zeros), staged kGemvTile columns at a
+// time into smem (NT regions of kGemvStaged bytes) by warp n; warps with `live` set stream their R
+// weight rows `row` of the expert (codes, row_bytes_of<KIND, T>(kd) bytes each) against them:
+// acc[i][n] = this lane's share of W[row[i]] . x_n, for the caller to sum over the warp. Every
+// warp of the block calls it (two barriers per tile); the block has at least NT warps.
+template <int KIND, typename T, int R, int NT, typename Src>
+__device__ __forceinline__ void gemv_pass_tiled(const uint8_t* blob, const QuantExpert& q, const uint8_t* codes, int kd,
+                                                const int (&row)[R], bool live, const Src& src, int nrows,
+                                                unsigned char* smem, float (&acc)[R][NT]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int kCols = kChunkCols<KIND>;
+    StagedX xs[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) xs[n] = staged_x_at(smem + n * kGemvStaged);
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int n = 0; n < NT; ++n) acc[i][n] = 0.f;
+    for (int k0 = 0; k0 < kd; k0 += kGemvTile) {
+        const int width = min(kGemvTile, kd - k0);
+        __syncthreads();  // the previous tile (or pass) has read what this one overwrites
+        if (warp < NT) {
+            const bool valid = warp < nrows;
+            stage_x(valid ? src(warp) + k0 : src(0), width, staged_x_at(smem + warp * kGemvStaged), lane, 32, valid);
+        }
+        __syncthreads();
+        if (live) {
+            stream_rows_tile<KIND, T, R, NT>(blob, q, codes, row_bytes_of<KIND, T>(kd), kd, row, k0 / kCols,
+                                             (k0 + width) / kCols, k0, xs, acc);
+        }
+    }
 }
 
 }  // namespace moe

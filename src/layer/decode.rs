@@ -4,6 +4,12 @@
 //! writes every slot's gate/up row, the shared expert's as one more slot; `decode_down`, which
 //! sums each token's slots back in its epilogue, with the zero-computation experts, the shared
 //! expert's gate and the routing weights. No plan, no gather, no sorted ids.
+//!
+//! [`DecodeVersion::V3`] routes every token once first (`route_{l}_e{N}`, a fourth launch) and
+//! runs the gate/up GEMV by expert (`decode_gate_up_v3`): each chosen expert's rows are read once
+//! for all the tokens that chose it (in passes of 8), not once per token. [`DecodeVersion::V4`]
+//! runs the down GEMV by expert too (`decode_down_v3`, raw dots per slot), then
+//! `decode_combine`: five launches.
 
 use super::gpu::{DecodeVersion, ExpertWeights, Logits, MoeLayer, RouterWeights, Stage};
 use super::{MoeConfig, ZeroExpert};
@@ -53,6 +59,8 @@ pub(super) struct DecodeWs<T> {
     gate_logit: Tensor<f32>,
     /// `[DECODE_TOKENS * K, 2]` constant experts' mixing weights per slot.
     alpha: Tensor<f32>,
+    /// `[DECODE_TOKENS * S, H]` v4's raw down dots per slot.
+    partial: Tensor<f32>,
     /// `[1]` decode issues (ternary codewords, ids no routing gives), accumulated.
     status: Tensor<i32>,
     slots: usize,
@@ -69,6 +77,7 @@ impl<T: Float> DecodeWs<T> {
             h: dev.zeros(&[tokens * slots, ld_h])?,
             gate_logit: dev.zeros(&[tokens])?,
             alpha: dev.zeros(&[tokens * cfg.k(), 2])?,
+            partial: dev.zeros(&[tokens * slots, cfg.hidden])?,
             status: dev.zeros(&[1])?,
             slots,
             ld_h,
@@ -210,7 +219,6 @@ impl<T: Float> MoeLayer<T> {
             }
             _ => unreachable!("from_device sizes the logits for the router's dtype"),
         };
-        mark(Stage::Route)?;
 
         let scale_input = cfg.weight_at == ScaleAt::Input;
         let act = Some((cfg.gate_layout, cfg.act));
@@ -290,6 +298,7 @@ impl<T: Float> MoeLayer<T> {
             },
             alpha: ws.alpha.device_ptr_mut(dev),
             status: ws.status.device_ptr_mut(dev),
+            partial: ws.partial.device_ptr_mut(dev),
             hidden: i32::try_from(h).expect("bounded by MoeConfig::validate"),
             experts: i32::try_from(e).expect("bounded by MoeConfig::validate"),
             slots: i32::try_from(s).expect("K <= 32"),
@@ -297,10 +306,13 @@ impl<T: Float> MoeLayer<T> {
             weight_at_input: i32::from(scale_input),
             down_pass: 1,
         };
-        let smem = match self.decode_version {
+        let version = self.decode_kernels_for(t);
+        let smem = match version {
             DecodeVersion::V1 => None,
-            DecodeVersion::V2 => v2_smem(h, ld_h, s),
+            _ => v2_smem(h, ld_h, s),
         };
+        let by_expert = matches!(version, DecodeVersion::V3 | DecodeVersion::V4);
+        let down_by_expert = version == DecodeVersion::V4;
         let params = DecodeParams {
             down_pass: smem.map_or(1, |(_, _, pass)| {
                 i32::try_from(pass).expect("at most K + 1 <= 33")
@@ -309,12 +321,49 @@ impl<T: Float> MoeLayer<T> {
         };
         let v = if smem.is_some() { "v2_" } else { "" };
         let dtype = T::DTYPE.name();
-        let name = format!(
-            "decode_gate_up_{v}{dtype}_{logits_dtype}_e{}",
-            routing::route_capacity(et)
-        );
+        if by_expert {
+            // v3 routes every token once, before the gate/up kernel reads the ids.
+            let func = dev.function(
+                OP,
+                Module::Routing,
+                &format!("route_{logits_dtype}_e{}", routing::route_capacity(et)),
+            )?;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    u32::try_from(t.div_ceil(4)).expect("T <= DECODE_TOKENS"),
+                    1,
+                    1,
+                ),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `route_{l}_e{N}` takes one RouteParams (params.route, as route_into fills
+            // it: the rule validated with the layer's config, N >= E_total); logits [T, E_total]
+            // of dtype l, ids and weights [T, K] of this layer (shaped above), the correction
+            // bias [E_total] where the rule reads it, counts null. Warp w of block b routes token
+            // 4b + w < T. All on this device.
+            unsafe { dev.launch(OP, &func, cfg, &params.route) }?;
+        }
+        mark(Stage::Route)?;
+        // Plain experts (the shared expert always is) take the by-expert instances without the
+        // packed decoders: two blocks per SM instead of one.
+        let plain = if up.blob == 0 && down.blob == 0 {
+            "plain_"
+        } else {
+            ""
+        };
+        let name = if by_expert {
+            format!("decode_gate_up_v3_{plain}{dtype}")
+        } else {
+            format!(
+                "decode_gate_up_{v}{dtype}_{logits_dtype}_e{}",
+                routing::route_capacity(et)
+            )
+        };
         let func = dev.function(OP, Module::Decode, &name)?;
         let (up_smem, down_smem) = smem.map_or((0, 0), |(u, d, _)| (u, d));
+        // v3's staging is static (kGemvTokens rows of kGemvTile columns).
+        let up_smem = if by_expert { 0 } else { up_smem };
         let allow = |func: &cudarc::driver::CudaFunction, bytes: usize| -> Result<()> {
             if bytes > 48 * 1024 {
                 // A property of the function (allowed inside a capture), set in the current
@@ -331,12 +380,11 @@ impl<T: Float> MoeLayer<T> {
         allow(&func, up_smem)?;
         let cols =
             |n: usize| u32::try_from(n.div_ceil(WARPS)).expect("bounded by MoeConfig::validate");
+        // v3: a row of blocks per distinct expert the tokens can have chosen, and one for the
+        // shared expert and the block-wide extras.
+        let rows = if by_expert { (t * k).min(e) + 1 } else { t * s };
         let up_cfg = LaunchConfig {
-            grid_dim: (
-                cols(ld_h),
-                u32::try_from(t * s).expect("at most 16 * 33"),
-                1,
-            ),
+            grid_dim: (cols(ld_h), u32::try_from(rows).expect("at most 16 * 33"), 1),
             block_dim: (32 * WARPS as u32, 1, 1),
             shared_mem_bytes: u32::try_from(up_smem).expect("below V2_SMEM_BUDGET"),
         };
@@ -351,10 +399,52 @@ impl<T: Float> MoeLayer<T> {
         // DECODE_TOKENS * S rows; alpha [T*K, 2] and gate_logit [T] likewise. Everything was
         // allocated on this device by from_device or checked above. v2 gets the dynamic shared
         // memory v2_smem computed for this H and ld_h (x [H] staged; down: down_pass slots of
-        // ld_h), allowed above 48 KB just before.
+        // ld_h), allowed above 48 KB just before. `decode_gate_up_v3_{plain_}{t}` takes the same
+        // DecodeParams with ids/weights [T, K] written by the route launch above: block (x, y)
+        // reads them, takes the y-th distinct id in [0, E) (y < min(T K, E); rows past the
+        // number chosen exit) or, in the last row, the shared expert, and writes h[t * S + s, j]
+        // for the slots that chose it, j < I (Is); its last row's column-0 block writes alpha
+        // and gate_logit. Its shared memory is static.
         unsafe { dev.launch(OP, &func, up_cfg, &params) }?;
         mark(Stage::Gemm1)?;
 
+        if down_by_expert {
+            let func = dev.function(
+                OP,
+                Module::Decode,
+                &format!("decode_down_v3_{plain}{dtype}"),
+            )?;
+            let cfg = LaunchConfig {
+                grid_dim: (cols(h), u32::try_from(rows).expect("at most 16 * 33"), 1),
+                block_dim: (32 * WARPS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `decode_down_v3_{plain_}{t}` takes the same DecodeParams (the plain
+            // instance reads plain weights only: chosen above only where both projections are
+            // plain). Block (x, y) finds its expert as decode_gate_up_v3 does (the ids the route
+            // launch wrote), reads the h rows [T * S, ld_h] of the slots that chose it, the down
+            // weights [E, H, I] (or the packed layer) of that id in [0, E) or the shared
+            // expert's [1, H, Is], and writes partial[t * S + s, c] for c < H: partial is
+            // [DECODE_TOKENS * S, H] in the workspace. Its shared memory is static.
+            unsafe { dev.launch(OP, &func, cfg, &params) }?;
+            let func = dev.function(OP, Module::Decode, &format!("decode_combine_{dtype}"))?;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    u32::try_from(h.div_ceil(256)).expect("bounded by MoeConfig::validate"),
+                    u32::try_from(t).expect("T <= DECODE_TOKENS"),
+                    1,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `decode_combine_{t}` takes the same DecodeParams. Thread c < H of block
+            // (x, t) reads ids/weights [T, K], partial [T * S, H] (row t * S + s), alpha [T * K,
+            // 2], gate_logit [T], the down bias [E, H] of ids in [0, E), x [T, H] and the
+            // constant experts' vectors for zero-computation ids, and writes y[t, c]: y is
+            // [T, H], checked by forward.
+            unsafe { dev.launch(OP, &func, cfg, &params) }?;
+            return mark(Stage::Gemm2);
+        }
         let func = dev.function(OP, Module::Decode, &format!("decode_down_{v}{dtype}"))?;
         allow(&func, down_smem)?;
         // v2 at T >= 4: two output columns per warp (they share each staged x load); at smaller

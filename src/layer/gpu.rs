@@ -31,13 +31,34 @@ pub enum DecodeVersion {
     /// One warp per output column, 8 weights per lane per step, `x` read from L1 by every warp,
     /// compressed weights through the per-8-weight decoder (a scale lookup per weight).
     V1,
-    /// The default: the activation staged once per block in shared memory as f32; compressed
+    /// The activation staged once per block in shared memory as f32; compressed
     /// rows read 16 bytes per lane with the scale once per chunk and bit-level decoders
     /// (kernels/common/qdot.cuh); the gate and up rows streamed together; `decode_down` stages
     /// the token's rows, streams the routed slots that share a decoder together and reduces once
     /// per column. Layers whose rows exceed the shared-memory
     /// budget take v1.
     V2,
+    /// v2 with the gate/up GEMV by expert: the tokens are routed once (`route_{l}_e{N}`, one more
+    /// launch) and each block takes one chosen expert's columns for every token that chose it,
+    /// staging up to 8 tokens' activations, so that each chosen expert's gate/up rows are read
+    /// once per forward (per 8 tokens), not once per token; the shared expert likewise.
+    /// `decode_down` is v2's. At T = 1 (one token per chosen expert) it runs v2's kernels. Layers
+    /// whose rows exceed v2's shared-memory budget take v1.
+    V3,
+    /// v3 with the down GEMV by expert as well (`decode_down_v3`, raw dots per slot into an f32
+    /// workspace), then `decode_combine`, which sums each token's slots in order as v1's down
+    /// kernel does: five launches, each chosen expert's down rows read once per 8 tokens. At
+    /// T = 1 it runs v2's kernels; the same fallback to v1.
+    V4,
+    /// The default: v4 for plain (bf16/f16) experts where the tokens' slots are at least a
+    /// quarter of the routed experts (T K >= E / 4, T >= 2); v2 below that and for packed
+    /// experts. Under uniform routing T K = E / 4 slots fall on about 0.88 T K distinct experts,
+    /// so by expert reads about an eighth fewer expert rows there, and more above; in the model
+    /// that is where it starts to pay for v4's two extra launches (Qwen3-30B-A3B bf16 at T = 4).
+    /// Packed experts run the by-expert kernels at one block per SM (the decoders'
+    /// registers), where the model has them slower than v2 (BENCHMARKS.md).
+    /// [`MoeLayer::decode_kernels_for`] says which runs at a given T.
+    Auto,
 }
 
 /// The router's weights: in the model dtype, or f32 when the model routes in f32.
@@ -509,7 +530,7 @@ impl<T: Float> MoeLayer<T> {
             cfg: cfg.clone(),
             max_tokens,
             path: Path::Auto,
-            decode_version: DecodeVersion::V2,
+            decode_version: DecodeVersion::Auto,
             version: GemmVersion::V1,
             w,
             zc_kinds: (!codes.is_empty())
@@ -545,7 +566,7 @@ impl<T: Float> MoeLayer<T> {
         self.path = path;
     }
 
-    /// Chooses the decode path's kernels ([`DecodeVersion::V2`] by default).
+    /// Chooses the decode path's kernels ([`DecodeVersion::Auto`] by default).
     pub fn set_decode_version(&mut self, version: DecodeVersion) {
         self.decode_version = version;
     }
@@ -567,19 +588,39 @@ impl<T: Float> MoeLayer<T> {
 
     /// The decode path's kernels that run: the chosen version, or v1 where v2's staged rows
     /// exceed its shared-memory budget (hidden or intermediate sizes above about 16,000).
+    /// [`DecodeVersion::Auto`] stays `Auto` here; [`MoeLayer::decode_kernels_for`] resolves it.
     pub fn decode_kernels(&self) -> DecodeVersion {
         match self.decode_version {
-            DecodeVersion::V2
-                if super::decode::v2_smem(
-                    self.cfg.hidden,
-                    self.decode.ld_h(),
-                    self.decode.slots(),
-                )
-                .is_some() =>
+            DecodeVersion::V1 => DecodeVersion::V1,
+            v if super::decode::v2_smem(
+                self.cfg.hidden,
+                self.decode.ld_h(),
+                self.decode.slots(),
+            )
+            .is_some() =>
             {
-                DecodeVersion::V2
+                v
             }
             _ => DecodeVersion::V1,
+        }
+    }
+
+    /// The decode path's kernels that a forward of `t` tokens runs: [`MoeLayer::decode_kernels`]
+    /// with [`DecodeVersion::Auto`] resolved to v4 or v2 by its rule, and v3 and v4 as v2 at
+    /// T = 1 (one token per chosen expert: no routing launch).
+    pub fn decode_kernels_for(&self, t: usize) -> DecodeVersion {
+        match self.decode_kernels() {
+            DecodeVersion::V3 | DecodeVersion::V4 if t < 2 => DecodeVersion::V2,
+            DecodeVersion::Auto
+                if t >= 2
+                    && 4 * t * self.cfg.k() >= self.cfg.experts
+                    && !matches!(self.w.gate_up, ExpertWeights::Packed(_))
+                    && !matches!(self.w.down, ExpertWeights::Packed(_)) =>
+            {
+                DecodeVersion::V4
+            }
+            DecodeVersion::Auto => DecodeVersion::V2,
+            v => v,
         }
     }
 
