@@ -338,10 +338,10 @@ section_profile() {
     local ncu model_args=(--preset qwen3-30b-a3b) mode=ncu want="$metrics,$split_metrics"
     ncu=$(find_tool ncu)
     [ -z "$profile_model" ] || model_args=(--model "$profile_model")
-    # label | bench arguments | kernel-name regex | launches: 10 launches in all.
+    # label | bench arguments | kernel-name regex | launches: 12 launches in all.
     local cases=(
         "decode-t1|--tokens 1|^(router_logits|decode_)|3"
-        "decode-t16|--tokens 16|^(router_logits|route_|decode_)|4"
+        "decode-t16|--tokens 16|^(router_logits|route_|decode_)|5"
         "prefill-t256|--tokens 256 --path gemm|^grouped_gemm_|2"
         "prefill-v3-t4096|--tokens 4096 --gemm v3|^grouped_gemm_v3_|2"
     )
