@@ -676,9 +676,12 @@ __device__ __forceinline__ void v3_entries(const DecodeParams& p, const DecodePr
 // expert, for every entry that chose it, so that each chosen expert's rows are read once per
 // forward (once per 8 tokens), not once per token. The routing ran before (route_{l}_e{N} into
 // p.route.ids / weights).
-// PLAIN: the instance for plain weights only (dp.blob null), without the packed decoders'
-// registers; the other takes both.
-template <typename T, bool DOWN, bool PLAIN>
+// KIND: the one decoder of the instance, kFastPlain for plain weights (dp.blob null) or the
+// fast_kind every routed expert of a packed projection has (the host chooses the instance); an
+// expert of another kind is counted in p.status and skipped, never decoded wrongly. The shared
+// expert is plain in every instance. One decoder per instance keeps each under 128 registers:
+// two blocks per SM.
+template <typename T, bool DOWN, int KIND>
 __device__ __forceinline__ void decode_by_expert(const DecodeParams& p) {
     __shared__ __align__(16) unsigned char smem[kGemvTokens * kGemvStaged];
     __shared__ uint32_t s_bits[32];
@@ -709,41 +712,20 @@ __device__ __forceinline__ void decode_by_expert(const DecodeParams& p) {
     const int n_out = DOWN ? dp.g.n : dp.g.n / 2;
     const int j = blockIdx.x * kDecodeWarps + warp;
     const bool live = j < n_out;
-    if (PLAIN || dp.blob == nullptr) {
+    if (dp.blob == nullptr) {
         const uint8_t* codes = static_cast<const uint8_t*>(dp.g.w) + int64_t(e) * dp.g.n * kd * int64_t(sizeof(T));
         v3_entries<T, kFastPlain, DOWN>(p, dp, nullptr, QuantExpert{}, codes, e, last, s_list, count, j, live, smem);
         return;
     }
-    const QuantExpert q = s_q;
-    const uint8_t* codes = dp.blob + q.codes;
-    switch (fast_kind(q, kd)) {
-        case kFastInt4: v3_entries<T, kFastInt4, DOWN>(p, dp, dp.blob, q, codes, e, last, s_list, count, j, live, smem); break;
-        case kFastInt8: v3_entries<T, kFastInt8, DOWN>(p, dp, dp.blob, q, codes, e, last, s_list, count, j, live, smem); break;
-        case kFastMxfp4: v3_entries<T, kFastMxfp4, DOWN>(p, dp, dp.blob, q, codes, e, last, s_list, count, j, live, smem); break;
-        case kFastFp8: v3_entries<T, kFastFp8, DOWN>(p, dp, dp.blob, q, codes, e, last, s_list, count, j, live, smem); break;
-        case kFastBf16: v3_entries<T, kFastBf16, DOWN>(p, dp, dp.blob, q, codes, e, last, s_list, count, j, live, smem); break;
-        default: {
-            // The per-8 decoder (act-order, other groups, ternary), entry by entry, from global.
-            if (!live) return;  // no barrier follows
-            const int K = p.route.k, S = p.slots;
-            for (int c = 0; c < count; ++c) {
-                const int t = v3_token(s_list[c]), s = v3_slot(s_list[c]);
-                const int64_t row = int64_t(t) * S + s;
-                if (DOWN) {
-                    const float v = warp_sum(dot_row<T>(dp, e, j, static_cast<const T*>(p.h) + row * p.ld_h, p.status));
-                    if (lane == 0) p.partial[row * p.hidden + j] = v;
-                    continue;
-                }
-                const T* x = static_cast<const T*>(p.x) + int64_t(t) * p.hidden;
-                const float g = warp_sum(dot_row<T>(dp, e, weight_row(dp.g, j, 0), x, p.status));
-                const float u = warp_sum(dot_row<T>(dp, e, weight_row(dp.g, j, 1), x, p.status));
-                if (lane == 0) {
-                    const float scale = !last && dp.g.scale_input ? p.route.weights[t * K + s] : 1.f;
-                    static_cast<T*>(p.h)[row * int64_t(p.ld_h) + j] =
-                        Float<T>::from_f32(epilogue<T>(dp.g, e, j, g, u, scale));
-                }
-            }
+    if constexpr (KIND == kFastPlain) {
+        if (threadIdx.x == 0) atomicAdd(p.status, 1);  // a packed projection: not this instance's
+    } else {
+        const QuantExpert q = s_q;
+        if (fast_kind(q, kd) != KIND) {
+            if (threadIdx.x == 0) atomicAdd(p.status, 1);  // uniform per block (s_q)
+            return;
         }
+        v3_entries<T, KIND, DOWN>(p, dp, dp.blob, q, dp.blob + q.codes, e, last, s_list, count, j, live, smem);
     }
 }
 
@@ -829,19 +811,25 @@ MOE_DECODE_DOWN(f16, __half)
 MOE_DECODE_DOWN2(bf16, __nv_bfloat16)
 MOE_DECODE_DOWN2(f16, __half)
 
-// decode_{gate_up,down}_v3_{t} take plain or packed experts, one block per SM (the packed
-// decoders' registers); the _plain instances take plain experts only, two blocks per SM (the
-// by-expert kernels are bound by the loads in flight: one block of 8 warps per SM leaves half
-// of them unissued).
-#define MOE_DECODE_V3_ONE(NAME, T, DOWN, PLAIN, MINB) \
+// decode_{gate_up,down}_v3_{kind}_{t}: one instance per decoder (plain weights, or a packed
+// projection whose routed experts all have one fast_kind). Two blocks per SM where ptxas fits the
+// instance in 128 registers without spilling (the by-expert kernels are bound by the loads in
+// flight: one block of 8 warps per SM leaves half of them unissued); one where it does not: the
+// packed gate/up instances (two rows' decoded chunks for eight tokens) and MXFP4's down. A
+// projection of mixed kinds, or of experts only the per-8 decoder takes, runs v2.
+#define MOE_DECODE_V3_ONE(NAME, T, DOWN, KIND, MINB) \
     extern "C" __global__ void __launch_bounds__(moe::kDecodeThreads, MINB) NAME(const moe::DecodeParams p) { \
-        moe::decode_by_expert<T, DOWN, PLAIN>(p); \
+        moe::decode_by_expert<T, DOWN, KIND>(p); \
     }
+#define MOE_DECODE_V3_KIND(KNAME, SUFFIX, T, KIND, UP_MINB, DOWN_MINB) \
+    MOE_DECODE_V3_ONE(decode_gate_up_v3_##KNAME##_##SUFFIX, T, false, KIND, UP_MINB) \
+    MOE_DECODE_V3_ONE(decode_down_v3_##KNAME##_##SUFFIX, T, true, KIND, DOWN_MINB)
 #define MOE_DECODE_V3(SUFFIX, T) \
-    MOE_DECODE_V3_ONE(decode_gate_up_v3_##SUFFIX, T, false, false, 1) \
-    MOE_DECODE_V3_ONE(decode_down_v3_##SUFFIX, T, true, false, 1) \
-    MOE_DECODE_V3_ONE(decode_gate_up_v3_plain_##SUFFIX, T, false, true, 2) \
-    MOE_DECODE_V3_ONE(decode_down_v3_plain_##SUFFIX, T, true, true, 2) \
+    MOE_DECODE_V3_KIND(plain, SUFFIX, T, moe::kFastPlain, 2, 2) \
+    MOE_DECODE_V3_KIND(int4, SUFFIX, T, moe::kFastInt4, 1, 2) \
+    MOE_DECODE_V3_KIND(int8, SUFFIX, T, moe::kFastInt8, 1, 2) \
+    MOE_DECODE_V3_KIND(mxfp4, SUFFIX, T, moe::kFastMxfp4, 1, 1) \
+    MOE_DECODE_V3_KIND(fp8, SUFFIX, T, moe::kFastFp8, 1, 2) \
     extern "C" __global__ void __launch_bounds__(256) decode_combine_##SUFFIX(const moe::DecodeParams p) { \
         moe::decode_combine<T>(p); \
     }

@@ -877,7 +877,7 @@ fn gpu_decode_versions_match_the_cpu_forward_at_every_group_size() {
     let cfg = presets::narrowed("qwen3-30b-a3b", 256, 128).unwrap();
     for f in [
         "int4-g32",
-        "int4-g64-sym",
+        "int4-g32-sym",
         "int4-g128",
         "int8-g64",
         "int8-g128-sym",
@@ -954,7 +954,17 @@ fn gpu_decode_v3_matches_v2_bit_for_bit() {
     ));
     let narrow = narrow_presets();
     let (name, cfg) = narrow.iter().find(|(n, _)| n.starts_with("qwen3")).unwrap();
-    for format in ["int4", "int8", "mxfp4", "fp8", "mixed"] {
+    // Each by-expert instance (one decoder each, zero points or not); act-order and a layer of
+    // mixed decoders have none and run v2.
+    for format in [
+        "int4",
+        "int4-g32-sym",
+        "int8",
+        "mxfp4",
+        "fp8",
+        "int4-g32-act",
+        "mixed",
+    ] {
         let w = packed(cfg, &random_weights(cfg, 52), format);
         cases.push((format!("{name} {format}"), cfg.clone(), w));
     }
@@ -973,6 +983,14 @@ fn gpu_decode_v3_matches_v2_bit_for_bit() {
                 layer.set_path(GemmPath::Decode);
                 layer.set_decode_version(version);
                 assert_eq!(layer.decode_kernels(), version, "{name}");
+                let instances = !(name.ends_with("mixed") || name.ends_with("act"));
+                assert_eq!(layer.by_expert_decoders().is_some(), instances, "{name}");
+                let runs = if instances {
+                    version
+                } else {
+                    DecodeVersion::V2
+                };
+                assert_eq!(layer.decode_kernels_for(t), runs, "{name} T={t}");
                 outs.push(forward_bits(&dev, &mut layer, &xd));
             }
             assert_eq!(outs[0].0, outs[1].0, "{name} T={t}: ids");

@@ -100,7 +100,10 @@ impl<T: Float> DecodeWs<T> {
         if bad != 0 {
             return Err(Error::DeviceCheck {
                 op: "MoeLayer::forward (decode)",
-                what: format!("{bad} expert ids or compressed-weight codes out of range"),
+                what: format!(
+                    "{bad} expert ids or compressed-weight codes out of range, or experts of \
+                     another decoder than the by-expert kernel's"
+                ),
             });
         }
         Ok(())
@@ -345,15 +348,14 @@ impl<T: Float> MoeLayer<T> {
             unsafe { dev.launch(OP, &func, cfg, &params.route) }?;
         }
         mark(Stage::Route)?;
-        // Plain experts (the shared expert always is) take the by-expert instances without the
-        // packed decoders: two blocks per SM instead of one.
-        let plain = if up.blob == 0 && down.blob == 0 {
-            "plain_"
-        } else {
-            ""
+        // The by-expert instances take one decoder each (the shared expert is plain in all).
+        let (up_kind, down_kind) = match self.by_expert_decoders() {
+            Some(kinds) => kinds,
+            None if by_expert => unreachable!("decode_kernels_for runs v3 and v4 with instances"),
+            None => ("", ""),
         };
         let name = if by_expert {
-            format!("decode_gate_up_v3_{plain}{dtype}")
+            format!("decode_gate_up_v3_{up_kind}_{dtype}")
         } else {
             format!(
                 "decode_gate_up_{v}{dtype}_{logits_dtype}_e{}",
@@ -399,7 +401,7 @@ impl<T: Float> MoeLayer<T> {
         // DECODE_TOKENS * S rows; alpha [T*K, 2] and gate_logit [T] likewise. Everything was
         // allocated on this device by from_device or checked above. v2 gets the dynamic shared
         // memory v2_smem computed for this H and ld_h (x [H] staged; down: down_pass slots of
-        // ld_h), allowed above 48 KB just before. `decode_gate_up_v3_{plain_}{t}` takes the same
+        // ld_h), allowed above 48 KB just before. `decode_gate_up_v3_{kind}_{t}` takes the same
         // DecodeParams with ids/weights [T, K] written by the route launch above: block (x, y)
         // reads them, takes the y-th distinct id in [0, E) (y < min(T K, E); rows past the
         // number chosen exit) or, in the last row, the shared expert, and writes h[t * S + s, j]
@@ -412,16 +414,16 @@ impl<T: Float> MoeLayer<T> {
             let func = dev.function(
                 OP,
                 Module::Decode,
-                &format!("decode_down_v3_{plain}{dtype}"),
+                &format!("decode_down_v3_{down_kind}_{dtype}"),
             )?;
             let cfg = LaunchConfig {
                 grid_dim: (cols(h), u32::try_from(rows).expect("at most 16 * 33"), 1),
                 block_dim: (32 * WARPS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: `decode_down_v3_{plain_}{t}` takes the same DecodeParams (the plain
-            // instance reads plain weights only: chosen above only where both projections are
-            // plain). Block (x, y) finds its expert as decode_gate_up_v3 does (the ids the route
+            // SAFETY: `decode_down_v3_{kind}_{t}` takes the same DecodeParams (an instance
+            // decodes one kind, the one by_expert_decoders found for every routed expert; it
+            // counts any other in status and skips it). Block (x, y) finds its expert as decode_gate_up_v3 does (the ids the route
             // launch wrote), reads the h rows [T * S, ld_h] of the slots that chose it, the down
             // weights [E, H, I] (or the packed layer) of that id in [0, E) or the shared
             // expert's [1, H, Is], and writes partial[t * S + s, c] for c < H: partial is

@@ -607,21 +607,36 @@ impl<T: Float> MoeLayer<T> {
 
     /// The decode path's kernels that a forward of `t` tokens runs: [`MoeLayer::decode_kernels`]
     /// with [`DecodeVersion::Auto`] resolved to v4 or v2 by its rule, and v3 and v4 as v2 at
-    /// T = 1 (one token per chosen expert: no routing launch).
+    /// T = 1 (one token per chosen expert: no routing launch) and where a projection has no
+    /// by-expert instance ([`MoeLayer::by_expert_decoders`]).
     pub fn decode_kernels_for(&self, t: usize) -> DecodeVersion {
+        let kinds = self.by_expert_decoders();
         match self.decode_kernels() {
-            DecodeVersion::V3 | DecodeVersion::V4 if t < 2 => DecodeVersion::V2,
+            DecodeVersion::V3 | DecodeVersion::V4 if t < 2 || kinds.is_none() => DecodeVersion::V2,
+            // Packed experts keep v2: their by-expert kernels model slower (BENCHMARKS.md).
             DecodeVersion::Auto
                 if t >= 2
                     && 4 * t * self.cfg.k() >= self.cfg.experts
-                    && !matches!(self.w.gate_up, ExpertWeights::Packed(_))
-                    && !matches!(self.w.down, ExpertWeights::Packed(_)) =>
+                    && kinds == Some(("plain", "plain")) =>
             {
                 DecodeVersion::V4
             }
             DecodeVersion::Auto => DecodeVersion::V2,
             v => v,
         }
+    }
+
+    /// The by-expert decode kernels' instances for the gate/up and the down projection: "plain"
+    /// for plain experts, or the one decoder every packed expert takes
+    /// ([`QuantLayer::fast_decoder`]). `None` where a packed projection mixes decoders or needs
+    /// the per-8 one (act-order, other group sizes, ternary, bf16 in a blob): v3 and v4 then run
+    /// as v2.
+    pub fn by_expert_decoders(&self) -> Option<(&'static str, &'static str)> {
+        let kind = |w: &ExpertWeights<T>| match w {
+            ExpertWeights::Plain(_) => Some("plain"),
+            ExpertWeights::Packed(q) => q.fast_decoder(),
+        };
+        Some((kind(&self.w.gate_up)?, kind(&self.w.down)?))
     }
 
     /// Chooses the prefill GEMM version (v1 by default). v2 and v3 plan in blocks of 128 rows;

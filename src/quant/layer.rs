@@ -45,6 +45,8 @@ pub struct QuantLayer {
     names: Vec<String>,
     bytes: Vec<usize>,
     gemv: QuantGemvVersion,
+    /// The v2 decoder every expert takes (`fast_kind` in qdot.cuh), where they all take one.
+    fast: Option<&'static str>,
 }
 
 /// The blob under construction: each part starts on a 16-byte boundary.
@@ -162,6 +164,12 @@ impl QuantLayer {
             };
             table.push(x);
         }
+        let kinds: Vec<_> = table.iter().map(|x| fast_kind(x, kdim)).collect();
+        let fast = kinds
+            .iter()
+            .all(|k| *k == kinds[0])
+            .then_some(kinds[0])
+            .flatten();
         // A zero-length upload is refused by the driver; a layer always has its table.
         blob.0.resize(blob.0.len().max(16), 0);
         let bytes = blob.0.len();
@@ -174,7 +182,15 @@ impl QuantLayer {
             names: experts.iter().map(QuantMatrix::name).collect(),
             bytes: experts.iter().map(QuantMatrix::bytes).collect(),
             gemv: QuantGemvVersion::default(),
+            fast,
         })
+    }
+
+    /// The one 16-byte-chunk decoder every expert of the layer takes, as the by-expert decode
+    /// kernels name their instances ("int4", "int8", "mxfp4", "fp8"); `None` where the experts
+    /// mix decoders, or some take the per-8 one (act-order, other groups, ternary) or are bf16.
+    pub fn fast_decoder(&self) -> Option<&'static str> {
+        self.fast
     }
 
     /// The kernel [`quant_gemv_into`] runs on this layer (default [`QuantGemvVersion::V2`]).
@@ -229,6 +245,22 @@ impl QuantLayer {
     pub(crate) fn device_parts(&self, op: &'static str, dev: &Device) -> Result<(u64, u64)> {
         self.check_device(op, dev)?;
         Ok((self.blob.device_ptr(dev), self.table.device_ptr(dev)))
+    }
+}
+
+/// `fast_kind` of kernels/common/qdot.cuh on the host, for the decoders that have by-expert
+/// instances: the one an expert of `kd` columns takes, or `None` for the rest. A kernel given an
+/// expert of another kind counts it in its status (an `Err`), so a divergence cannot pass
+/// unnoticed.
+fn fast_kind(x: &QuantExpert, kd: usize) -> Option<&'static str> {
+    let pow2 = x.group > 0 && (x.group & (x.group - 1)) == 0;
+    match x.format {
+        format::INT if x.g_idx >= 0 || !pow2 => None,
+        format::INT if x.bits == 4 && x.group >= 32 && kd.is_multiple_of(32) => Some("int4"),
+        format::INT if x.bits == 8 && x.group >= 16 && kd.is_multiple_of(16) => Some("int8"),
+        format::MXFP4 if kd.is_multiple_of(32) => Some("mxfp4"),
+        format::FP8 if kd.is_multiple_of(16) => Some("fp8"),
+        _ => None,
     }
 }
 
