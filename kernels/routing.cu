@@ -30,6 +30,9 @@
 //   The router projection out[t, e] = x[t, :] . w[e, :] (+ bias[e]), f32 accumulation, rounded
 //   once to w's dtype (bf16 logits for Mixtral-style routers, f32 for DeepSeek's fp32 router).
 //   One warp per (token, expert), 16-byte loads when rows allow.
+// router_logits_v2_{x}_{w}(RouterLogitsParams p)
+//   The same, one block of 8 warps per (token, expert) splitting H, the warps' sums added in a
+//   fixed order (the default: at small T it spreads over E blocks instead of E / 8).
 //
 // History
 //   v1: one warp per token, K rounds of a warp arg-max over register-resident keys; the group
@@ -170,18 +173,15 @@ __device__ __forceinline__ void router_prob_mean_v1(const RouterStatsParams& p) 
 
 constexpr int kLogitsWarps = 8;
 
+// Thread i of n's share of x[t] . w[e]: elements 8i .. 8i + 8 in strides of 8n (vector loads),
+// or element i in strides of n, in order, f32.
 template <typename TX, typename TW>
-__device__ __forceinline__ void router_logits_v1(const RouterLogitsParams& p) {
-    const int lane = threadIdx.x & 31;
-    const int64_t pair = int64_t(blockIdx.x) * kLogitsWarps + (threadIdx.x >> 5);
-    if (pair >= int64_t(p.tokens) * p.experts) return;
-    const int64_t t = pair / p.experts;
-    const int e = int(pair % p.experts);
+__device__ __forceinline__ float router_dot_part(const RouterLogitsParams& p, int64_t t, int e, int i, int n) {
     const TX* x = static_cast<const TX*>(p.x) + t * p.hidden;
     const TW* w = static_cast<const TW*>(p.w) + int64_t(e) * p.hidden;
     float acc = 0.f;
     if (p.vec) {
-        for (int c = lane * 8; c < p.hidden; c += 32 * 8) {
+        for (int c = i * 8; c < p.hidden; c += n * 8) {
             float a[8], b[8];
             load8(x + c, a);
             load8(w + c, b);
@@ -189,13 +189,47 @@ __device__ __forceinline__ void router_logits_v1(const RouterLogitsParams& p) {
             for (int j = 0; j < 8; ++j) acc = fmaf(a[j], b[j], acc);
         }
     } else {
-        for (int c = lane; c < p.hidden; c += 32)
-            acc = fmaf(Float<TX>::to_f32(x[c]), Float<TW>::to_f32(w[c]), acc);
+        for (int c = i; c < p.hidden; c += n) acc = fmaf(Float<TX>::to_f32(x[c]), Float<TW>::to_f32(w[c]), acc);
     }
+    return acc;
+}
+
+template <typename TX, typename TW>
+__device__ __forceinline__ void router_logits_v1(const RouterLogitsParams& p) {
+    const int lane = threadIdx.x & 31;
+    const int64_t pair = int64_t(blockIdx.x) * kLogitsWarps + (threadIdx.x >> 5);
+    if (pair >= int64_t(p.tokens) * p.experts) return;
+    const int64_t t = pair / p.experts;
+    const int e = int(pair % p.experts);
+    float acc = router_dot_part<TX, TW>(p, t, e, lane, 32);
     acc = warp_sum(acc);
     if (lane == 0) {
         if (p.bias != nullptr) acc += Float<TW>::to_f32(static_cast<const TW*>(p.bias)[e]);
         static_cast<TW*>(p.out)[t * p.experts + e] = Float<TW>::from_f32(acc);
+    }
+}
+
+// v2: block b computes pair b (row t = b / E of x against row e = b % E of w), its kLogitsWarps
+// warps splitting H: thread i sums columns 8i .. 8i + 8 in strides of 8 * blockDim (vector) or
+// column i in strides of blockDim, each warp reduces its lanes, and thread 0 adds the warps' sums
+// in warp order. The order does not depend on T, so a token's logits are the same bits in every
+// batch and on every path; at T = 1 the E pairs spread over E blocks (SMs), not E / 8.
+template <typename TX, typename TW>
+__device__ __forceinline__ void router_logits_v2(const RouterLogitsParams& p) {
+    __shared__ float s_part[kLogitsWarps];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t t = blockIdx.x / p.experts;
+    const int e = int(blockIdx.x % p.experts);
+    float acc = router_dot_part<TX, TW>(p, t, e, threadIdx.x, kLogitsWarps * 32);
+    acc = warp_sum(acc);
+    if (lane == 0) s_part[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < kLogitsWarps; ++i) sum += s_part[i];
+        if (p.bias != nullptr) sum += Float<TW>::to_f32(static_cast<const TW*>(p.bias)[e]);
+        static_cast<TW*>(p.out)[t * p.experts + e] = Float<TW>::from_f32(sum);
     }
 }
 
@@ -219,6 +253,9 @@ MOE_STATS(f16, __half)
 #define MOE_ROUTER_LOGITS(SX, SW, TX, TW) \
     extern "C" __global__ void __launch_bounds__(32 * moe::kLogitsWarps) router_logits_##SX##_##SW(const moe::RouterLogitsParams p) { \
         moe::router_logits_v1<TX, TW>(p); \
+    } \
+    extern "C" __global__ void __launch_bounds__(32 * moe::kLogitsWarps) router_logits_v2_##SX##_##SW(const moe::RouterLogitsParams p) { \
+        moe::router_logits_v2<TX, TW>(p); \
     }
 MOE_ROUTER_LOGITS(f32, f32, float, float)
 MOE_ROUTER_LOGITS(bf16, bf16, __nv_bfloat16, __nv_bfloat16)

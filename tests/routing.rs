@@ -7,7 +7,7 @@ use approx::assert_relative_eq;
 use half::{bf16, f16};
 use moe_kernels::check::{self, Tolerance};
 use moe_kernels::rng::Rng;
-use moe_kernels::routing::{self, RouterConfig, RouterRule, reference};
+use moe_kernels::routing::{self, RouterConfig, RouterLogitsVersion, RouterRule, reference};
 use moe_kernels::{Device, Error, Float};
 
 fn ln(v: &[f64]) -> Vec<f64> {
@@ -627,26 +627,36 @@ fn projection_case<X: Float, W: Float>(
         dev.upload(&w, &[e, h]).unwrap(),
         dev.upload(&b, &[e]).unwrap(),
     );
-    let mut out = dev.filled_bytes::<W>(&[t, e], 0xff).unwrap();
-    routing::router_logits_into(dev, &mut out, &xd, &wd, with_bias.then_some(&bd)).unwrap();
     let f = |v: &[X]| v.iter().map(|a| a.to_f64()).collect::<Vec<_>>();
     let g = |v: &[W]| v.iter().map(|a| a.to_f64()).collect::<Vec<_>>();
     let bias64 = with_bias.then(|| g(&b));
     let want = reference::router_logits(&f(&x), &g(&w), bias64.as_deref(), (t, e, h));
     // One rounding to W, plus f32 accumulation over H terms of size ~|x||w|.
     let tol = Tolerance::new(1e-5 * (h as f64).sqrt(), 2.0 * W::EPSILON);
-    let r = check::compare(&dev.download(&out).unwrap(), &want, tol);
-    println!(
-        "router_logits {}x{} T={t} H={h} E={e}: {r}",
-        X::DTYPE,
-        W::DTYPE
-    );
-    assert!(
-        r.passed(),
-        "router_logits {}x{} T={t} H={h} E={e}: {r}",
-        X::DTYPE,
-        W::DTYPE
-    );
+    let bits = |v: &[W]| v.iter().map(|a| a.to_f64().to_bits()).collect::<Vec<_>>();
+    for version in [RouterLogitsVersion::V1, RouterLogitsVersion::V2] {
+        let mut out = dev.filled_bytes::<W>(&[t, e], 0xff).unwrap();
+        let bias = with_bias.then_some(&bd);
+        routing::router_logits_version_into(dev, version, &mut out, &xd, &wd, bias).unwrap();
+        let got = dev.download(&out).unwrap();
+        let r = check::compare(&got, &want, tol);
+        let what = format!(
+            "router_logits {version:?} {}x{} T={t} H={h} E={e}",
+            X::DTYPE,
+            W::DTYPE
+        );
+        println!("{what}: {r}");
+        assert!(r.passed(), "{what}: {r}");
+        // The last token alone: the same bits as in the batch (the order does not depend on T).
+        let last = dev.upload(&x[(t - 1) * h..], &[1, h]).unwrap();
+        let mut one = dev.filled_bytes::<W>(&[1, e], 0xff).unwrap();
+        routing::router_logits_version_into(dev, version, &mut one, &last, &wd, bias).unwrap();
+        assert_eq!(
+            bits(&dev.download(&one).unwrap()),
+            bits(&got[(t - 1) * e..]),
+            "{what}: the last token alone"
+        );
+    }
 }
 
 #[test]

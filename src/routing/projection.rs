@@ -12,11 +12,37 @@ use crate::params::RouterLogitsParams;
 /// Warps per block of `router_logits_*`, as `kLogitsWarps` in routing.cu.
 const LOGITS_WARPS: usize = 8;
 
+/// The kernels of [`router_logits_version_into`]; each stays selectable. Both sum in an order
+/// that does not depend on T, so a token's logits are the same bits in every batch; the two
+/// versions' orders differ from each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RouterLogitsVersion {
+    /// One warp per (token, expert): T·E/8 blocks, one SM's worth at T = 1 for E ≤ 64.
+    V1,
+    /// One block of 8 warps per (token, expert), splitting H, the warps' sums added in a fixed
+    /// order: T·E blocks, so at T = 1 the router's rows stream from E SMs at once.
+    #[default]
+    V2,
+}
+
 /// `out [T, E] = x [T, H] · w [E, H]ᵀ (+ bias [E])`, accumulated in f32 and rounded once to
 /// `W`'s dtype: bf16 logits for a bf16 router (Mixtral, Qwen, gpt-oss), f32 for DeepSeek's f32
-/// router on bf16 activations. `W` is `X` or f32.
+/// router on bf16 activations. `W` is `X` or f32. Runs [`RouterLogitsVersion::V2`], as every
+/// layer path does.
 pub fn router_logits_into<X: Float, W: Float>(
     dev: &Device,
+    out: &mut Tensor<W>,
+    x: &Tensor<X>,
+    w: &Tensor<W>,
+    bias: Option<&Tensor<W>>,
+) -> Result<()> {
+    router_logits_version_into(dev, RouterLogitsVersion::default(), out, x, w, bias)
+}
+
+/// [`router_logits_into`] with the kernel chosen.
+pub fn router_logits_version_into<X: Float, W: Float>(
+    dev: &Device,
+    version: RouterLogitsVersion,
     out: &mut Tensor<W>,
     x: &Tensor<X>,
     w: &Tensor<W>,
@@ -71,23 +97,28 @@ pub fn router_logits_into<X: Float, W: Float>(
     if tokens == 0 || experts == 0 {
         return Ok(());
     }
+    // v1: a warp per pair; v2: a block per pair.
+    let pairs_per_block = match version {
+        RouterLogitsVersion::V1 => LOGITS_WARPS,
+        RouterLogitsVersion::V2 => 1,
+    };
     let blocks: u32 = tokens
         .checked_mul(experts)
-        .map(|p| p.div_ceil(LOGITS_WARPS))
+        .map(|p| p.div_ceil(pairs_per_block))
         .and_then(|b| u32::try_from(b).ok())
         .filter(|&b| b <= i32::MAX as u32)
         .ok_or_else(|| {
             Error::shape(
                 OP,
                 "x",
-                "T * E / 8 below 2^31",
+                format!("T * E / {pairs_per_block} below 2^31"),
                 format!("T={tokens}, E={experts}"),
             )
         })?;
     let as_i32 = |arg, v: usize| {
         i32::try_from(v).map_err(|_| Error::shape(OP, arg, "below 2^31", format!("{v}")))
     };
-    // The kernel's column counter is 32-bit and steps past H by up to 256.
+    // The kernel's column counter is 32-bit and steps past H by up to 2048.
     if hidden > 1 << 30 {
         return Err(Error::shape(OP, "x", "H at most 2^30", format!("{hidden}")));
     }
@@ -103,17 +134,22 @@ pub fn router_logits_into<X: Float, W: Float>(
         hidden: as_i32("x", hidden)?,
         vec: i32::from(vec),
     };
-    let name = format!("router_logits_{}_{}", X::DTYPE, W::DTYPE);
+    let v = match version {
+        RouterLogitsVersion::V1 => "",
+        RouterLogitsVersion::V2 => "v2_",
+    };
+    let name = format!("router_logits_{v}{}_{}", X::DTYPE, W::DTYPE);
     let func = dev.function(OP, Module::Routing, &name)?;
     let cfg = LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (32 * LOGITS_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: `router_logits_{x}_{w}` takes one RouterLogitsParams (mirrored in src/params.rs),
-    // instantiated for exactly the dtype pairs let through above. x is [T, H], w is [E, H], out
-    // is [T, E], bias is [E] or null (all checked). Warp p handles pair p < T * E: row t = p / E
-    // of x, row e = p % E of w, writing out[t, e]. Vector loads of 8 elements are chosen only
+    // SAFETY: `router_logits_{v2_}{x}_{w}` takes one RouterLogitsParams (mirrored in
+    // src/params.rs), instantiated for exactly the dtype pairs let through above. x is [T, H], w
+    // is [E, H], out is [T, E], bias is [E] or null (all checked). v1: warp p handles pair
+    // p < T * E; v2: block p (the grid is exactly T * E); pair p is row t = p / E of x and row
+    // e = p % E of w, writing out[t, e]. Vector loads of 8 elements are chosen only
     // when H % 8 == 0 and both base pointers are 16-byte aligned, so every row start is too.
     unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
