@@ -681,16 +681,21 @@ __device__ __forceinline__ void v3_entries(const DecodeParams& p, const DecodePr
 // expert of another kind is counted in p.status and skipped, never decoded wrongly. The shared
 // expert is plain in every instance. One decoder per instance keeps each under 128 registers:
 // two blocks per SM.
-template <typename T, bool DOWN, int KIND>
-__device__ __forceinline__ void decode_by_expert(const DecodeParams& p) {
-    __shared__ __align__(16) unsigned char smem[kGemvTokens * kGemvStaged];
-    __shared__ uint32_t s_bits[32];
-    __shared__ int32_t s_list[kV3MaxEntries];
-    __shared__ int s_n;
-    __shared__ int s_e;
-    __shared__ QuantExpert s_q;
+// The by-expert kernels' prologue: the block-wide extras (the last row's column-0 block of the
+// gate/up kernel), then the block's expert and entries (v3_block_expert) and, for a packed
+// projection, the expert's table entry; ends with a barrier. Returns the block's projection.
+// The by-expert kernels' block state in shared memory.
+struct V3Block {
+    uint32_t bits[32];            // the chosen ids, a bit each
+    int32_t list[kV3MaxEntries];  // the block's entries (v3_entry)
+    int n;                        // how many
+    int e;                        // the block's expert, or -1
+    QuantExpert q;                // its table entry (packed projections)
+};
+
+template <typename T, bool DOWN>
+__device__ __forceinline__ const DecodeProj& v3_prologue(const DecodeParams& p, V3Block& b) {
     const bool last = blockIdx.y == gridDim.y - 1;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const DecodeProj& dp = DOWN ? (last ? p.shared_down : p.down) : (last ? p.shared_up : p.up);
     if (!DOWN && last && blockIdx.x == 0) {
         // Every token's block-wide extras: the shared expert's gate logit, constant experts' alpha.
@@ -701,12 +706,23 @@ __device__ __forceinline__ void decode_by_expert(const DecodeParams& p) {
             for (int s = 0; s < K; ++s) decode_slot_extras(p, x, t, s, p.route.ids[t * K + s]);
         }
     }
-    if (warp == 0) {
-        v3_block_expert(p, p.slots > p.route.k, s_bits, s_list, &s_n, &s_e);
-        if (lane == 0 && dp.blob != nullptr && s_e >= 0) s_q = dp.experts[s_e];
+    if (threadIdx.x < 32) {
+        v3_block_expert(p, p.slots > p.route.k, b.bits, b.list, &b.n, &b.e);
+        if (threadIdx.x == 0 && dp.blob != nullptr && b.e >= 0) b.q = dp.experts[b.e];
     }
     __syncthreads();
-    const int e = s_e, count = s_n;
+    return dp;
+}
+
+template <typename T, bool DOWN, int KIND>
+__device__ __forceinline__ void decode_by_expert(const DecodeParams& p) {
+    __shared__ __align__(16) unsigned char smem[kGemvTokens * kGemvStaged];
+    __shared__ V3Block b;
+    const bool last = blockIdx.y == gridDim.y - 1;
+    const int warp = threadIdx.x >> 5;
+    const DecodeProj& dp = v3_prologue<T, DOWN>(p, b);
+    const int e = b.e, count = b.n;
+    const int32_t* s_list = b.list;
     if (e < 0 || count == 0) return;  // uniform per block: before any other barrier
     const int kd = dp.g.kdim;
     const int n_out = DOWN ? dp.g.n : dp.g.n / 2;
@@ -720,12 +736,148 @@ __device__ __forceinline__ void decode_by_expert(const DecodeParams& p) {
     if constexpr (KIND == kFastPlain) {
         if (threadIdx.x == 0) atomicAdd(p.status, 1);  // a packed projection: not this instance's
     } else {
-        const QuantExpert q = s_q;
+        const QuantExpert q = b.q;
         if (fast_kind(q, kd) != KIND) {
-            if (threadIdx.x == 0) atomicAdd(p.status, 1);  // uniform per block (s_q)
+            if (threadIdx.x == 0) atomicAdd(p.status, 1);  // uniform per block (b.q)
             return;
         }
         v3_entries<T, KIND, DOWN>(p, dp, dp.blob, q, dp.blob + q.codes, e, last, s_list, count, j, live, smem);
+    }
+}
+
+// ---- v5: the by-expert GEMVs on tensor cores (plain weights) ----
+//
+// One mma.sync m16n8k16 per 16 weight rows and 16 columns, the pass's up to 8 tokens as its N:
+// a warp owns 16 weight rows (gate/up: the gate and the up row of 8 output columns; down: 16
+// output columns), each lane loads 16 bytes of its rows g = lane / 4 and g + 8 at columns
+// 32u + 8q .. + 8 (q = lane % 4), and the 16 bytes of token g's staged x at the same columns.
+// The dot product runs over a permutation of k that both operands share: in block u of 32
+// columns, the k-step s (0, 1) takes the lane's columns 32u + 8q + 4s .. + 4 as the fragment's
+// k = 2q, 2q + 1, 2q + 8, 2q + 9 (PTX ISA, mma.m16n8k16 fragment layouts), so the loaded words
+// are the A and B registers as they come: no shuffles and no conversions. Products of two
+// bf16 (f16) values are exact in f32, accumulated in f32 by the tensor core.
+
+constexpr int kMmaTile = 1024;                   // columns staged per tile
+constexpr int kMmaRow = 2 * kMmaTile + 64;       // bytes per staged token row: 64 bytes of pad put
+                                                 // the 8 lanes of a quarter warp (tokens g, g + 1,
+                                                 // 16 bytes at 16q) on distinct banks
+constexpr int kMmaStaged = kGemvTokens * kMmaRow;  // 16,896 bytes
+constexpr int kMmaWarpRows = 16;
+
+// One pass of the block's expert over entries ent[0, nrows) (nrows <= 8): stage their rows
+// (x, or h for DOWN) kMmaTile columns at a time as T, zeros for tokens past nrows; each warp
+// multiplies its 16 weight rows (r0: rows of fragment rows g; r1: g + 8) into acc.
+template <typename T, bool DOWN, typename Src>
+__device__ __forceinline__ void v5_pass(const uint8_t* codes, int64_t row_bytes, int kd, int64_t r0, int64_t r1,
+                                        const Src& src, int nrows, unsigned char* smem, float (&acc)[4]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] = 0.f;
+    const uint8_t* w0 = codes + r0 * row_bytes + 16 * q;
+    const uint8_t* w1 = codes + r1 * row_bytes + 16 * q;
+    const unsigned char* xs = smem + g * kMmaRow + 16 * q;
+    for (int k0 = 0; k0 < kd; k0 += kMmaTile) {
+        const int width = min(kMmaTile, kd - k0);  // a multiple of 32
+        __syncthreads();                            // the previous tile (or pass) has been read
+        if (warp < kGemvTokens) {
+            const bool valid = warp < nrows;
+            const T* row = src(valid ? warp : 0) + k0;
+            for (int c = 8 * lane; c < width; c += 256) {
+                const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(row + c)) : make_uint4(0u, 0u, 0u, 0u);
+                *reinterpret_cast<uint4*>(smem + warp * kMmaRow + 2 * c) = v;
+            }
+        }
+        __syncthreads();
+        const int blocks = width / 32;
+        const int64_t at = 2 * int64_t(k0);
+        for (int u = 0; u < blocks; u += 4) {
+            uint4 a0[4], a1[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                if (u + i < blocks) {
+                    a0[i] = __ldg(reinterpret_cast<const uint4*>(w0 + at + 64 * (u + i)));
+                    a1[i] = __ldg(reinterpret_cast<const uint4*>(w1 + at + 64 * (u + i)));
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                if (u + i < blocks) {
+                    const uint4 x = *reinterpret_cast<const uint4*>(xs + 64 * (u + i));
+                    const uint32_t s0[4] = {a0[i].x, a1[i].x, a0[i].y, a1[i].y};
+                    ptx::Mma<T>::run(acc, s0, x.x, x.y);
+                    const uint32_t s1[4] = {a0[i].z, a1[i].z, a0[i].w, a1[i].w};
+                    ptx::Mma<T>::run(acc, s1, x.z, x.w);
+                }
+            }
+        }
+    }
+}
+
+// decode_gate_up_v5 / decode_down_v5: decode_by_expert's grid and contract (same entries, same
+// outputs: h through the epilogue, or raw dots into p.partial), plain weights only, the GEMVs
+// on tensor cores. Block (x, y): warp w owns 8 output columns 64x + 8w .. (gate/up) or 16
+// columns 128x + 16w .. (down). The host runs it only where every row it stages or streams is
+// a multiple of 32 columns and 16-byte aligned (H, I, Is % 32 == 0; ld_h % 8 == 0) and the
+// projections are plain; a packed projection is counted in p.status.
+template <typename T, bool DOWN>
+__device__ __forceinline__ void decode_by_expert_mma(const DecodeParams& p) {
+    __shared__ __align__(16) unsigned char smem[kMmaStaged];
+    __shared__ V3Block b;
+    const bool last = blockIdx.y == gridDim.y - 1;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, q = lane & 3;
+    const DecodeProj& dp = v3_prologue<T, DOWN>(p, b);
+    const int e = b.e, count = b.n;
+    if (e < 0 || count == 0) return;  // uniform per block: before any other barrier
+    if (dp.blob != nullptr) {
+        if (threadIdx.x == 0) atomicAdd(p.status, 1);  // a packed projection: not this kernel's
+        return;
+    }
+    const int K = p.route.k, S = p.slots, kd = dp.g.kdim;
+    const int n_out = DOWN ? dp.g.n : dp.g.n / 2;
+    const int64_t row_bytes = int64_t(kd) * int64_t(sizeof(T));
+    const uint8_t* codes = static_cast<const uint8_t*>(dp.g.w) + int64_t(e) * dp.g.n * row_bytes;
+    // The lane's two weight rows (clamped into the matrix; their results are not stored).
+    int j0, j1;
+    int64_t r0, r1;
+    if (DOWN) {
+        j0 = (blockIdx.x * kDecodeWarps + warp) * kMmaWarpRows + g;
+        j1 = j0 + 8;
+        r0 = min(j0, n_out - 1);
+        r1 = min(j1, n_out - 1);
+    } else {
+        j0 = j1 = (blockIdx.x * kDecodeWarps + warp) * 8 + g;
+        r0 = weight_row(dp.g, min(j0, n_out - 1), 0);
+        r1 = weight_row(dp.g, min(j0, n_out - 1), 1);
+    }
+    const T* X = static_cast<const T*>(p.x);
+    const T* Hr = static_cast<const T*>(p.h);
+    for (int c0 = 0; c0 < count; c0 += kGemvTokens) {
+        const int nrows = min(kGemvTokens, count - c0);
+        const int32_t* ent = b.list + c0;
+        const auto src = [&](int n) {
+            const int t = v3_token(ent[n]);
+            return DOWN ? Hr + (int64_t(t) * S + v3_slot(ent[n])) * int64_t(p.ld_h) : X + int64_t(t) * p.hidden;
+        };
+        float acc[4];
+        v5_pass<T, DOWN>(codes, row_bytes, kd, r0, r1, src, nrows, smem, acc);
+        // acc[i]: row g, token 2q + i; acc[2 + i]: row g + 8, token 2q + i.
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int n = 2 * q + i;
+            if (n >= nrows) continue;
+            const int t = v3_token(ent[n]), s = v3_slot(ent[n]);
+            const int64_t row = int64_t(t) * S + s;
+            if (DOWN) {
+                if (j0 < n_out) p.partial[row * p.hidden + j0] = acc[i];
+                if (j1 < n_out) p.partial[row * p.hidden + j1] = acc[2 + i];
+            } else if (j0 < n_out) {
+                const float scale = !last && dp.g.scale_input ? p.route.weights[t * K + s] : 1.f;
+                static_cast<T*>(p.h)[row * int64_t(p.ld_h) + j0] =
+                    Float<T>::from_f32(epilogue<T>(dp.g, e, j0, acc[i], acc[2 + i], scale));
+            }
+        }
     }
 }
 
@@ -832,6 +984,12 @@ MOE_DECODE_DOWN2(f16, __half)
     MOE_DECODE_V3_KIND(fp8, SUFFIX, T, moe::kFastFp8, 1, 2) \
     extern "C" __global__ void __launch_bounds__(256) decode_combine_##SUFFIX(const moe::DecodeParams p) { \
         moe::decode_combine<T>(p); \
+    } \
+    extern "C" __global__ void __launch_bounds__(moe::kDecodeThreads, 2) decode_gate_up_v5_##SUFFIX(const moe::DecodeParams p) { \
+        moe::decode_by_expert_mma<T, false>(p); \
+    } \
+    extern "C" __global__ void __launch_bounds__(moe::kDecodeThreads, 2) decode_down_v5_##SUFFIX(const moe::DecodeParams p) { \
+        moe::decode_by_expert_mma<T, true>(p); \
     }
 MOE_DECODE_V3(bf16, __nv_bfloat16)
 MOE_DECODE_V3(f16, __half)

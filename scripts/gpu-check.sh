@@ -13,7 +13,7 @@
 #            test fails; the model tests run the command's forward --check on every fixture),
 #            the main job, compute-sanitizer memcheck and racecheck on one GPU test per family
 #   decode   the decode tests and their sanitizer runs, the layer bench at T = 1, 4, 16 for four
-#            presets (the default decode kernels; v2 beside v3 and v1 beside them for two), the
+#            presets (the default decode kernels; v2, v3, v4, v5 and v1 beside them for two), the
 #            planned GEMV path beside it,
 #            the quick peer comparison
 #   prefill  the GEMM and prefill tests, sanitizer runs on the GEMM pipeline edges (synccheck
@@ -246,8 +246,8 @@ racecheck layer gpu_decode_v3_matches_v2_bit_for_bit
 memcheck grouped_gemm gpu_grouped_gemv_matches_reference
 EOF
     # The decode path (the default kernels) beside the copy bandwidth the bench measures, v2
-    # (gate/up per token) beside v3 (by expert), v1 on two of the shapes, then the planned GEMV
-    # path (the compressed formats: quant).
+    # (gate/up per token) beside v3 (by expert) and v4 and v5 (by expert; v5 on tensor cores),
+    # v1 on two of the shapes, then the planned GEMV path (the compressed formats: quant).
     local preset
     for preset in qwen3-30b-a3b mixtral-8x7b deepseek-v3 gpt-oss-120b; do
         bench "layer-$preset-decode" 20 --preset "$preset" --tokens 1,4,16
@@ -255,6 +255,8 @@ EOF
     for preset in qwen3-30b-a3b mixtral-8x7b; do
         bench "layer-$preset-decode-v2" 20 --preset "$preset" --tokens 4,16 --decode v2
         bench "layer-$preset-decode-v3" 20 --preset "$preset" --tokens 4,16 --decode v3
+        bench "layer-$preset-decode-v4" 20 --preset "$preset" --tokens 4,16 --decode v4
+        bench "layer-$preset-decode-v5" 20 --preset "$preset" --tokens 4,16 --decode v5
     done
     for preset in qwen3-30b-a3b gpt-oss-120b; do
         bench "layer-$preset-decode-v1" 20 --preset "$preset" --tokens 1,4,16 --decode v1

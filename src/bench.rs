@@ -48,10 +48,11 @@ pub struct BenchArgs {
     /// plan and the grouped GEMV) or gemm.
     #[arg(long, default_value = "auto")]
     pub path: String,
-    /// The decode path's kernels: auto (default: v4 for plain experts where T K >= E / 4, else
-    /// v2), v2 (x staged in shared memory, 16-byte compressed chunks), v3 (v2 with the gate/up
+    /// The decode path's kernels: auto (default: v5 for plain experts where T K >= E / 4, v4
+    /// where v5 does not take the layer, else v2), v2 (x staged in shared memory, 16-byte compressed chunks), v3 (v2 with the gate/up
     /// GEMV by expert after one routing launch), v4 (v3 with the down GEMV by expert and a
-    /// combine) or v1 (one warp per column, 8 weights per lane per step).
+    /// combine), v5 (v4 on tensor cores, plain experts) or v1 (one warp per column, 8 weights
+    /// per lane per step).
     #[arg(long, default_value = "auto")]
     pub decode: String,
     /// The compressed-expert GEMV of --path gemv: v2 (default: a chunk decoded once for up to 8
@@ -276,11 +277,12 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
         "v2" => DecodeVersion::V2,
         "v3" => DecodeVersion::V3,
         "v4" => DecodeVersion::V4,
+        "v5" => DecodeVersion::V5,
         "auto" => DecodeVersion::Auto,
         other => {
             return Err(Error::Unsupported {
                 op: "bench",
-                what: format!("--decode {other:?} (auto, v1, v2, v3 or v4)"),
+                what: format!("--decode {other:?} (auto, v1, v2, v3, v4 or v5)"),
             });
         }
     };

@@ -125,6 +125,7 @@ pub fn gpu_case(
                 DecodeVersion::V2 => "decode v2",
                 DecodeVersion::V3 => "decode v3",
                 DecodeVersion::V4 | DecodeVersion::Auto => "decode v4",
+                DecodeVersion::V5 => "decode v5",
             }
         },
         micros: elapsed.as_secs_f64() * 1e6,

@@ -76,15 +76,17 @@ fn info(ptxas: bool) {
         ),
     }
     println!(
-        "defaults: decode path auto: v4 for plain experts where T K >= E / 4 (by expert: the \
-         tokens routed once, each chosen expert's rows read once per 8 tokens, then a combine; \
+        "defaults: decode path auto: v5 for plain experts where T K >= E / 4 (by expert on \
+         tensor cores: the tokens routed once, each chosen expert's rows read once per 8 tokens, \
+         then a combine; v4, the same on CUDA cores, where H or I is not a multiple of 32; \
          within tolerance of the CPU on the emulator, modelled faster there), v2 below and for \
          packed experts (x staged in shared memory, compressed rows decoded 16 bytes per lane; \
          exact on the emulator, fewer requests and fewer instructions per weight than v1); \
          neither yet run on a GPU; compressed-expert GEMV v2 (the same \
          decoders, a chunk decoded once for up to 8 rows; exact on the emulator, fewer \
          instructions than v1; not yet run on a GPU), prefill GEMM v1 (v2 and v3 are \
-         selectable)"
+         selectable), router projection v2 (a block per token and expert; the same bits at \
+         every T)"
     );
     match Device::new(0) {
         Ok(dev) => {

@@ -968,7 +968,7 @@ fn gpu_decode_v3_matches_v2_bit_for_bit() {
         let w = packed(cfg, &random_weights(cfg, 52), format);
         cases.push((format!("{name} {format}"), cfg.clone(), w));
     }
-    let (mut compared, mut total) = (0, 0);
+    let (mut compared, mut total, mut tensor_core_cases) = (0, 0, 0);
     for (name, cfg, w) in &cases {
         for t in [3, 11] {
             let h = cfg.hidden;
@@ -1003,12 +1003,41 @@ fn gpu_decode_v3_matches_v2_bit_for_bit() {
             layer.set_decode_version(DecodeVersion::V4);
             compared += check_against_cpu(&dev, &mut layer, cfg, w, t, &format!("{name} v4"));
             total += t;
+            // v5 (the same on tensor cores) where it takes the layer: plain, rows of multiples
+            // of 32 columns; v4 elsewhere. A new layer: nothing left in its workspace by v4.
+            let mut layer = MoeLayer::<bf16>::new(&dev, cfg, w, t).unwrap();
+            layer.set_path(GemmPath::Decode);
+            layer.set_decode_version(DecodeVersion::V5);
+            if layer.decode_kernels_for(t) == DecodeVersion::V5 {
+                compared += check_against_cpu(&dev, &mut layer, cfg, w, t, &format!("{name} v5"));
+                total += t;
+                tensor_core_cases += 1;
+            } else {
+                // Packed: v4's instances, or v2 where there are none.
+                let v4 = !(name.ends_with("mixed") || name.ends_with("act"));
+                let runs = if v4 {
+                    DecodeVersion::V4
+                } else {
+                    DecodeVersion::V2
+                };
+                assert_eq!(layer.decode_kernels_for(t), runs, "{name}");
+            }
         }
     }
     assert!(
         4 * compared >= 3 * total,
-        "v4: only {compared} of {total} tokens compared"
+        "v4, v5: only {compared} of {total} tokens compared"
     );
+    assert!(tensor_core_cases >= 10, "v5 ran {tensor_core_cases} cases");
+    // v5 with more than one pass of 8 tokens per expert: 32 slots on 4 experts.
+    let few = MoeConfig::new(1152, 64, 4, RouterConfig::mixtral(2));
+    let w = random_weights(&few, 55);
+    let mut layer = MoeLayer::<bf16>::new(&dev, &few, &w, 16).unwrap();
+    layer.set_path(GemmPath::Decode);
+    layer.set_decode_version(DecodeVersion::V5);
+    assert_eq!(layer.decode_kernels_for(16), DecodeVersion::V5);
+    let compared = check_against_cpu(&dev, &mut layer, &few, &w, 16, "4 experts v5");
+    assert!(4 * compared >= 3 * 16, "v5: only {compared} of 16 tokens");
     // And v3 against the CPU forward on its own.
     for (name, cfg) in configs() {
         let w = random_weights(&cfg, 53);
@@ -1053,8 +1082,10 @@ fn gpu_decode_path_is_three_launches_and_no_memset() {
                 // v3 routes once before its gate/up GEMV at T >= 2: a fourth launch; v4 adds
                 // the combine after its down GEMV: a fifth.
                 let v = layer.decode_kernels_for(t);
-                let by_expert = matches!(v, DecodeVersion::V3 | DecodeVersion::V4);
-                let most = 3 + u64::from(by_expert) + u64::from(v == DecodeVersion::V4);
+                let by_expert =
+                    matches!(v, DecodeVersion::V3 | DecodeVersion::V4 | DecodeVersion::V5);
+                let combine = matches!(v, DecodeVersion::V4 | DecodeVersion::V5);
+                let most = 3 + u64::from(by_expert) + u64::from(combine);
                 assert!(n.launches <= most && n.memsets == 0, "{name} T={t}: {n:?}");
             } else {
                 // Above the threshold the decode path falls back to the planned GEMM.

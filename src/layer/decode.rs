@@ -314,8 +314,12 @@ impl<T: Float> MoeLayer<T> {
             DecodeVersion::V1 => None,
             _ => v2_smem(h, ld_h, s),
         };
-        let by_expert = matches!(version, DecodeVersion::V3 | DecodeVersion::V4);
-        let down_by_expert = version == DecodeVersion::V4;
+        let by_expert = matches!(
+            version,
+            DecodeVersion::V3 | DecodeVersion::V4 | DecodeVersion::V5
+        );
+        let down_by_expert = matches!(version, DecodeVersion::V4 | DecodeVersion::V5);
+        let mma = version == DecodeVersion::V5;
         let params = DecodeParams {
             down_pass: smem.map_or(1, |(_, _, pass)| {
                 i32::try_from(pass).expect("at most K + 1 <= 33")
@@ -351,10 +355,12 @@ impl<T: Float> MoeLayer<T> {
         // The by-expert instances take one decoder each (the shared expert is plain in all).
         let (up_kind, down_kind) = match self.by_expert_decoders() {
             Some(kinds) => kinds,
-            None if by_expert => unreachable!("decode_kernels_for runs v3 and v4 with instances"),
+            None if by_expert => unreachable!("decode_kernels_for runs v3 to v5 with instances"),
             None => ("", ""),
         };
-        let name = if by_expert {
+        let name = if mma {
+            format!("decode_gate_up_v5_{dtype}")
+        } else if by_expert {
             format!("decode_gate_up_v3_{up_kind}_{dtype}")
         } else {
             format!(
@@ -385,8 +391,13 @@ impl<T: Float> MoeLayer<T> {
         // v3: a row of blocks per distinct expert the tokens can have chosen, and one for the
         // shared expert and the block-wide extras.
         let rows = if by_expert { (t * k).min(e) + 1 } else { t * s };
+        // v5: a warp per 8 output columns (gate/up) or 16 (down), 8 warps per block.
+        let mma_cols = |n: usize, per_warp: usize| {
+            u32::try_from(n.div_ceil(WARPS * per_warp)).expect("bounded by MoeConfig::validate")
+        };
+        let up_cols = if mma { mma_cols(ld_h, 8) } else { cols(ld_h) };
         let up_cfg = LaunchConfig {
-            grid_dim: (cols(ld_h), u32::try_from(rows).expect("at most 16 * 33"), 1),
+            grid_dim: (up_cols, u32::try_from(rows).expect("at most 16 * 33"), 1),
             block_dim: (32 * WARPS as u32, 1, 1),
             shared_mem_bytes: u32::try_from(up_smem).expect("below V2_SMEM_BUDGET"),
         };
@@ -406,24 +417,29 @@ impl<T: Float> MoeLayer<T> {
         // reads them, takes the y-th distinct id in [0, E) (y < min(T K, E); rows past the
         // number chosen exit) or, in the last row, the shared expert, and writes h[t * S + s, j]
         // for the slots that chose it, j < I (Is); its last row's column-0 block writes alpha
-        // and gate_logit. Its shared memory is static.
+        // and gate_logit. Its shared memory is static. `decode_gate_up_v5_{t}` (chosen only for
+        // plain projections with H, I and Is multiples of 32, so that its 16-byte loads of
+        // weight and x rows stay aligned and inside them) takes the same entries, warp w of
+        // block x writing columns 64x + 8w .. + 8 below I (Is).
         unsafe { dev.launch(OP, &func, up_cfg, &params) }?;
         mark(Stage::Gemm1)?;
 
         if down_by_expert {
-            let func = dev.function(
-                OP,
-                Module::Decode,
-                &format!("decode_down_v3_{down_kind}_{dtype}"),
-            )?;
+            let (name, down_cols) = if mma {
+                (format!("decode_down_v5_{dtype}"), mma_cols(h, 16))
+            } else {
+                (format!("decode_down_v3_{down_kind}_{dtype}"), cols(h))
+            };
+            let func = dev.function(OP, Module::Decode, &name)?;
             let cfg = LaunchConfig {
-                grid_dim: (cols(h), u32::try_from(rows).expect("at most 16 * 33"), 1),
+                grid_dim: (down_cols, u32::try_from(rows).expect("at most 16 * 33"), 1),
                 block_dim: (32 * WARPS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: `decode_down_v3_{kind}_{t}` takes the same DecodeParams (an instance
-            // decodes one kind, the one by_expert_decoders found for every routed expert; it
-            // counts any other in status and skips it). Block (x, y) finds its expert as decode_gate_up_v3 does (the ids the route
+            // SAFETY: `decode_down_v3_{kind}_{t}` and `decode_down_v5_{t}` take the same
+            // DecodeParams (an instance decodes one kind, the one by_expert_decoders found for
+            // every routed expert; it counts any other in status and skips it; v5 as for its
+            // gate/up kernel, warp w of block x writing columns 128x + 16w .. + 16 below H). Block (x, y) finds its expert as decode_gate_up_v3 does (the ids the route
             // launch wrote), reads the h rows [T * S, ld_h] of the slots that chose it, the down
             // weights [E, H, I] (or the packed layer) of that id in [0, E) or the shared
             // expert's [1, H, Is], and writes partial[t * S + s, c] for c < H: partial is

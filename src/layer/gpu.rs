@@ -50,13 +50,21 @@ pub enum DecodeVersion {
     /// kernel does: five launches, each chosen expert's down rows read once per 8 tokens. At
     /// T = 1 it runs v2's kernels; the same fallback to v1.
     V4,
-    /// The default: v4 for plain (bf16/f16) experts where the tokens' slots are at least a
-    /// quarter of the routed experts (T K >= E / 4, T >= 2); v2 below that and for packed
-    /// experts. Under uniform routing T K = E / 4 slots fall on about 0.88 T K distinct experts,
-    /// so by expert reads about an eighth fewer expert rows there, and more above; in the model
-    /// that is where it starts to pay for v4's two extra launches (Qwen3-30B-A3B bf16 at T = 4).
-    /// Packed experts run the by-expert kernels at one block per SM (the decoders'
-    /// registers), where the model has them slower than v2 (BENCHMARKS.md).
+    /// v4 with both by-expert GEMVs on tensor cores (`decode_{gate_up,down}_v5`, mma.sync
+    /// m16n8k16: 16 weight rows against the pass's 8 tokens per instruction), for plain experts
+    /// whose rows are multiples of 32 columns (H, I and the shared expert's; else v4). Staged x
+    /// is read once per 16 weight rows instead of once per row, so the GEMVs stay bound by HBM
+    /// at 8 tokens per pass. Within the CPU's tolerance (a different summation order).
+    V5,
+    /// The default: v5 (v4 where v5 does not take the layer) for plain (bf16/f16) experts where
+    /// the tokens' slots are at least a quarter of the routed experts (T K >= E / 4, T >= 2);
+    /// v2 below that and for packed experts. Under uniform routing T K = E / 4 slots fall on
+    /// about 0.88 T K distinct experts, so by expert reads about an eighth fewer expert rows
+    /// there, and more above; in the model that is where it starts to pay for the two extra
+    /// launches (Qwen3-30B-A3B bf16 at T = 4). v5 models as fast as v4 where both are bound by
+    /// HBM and faster where v4 is bound by shared memory (Mixtral-8x7B at T = 16). Packed
+    /// experts' by-expert kernels multiply on CUDA cores, where the model has them slower than
+    /// v2 (BENCHMARKS.md).
     /// [`MoeLayer::decode_kernels_for`] says which runs at a given T.
     Auto,
 }
@@ -612,18 +620,38 @@ impl<T: Float> MoeLayer<T> {
     pub fn decode_kernels_for(&self, t: usize) -> DecodeVersion {
         let kinds = self.by_expert_decoders();
         match self.decode_kernels() {
-            DecodeVersion::V3 | DecodeVersion::V4 if t < 2 || kinds.is_none() => DecodeVersion::V2,
+            DecodeVersion::V3 | DecodeVersion::V4 | DecodeVersion::V5
+                if t < 2 || kinds.is_none() =>
+            {
+                DecodeVersion::V2
+            }
+            DecodeVersion::V5 if !self.tensor_core_decode() => DecodeVersion::V4,
             // Packed experts keep v2: their by-expert kernels model slower (BENCHMARKS.md).
             DecodeVersion::Auto
                 if t >= 2
                     && 4 * t * self.cfg.k() >= self.cfg.experts
                     && kinds == Some(("plain", "plain")) =>
             {
-                DecodeVersion::V4
+                if self.tensor_core_decode() {
+                    DecodeVersion::V5
+                } else {
+                    DecodeVersion::V4
+                }
             }
             DecodeVersion::Auto => DecodeVersion::V2,
             v => v,
         }
+    }
+
+    /// Whether decode v5 (the by-expert GEMVs on tensor cores) takes this layer: plain experts
+    /// (the shared expert always is), rows of H, I and Is columns multiples of 32, so that every
+    /// 16-byte row chunk and staged row is aligned.
+    fn tensor_core_decode(&self) -> bool {
+        let c = &self.cfg;
+        self.by_expert_decoders() == Some(("plain", "plain"))
+            && c.hidden.is_multiple_of(32)
+            && c.intermediate.is_multiple_of(32)
+            && c.shared.is_none_or(|s| s.intermediate.is_multiple_of(32))
     }
 
     /// The by-expert decode kernels' instances for the gate/up and the down projection: "plain"
