@@ -670,20 +670,6 @@ __device__ __forceinline__ void v3_entries(const DecodeParams& p, const DecodePr
     }
 }
 
-// The by-expert GEMV of one projection (gate/up, or down where DOWN): block (x, y) owns output
-// columns 8x .. 8x + 8 (one per warp) of the y-th distinct expert that the tokens chose
-// (v3_block_expert; rows past the number chosen exit), or in the last row of the grid the shared
-// expert, for every entry that chose it, so that each chosen expert's rows are read once per
-// forward (once per 8 tokens), not once per token. The routing ran before (route_{l}_e{N} into
-// p.route.ids / weights).
-// KIND: the one decoder of the instance, kFastPlain for plain weights (dp.blob null) or the
-// fast_kind every routed expert of a packed projection has (the host chooses the instance); an
-// expert of another kind is counted in p.status and skipped, never decoded wrongly. The shared
-// expert is plain in every instance. One decoder per instance keeps each under 128 registers:
-// two blocks per SM.
-// The by-expert kernels' prologue: the block-wide extras (the last row's column-0 block of the
-// gate/up kernel), then the block's expert and entries (v3_block_expert) and, for a packed
-// projection, the expert's table entry; ends with a barrier. Returns the block's projection.
 // The by-expert kernels' block state in shared memory.
 struct V3Block {
     uint32_t bits[32];            // the chosen ids, a bit each
@@ -693,6 +679,9 @@ struct V3Block {
     QuantExpert q;                // its table entry (packed projections)
 };
 
+// The by-expert kernels' prologue: the block-wide extras (the last row's column-0 block of the
+// gate/up kernel), then the block's expert and entries (v3_block_expert) and, for a packed
+// projection, the expert's table entry; ends with a barrier. Returns the block's projection.
 template <typename T, bool DOWN>
 __device__ __forceinline__ const DecodeProj& v3_prologue(const DecodeParams& p, V3Block& b) {
     const bool last = blockIdx.y == gridDim.y - 1;
@@ -714,6 +703,16 @@ __device__ __forceinline__ const DecodeProj& v3_prologue(const DecodeParams& p, 
     return dp;
 }
 
+// The by-expert GEMV of one projection (gate/up, or down where DOWN): block (x, y) owns output
+// columns 8x .. 8x + 8 (one per warp) of the y-th distinct expert that the tokens chose
+// (v3_block_expert; rows past the number chosen exit), or in the last row of the grid the shared
+// expert, for every entry that chose it, so that each chosen expert's rows are read once per
+// forward (once per 8 tokens), not once per token. The routing ran before (route_{l}_e{N} into
+// p.route.ids / weights).
+// KIND: the one decoder of the instance, kFastPlain for plain weights (dp.blob null) or the
+// fast_kind every routed expert of a packed projection has (the host chooses the instance); an
+// expert of another kind is counted in p.status and skipped, never decoded wrongly. The shared
+// expert is plain in every instance.
 template <typename T, bool DOWN, int KIND>
 __device__ __forceinline__ void decode_by_expert(const DecodeParams& p) {
     __shared__ __align__(16) unsigned char smem[kGemvTokens * kGemvStaged];

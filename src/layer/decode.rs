@@ -439,8 +439,9 @@ impl<T: Float> MoeLayer<T> {
             // SAFETY: `decode_down_v3_{kind}_{t}` and `decode_down_v5_{t}` take the same
             // DecodeParams (an instance decodes one kind, the one by_expert_decoders found for
             // every routed expert; it counts any other in status and skips it; v5 as for its
-            // gate/up kernel, warp w of block x writing columns 128x + 16w .. + 16 below H). Block (x, y) finds its expert as decode_gate_up_v3 does (the ids the route
-            // launch wrote), reads the h rows [T * S, ld_h] of the slots that chose it, the down
+            // gate/up kernel, warp w of block x writing columns 128x + 16w .. + 16 below H).
+            // Block (x, y) finds its expert as decode_gate_up_v3 does (the ids the route launch
+            // wrote), reads the h rows [T * S, ld_h] of the slots that chose it, the down
             // weights [E, H, I] (or the packed layer) of that id in [0, E) or the shared
             // expert's [1, H, Is], and writes partial[t * S + s, c] for c < H: partial is
             // [DECODE_TOKENS * S, H] in the workspace. Its shared memory is static.

@@ -614,9 +614,10 @@ impl<T: Float> MoeLayer<T> {
     }
 
     /// The decode path's kernels that a forward of `t` tokens runs: [`MoeLayer::decode_kernels`]
-    /// with [`DecodeVersion::Auto`] resolved to v4 or v2 by its rule, and v3 and v4 as v2 at
+    /// with [`DecodeVersion::Auto`] resolved to v5, v4 or v2 by its rule, v3 to v5 as v2 at
     /// T = 1 (one token per chosen expert: no routing launch) and where a projection has no
-    /// by-expert instance ([`MoeLayer::by_expert_decoders`]).
+    /// by-expert instance ([`MoeLayer::by_expert_decoders`]), and v5 as v4 where its row
+    /// lengths do not allow it.
     pub fn decode_kernels_for(&self, t: usize) -> DecodeVersion {
         let kinds = self.by_expert_decoders();
         match self.decode_kernels() {
@@ -657,7 +658,7 @@ impl<T: Float> MoeLayer<T> {
     /// The by-expert decode kernels' instances for the gate/up and the down projection: "plain"
     /// for plain experts, or the one decoder every packed expert takes
     /// ([`QuantLayer::fast_decoder`]). `None` where a packed projection mixes decoders or needs
-    /// the per-8 one (act-order, other group sizes, ternary, bf16 in a blob): v3 and v4 then run
+    /// the per-8 one (act-order, other group sizes, ternary, bf16 in a blob): v3 to v5 then run
     /// as v2.
     pub fn by_expert_decoders(&self) -> Option<(&'static str, &'static str)> {
         let kind = |w: &ExpertWeights<T>| match w {

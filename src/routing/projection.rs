@@ -17,7 +17,7 @@ const LOGITS_WARPS: usize = 8;
 /// versions' orders differ from each other.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RouterLogitsVersion {
-    /// One warp per (token, expert): T·E/8 blocks, one SM's worth at T = 1 for E ≤ 64.
+    /// One warp per (token, expert): T·E/8 blocks, so E/8 SMs at T = 1.
     V1,
     /// One block of 8 warps per (token, expert), splitting H, the warps' sums added in a fixed
     /// order: T·E blocks, so at T = 1 the router's rows stream from E SMs at once.
