@@ -366,6 +366,27 @@ fn gpu_layer_matches_cpu_forward() {
 /// Runs the GPU layer on `t` random tokens and compares every token that both route to the
 /// same experts with the CPU forward; a token routed differently must be a near-tie. Returns
 /// how many tokens were compared.
+/// A layer of up to `t` tokens on the decode path with `version`'s kernels.
+fn decode_layer(
+    dev: &Device,
+    cfg: &MoeConfig,
+    w: &LayerWeights<bf16>,
+    t: usize,
+    version: moe_kernels::layer::DecodeVersion,
+) -> MoeLayer<bf16> {
+    let mut layer = MoeLayer::<bf16>::new(dev, cfg, w, t).unwrap();
+    layer.set_path(GemmPath::Decode);
+    layer.set_decode_version(version);
+    layer
+}
+
+/// n activations drawn uniformly from [-1, 1), rounded to bf16.
+fn uniform_x(rng: &mut Rng, n: usize) -> Vec<bf16> {
+    (0..n)
+        .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
+        .collect()
+}
+
 fn check_against_cpu(
     dev: &Device,
     layer: &mut MoeLayer<bf16>,
@@ -376,9 +397,7 @@ fn check_against_cpu(
 ) -> usize {
     let h = cfg.hidden;
     let mut rng = Rng::new(t as u64 + 3);
-    let x: Vec<bf16> = (0..t * h)
-        .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
-        .collect();
+    let x = uniform_x(&mut rng, t * h);
     let xf: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
     let want = reference::forward(cfg, w, &xf).unwrap();
     let xd = dev.upload(&x, &[t, h]).unwrap();
@@ -434,9 +453,7 @@ fn gpu_layer_workspace_serves_every_smaller_batch() {
     // Every T through one layer, large after small and back, equals a layer sized for T.
     for t in [200, 3, 77, 1, 200, 16, 64] {
         let mut rng = Rng::new(t as u64);
-        let x: Vec<bf16> = (0..t * cfg.hidden)
-            .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
-            .collect();
+        let x = uniform_x(&mut rng, t * cfg.hidden);
         let xd = dev.upload(&x, &[t, cfg.hidden]).unwrap();
         let run = |layer: &mut MoeLayer<bf16>| {
             let mut y = dev.filled_bytes::<bf16>(&[t, cfg.hidden], 0xff).unwrap();
@@ -472,11 +489,7 @@ fn gpu_layer_replays_from_a_cuda_graph() {
                 layer.set_gemm_version(&dev, GemmVersion::V2).unwrap();
             }
             let mut rng = Rng::new(t as u64);
-            let mut draw = || -> Vec<bf16> {
-                (0..t * cfg.hidden)
-                    .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
-                    .collect()
-            };
+            let mut draw = || uniform_x(&mut rng, t * cfg.hidden);
             let (x1, x2) = (draw(), draw());
             let mut xd = dev.upload(&x1, &[t, cfg.hidden]).unwrap();
             let mut y = dev.zeros::<bf16>(&[t, cfg.hidden]).unwrap();
@@ -775,9 +788,7 @@ fn check_decode(
     let compared = check_against_cpu(dev, &mut layer, cfg, w, t, name);
     let h = cfg.hidden;
     let mut rng = Rng::new(t as u64 + 3);
-    let x: Vec<bf16> = (0..t * h)
-        .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
-        .collect();
+    let x = uniform_x(&mut rng, t * h);
     let xd = dev.upload(&x, &[t, h]).unwrap();
     let run = |layer: &mut MoeLayer<bf16>| forward_bits(dev, layer, &xd);
     let first = run(&mut layer);
@@ -905,9 +916,7 @@ fn gpu_decode_versions_match_the_cpu_forward_at_every_group_size() {
                 if matches!(version, DecodeVersion::V3 | DecodeVersion::V4) && t == 1 {
                     continue; // v2's kernels at T = 1
                 }
-                let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
-                layer.set_path(GemmPath::Decode);
-                layer.set_decode_version(version);
+                let mut layer = decode_layer(&dev, cfg, &w, t, version);
                 let name = format!("H={} {format} {version:?}", cfg.hidden);
                 compared += check_against_cpu(&dev, &mut layer, cfg, &w, t, &name);
                 total += t;
@@ -973,15 +982,11 @@ fn gpu_decode_v3_matches_v2_bit_for_bit() {
         for t in [3, 11] {
             let h = cfg.hidden;
             let mut rng = Rng::new(t as u64 + 9);
-            let x: Vec<bf16> = (0..t * h)
-                .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
-                .collect();
+            let x = uniform_x(&mut rng, t * h);
             let xd = dev.upload(&x, &[t, h]).unwrap();
             let mut outs = Vec::new();
             for version in [DecodeVersion::V2, DecodeVersion::V3] {
-                let mut layer = MoeLayer::<bf16>::new(&dev, cfg, w, t).unwrap();
-                layer.set_path(GemmPath::Decode);
-                layer.set_decode_version(version);
+                let mut layer = decode_layer(&dev, cfg, w, t, version);
                 assert_eq!(layer.decode_kernels(), version, "{name}");
                 let instances = !(name.ends_with("mixed") || name.ends_with("act"));
                 assert_eq!(layer.by_expert_decoders().is_some(), instances, "{name}");
@@ -998,16 +1003,12 @@ fn gpu_decode_v3_matches_v2_bit_for_bit() {
             assert!(outs[0].2 == outs[1].2, "{name} T={t}: y differs from v2's");
             // v4 (the down GEMV by expert too, then the combine) sums in another order: against
             // the CPU forward.
-            let mut layer = MoeLayer::<bf16>::new(&dev, cfg, w, t).unwrap();
-            layer.set_path(GemmPath::Decode);
-            layer.set_decode_version(DecodeVersion::V4);
+            let mut layer = decode_layer(&dev, cfg, w, t, DecodeVersion::V4);
             compared += check_against_cpu(&dev, &mut layer, cfg, w, t, &format!("{name} v4"));
             total += t;
             // v5 (the same on tensor cores) where it takes the layer: plain, rows of multiples
             // of 32 columns; v4 elsewhere. A new layer: nothing left in its workspace by v4.
-            let mut layer = MoeLayer::<bf16>::new(&dev, cfg, w, t).unwrap();
-            layer.set_path(GemmPath::Decode);
-            layer.set_decode_version(DecodeVersion::V5);
+            let mut layer = decode_layer(&dev, cfg, w, t, DecodeVersion::V5);
             if layer.decode_kernels_for(t) == DecodeVersion::V5 {
                 compared += check_against_cpu(&dev, &mut layer, cfg, w, t, &format!("{name} v5"));
                 total += t;
@@ -1032,18 +1033,14 @@ fn gpu_decode_v3_matches_v2_bit_for_bit() {
     // v5 with more than one pass of 8 tokens per expert: 32 slots on 4 experts.
     let few = MoeConfig::new(1152, 64, 4, RouterConfig::mixtral(2));
     let w = random_weights(&few, 55);
-    let mut layer = MoeLayer::<bf16>::new(&dev, &few, &w, 16).unwrap();
-    layer.set_path(GemmPath::Decode);
-    layer.set_decode_version(DecodeVersion::V5);
+    let mut layer = decode_layer(&dev, &few, &w, 16, DecodeVersion::V5);
     assert_eq!(layer.decode_kernels_for(16), DecodeVersion::V5);
     let compared = check_against_cpu(&dev, &mut layer, &few, &w, 16, "4 experts v5");
     assert!(4 * compared >= 3 * 16, "v5: only {compared} of 16 tokens");
     // And v3 against the CPU forward on its own.
     for (name, cfg) in configs() {
         let w = random_weights(&cfg, 53);
-        let mut layer = MoeLayer::<bf16>::new(&dev, &cfg, &w, 16).unwrap();
-        layer.set_path(GemmPath::Decode);
-        layer.set_decode_version(DecodeVersion::V3);
+        let mut layer = decode_layer(&dev, &cfg, &w, 16, DecodeVersion::V3);
         let compared = check_against_cpu(&dev, &mut layer, &cfg, &w, 16, &format!("{name} v3"));
         assert!(
             4 * compared >= 3 * 16,
@@ -1133,9 +1130,7 @@ fn gpu_decode_path_routes_nan_rows_as_the_routing_kernel() {
         let w = random_weights(cfg, 41);
         let (t, h, k) = (3, cfg.hidden, cfg.k());
         let mut rng = Rng::new(5);
-        let mut x: Vec<bf16> = (0..t * h)
-            .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
-            .collect();
+        let mut x = uniform_x(&mut rng, t * h);
         x[h + 7] = bf16::NAN;
         let xd = dev.upload(&x, &[t, h]).unwrap();
         let mut outs = Vec::new();
@@ -1195,9 +1190,7 @@ fn gpu_layer_runs_on_borrowed_buffers_and_the_runtimes_stream() {
         for t in [3, 40] {
             let h = cfg.hidden;
             let mut rng = Rng::new(t as u64);
-            let x: Vec<bf16> = (0..t * h)
-                .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
-                .collect();
+            let x = uniform_x(&mut rng, t * h);
             let mut owned = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
             let xd = dev.upload(&x, &[t, h]).unwrap();
             let mut yd = dev.zeros::<bf16>(&[t, h]).unwrap();
