@@ -1,6 +1,6 @@
 // Every inline-PTX instruction the kernels use, behind one small vocabulary of device helpers:
 // warp-level matrix multiply-accumulate, shared-memory matrix loads, asynchronous copies, the
-// byte permute and the FP8 conversion.
+// byte permute, the three-input logic op, the paired 16-bit fma and the FP8 conversion.
 //
 // This header is the single switch point for the CPU emulator (emu/): built with MOE_EMU
 // defined, each helper is the emulator's host twin of the instruction, implemented from the PTX
@@ -163,6 +163,41 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
     asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
     return d;
 #endif
+}
+
+// lop3.b32 d, a, b, c, LUT ("Logic and Shift Instructions: lop3"): bit i of d is bit
+// (a_i << 2 | b_i << 1 | c_i) of LUT; e.g. (a & b) | c is 0xea. Written out where the compiler
+// would otherwise split a mask and an OR with two constants into two instructions.
+template <uint32_t LUT>
+__device__ __forceinline__ uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
+    static_assert(LUT < 256, "an 8-bit truth table");
+#if defined(MOE_EMU)
+    return ::moe_emu::lop3(a, b, c, LUT);
+#else
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c), "n"(LUT));
+    return d;
+#endif
+}
+
+// fma.rn.{bf16x2,f16x2} d, a, b, c ("Half Precision Floating Point Instructions: fma"): in each
+// 16-bit half, a * b + c of T rounded once to nearest even (sm_80 and later for bf16x2).
+template <typename T>
+constexpr bool kIsBf16 = false;
+template <>
+constexpr bool kIsBf16<__nv_bfloat16> = true;
+
+template <typename T>
+__device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+    constexpr bool kBf16 = kIsBf16<T>;
+    uint32_t d;
+#if defined(MOE_EMU)
+    d = ::moe_emu::fma_x2(kBf16 ? ::moe_emu::kMmaBf16 : ::moe_emu::kMmaF16, a, b, c);
+#else
+    if constexpr (kBf16) asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    else asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+#endif
+    return d;
 }
 
 // The four e4m3fn values of v (byte i is value i) as f32, exactly (0x7f and 0xff are NaN). From

@@ -4,6 +4,9 @@
 
 #include <stdint.h>
 
+#include <algorithm>
+#include <cmath>
+
 namespace moe_emu {
 
 enum MmaKind : int { kMmaBf16 = 0, kMmaF16 = 1 };
@@ -54,6 +57,77 @@ inline uint16_t e4m3_to_f16_bits(uint32_t b) {
 
 inline uint32_t cvt_f16x2_e4m3x2(uint16_t a) {
     return uint32_t(e4m3_to_f16_bits(a & 0xffu)) | (uint32_t(e4m3_to_f16_bits(uint32_t(a) >> 8)) << 16);
+}
+
+// lop3.b32 d, a, b, c, immLut ("Logic and Shift Instructions: lop3"): immLut is the truth table
+// of F(a, b, c) written as F(0xf0, 0xcc, 0xaa), so bit i of d is bit (a_i b_i c_i, a the high
+// bit) of immLut.
+inline uint32_t lop3(uint32_t a, uint32_t b, uint32_t c, uint32_t lut) {
+    uint32_t d = 0;
+    for (int i = 0; i < 32; ++i) {
+        const uint32_t idx = (((a >> i) & 1u) << 2) | (((b >> i) & 1u) << 1) | ((c >> i) & 1u);
+        d |= ((lut >> idx) & 1u) << i;
+    }
+    return d;
+}
+
+// fma.rn.{bf16x2,f16x2} d, a, b, c ("Half Precision Floating Point Instructions: fma"): per
+// 16-bit half (low half from the low bits), d = a * b + c computed exactly and rounded once to
+// the format, to nearest even; overflow to infinity, subnormals kept (the instruction has no
+// .ftz for bf16, and f16 keeps subnormals without it). A NaN result is the canonical NaN.
+inline double half_bits_value(MmaKind kind, uint32_t h) {
+    const bool neg = (h & 0x8000u) != 0u;
+    const int mbits = kind == kMmaBf16 ? 7 : 10;
+    const int ebits = 15 - mbits, bias = (1 << (ebits - 1)) - 1;
+    const uint32_t e = (h >> mbits) & ((1u << ebits) - 1u), m = h & ((1u << mbits) - 1u);
+    double v;
+    if (e == (1u << ebits) - 1u) v = m != 0u ? NAN : INFINITY;
+    else if (e == 0u) v = std::ldexp(double(m), 1 - bias - mbits);
+    else v = std::ldexp(double(m | (1u << mbits)), int(e) - bias - mbits);
+    return neg ? -v : v;
+}
+
+// v + tail (tail the exact remainder of the double sum that made v, |tail| below half an ulp
+// of v in double) rounded once to the format.
+inline uint32_t half_bits_round(MmaKind kind, double v, double tail) {
+    const int mbits = kind == kMmaBf16 ? 7 : 10;
+    const int ebits = 15 - mbits, bias = (1 << (ebits - 1)) - 1;
+    if (std::isnan(v)) return 0x7fffu;
+    const uint32_t sign = std::signbit(v) ? 0x8000u : 0u;
+    const uint32_t inf = ((1u << ebits) - 1u) << mbits;
+    if (std::isinf(v)) return sign | inf;
+    if (v == 0.0) return tail == 0.0 ? sign : half_bits_round(kind, tail, 0.0);
+    const double a = std::fabs(v), t = std::signbit(v) ? -tail : tail;  // t: toward larger |v|
+    int e2;
+    std::frexp(a, &e2);                          // a = f * 2^e2, f in [0.5, 1)
+    const int exp = std::max(e2 - 1, 1 - bias);  // the unbiased exponent, the normals' floor
+    const double units = std::ldexp(a, mbits - exp);  // exact: a in units of the last place
+    double q = std::floor(units);
+    const double frac = units - q;
+    if (frac > 0.5 || (frac == 0.5 && (t > 0.0 || (t == 0.0 && std::fmod(q, 2.0) != 0.0)))) q += 1.0;
+    const double r = std::ldexp(q, exp - mbits);
+    if (r >= std::ldexp(1.0, bias + 1)) return sign | inf;
+    if (r < std::ldexp(1.0, 1 - bias)) return sign | uint32_t(q);  // subnormal: q < 2^mbits
+    int re;
+    std::frexp(r, &re);
+    const uint32_t e = uint32_t(re - 1 + bias);
+    const uint32_t m = uint32_t(std::ldexp(r, mbits - (re - 1))) & ((1u << mbits) - 1u);
+    return sign | (e << mbits) | m;
+}
+
+inline uint32_t fma_x2(MmaKind kind, uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d = 0;
+    for (int i = 0; i < 2; ++i) {
+        const int s = 16 * i;
+        // a * b is exact in double (at most 22 significant bits); the sum's rounding error is
+        // exact by TwoSum and decides a tie at the format's precision.
+        const double p = half_bits_value(kind, (a >> s) & 0xffffu) * half_bits_value(kind, (b >> s) & 0xffffu);
+        const double c0 = half_bits_value(kind, (c >> s) & 0xffffu);
+        const double v = p + c0, bv = v - p;
+        const double tail = std::isfinite(v) ? (p - (v - bv)) + (c0 - bv) : 0.0;
+        d |= half_bits_round(kind, v, tail) << s;
+    }
+    return d;
 }
 
 // ---- Hopper (sm_90a), kernels/common/ptx_sm90.cuh; implemented in emu/runtime/hopper.cpp ----
