@@ -763,6 +763,19 @@ constexpr int kMmaRow = 2 * kMmaTile + 64;       // bytes per staged token row: 
 constexpr int kMmaStaged = kGemvTokens * kMmaRow;  // 16,896 bytes
 constexpr int kMmaWarpRows = 16;
 
+// The lane's 16 bytes of its two rows (w0, w1 at the tile's first column) in blocks u .. u + 3
+// below `blocks` (64 bytes of a row per block): all loads issued before any is used.
+__device__ __forceinline__ void v5_load_rows(const uint8_t* w0, const uint8_t* w1, int u, int blocks, uint4 (&a0)[4],
+                                             uint4 (&a1)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        if (u + i < blocks) {
+            a0[i] = __ldg(reinterpret_cast<const uint4*>(w0 + 64 * (u + i)));
+            a1[i] = __ldg(reinterpret_cast<const uint4*>(w1 + 64 * (u + i)));
+        }
+    }
+}
+
 // One pass of the block's expert over entries ent[0, nrows) (nrows <= 8): stage their rows
 // (x, or h for DOWN) kMmaTile columns at a time as T, zeros for tokens past nrows; each warp
 // multiplies its 16 weight rows (r0: rows of fragment rows g; r1: g + 8) into acc.
@@ -792,13 +805,7 @@ __device__ __forceinline__ void v5_pass(const uint8_t* codes, int64_t row_bytes,
         const int64_t at = 2 * int64_t(k0);
         for (int u = 0; u < blocks; u += 4) {
             uint4 a0[4], a1[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                if (u + i < blocks) {
-                    a0[i] = __ldg(reinterpret_cast<const uint4*>(w0 + at + 64 * (u + i)));
-                    a1[i] = __ldg(reinterpret_cast<const uint4*>(w1 + at + 64 * (u + i)));
-                }
-            }
+            v5_load_rows(w0 + at, w1 + at, u, blocks, a0, a1);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 if (u + i < blocks) {
@@ -813,13 +820,209 @@ __device__ __forceinline__ void v5_pass(const uint8_t* codes, int64_t row_bytes,
     }
 }
 
+// ---- v5 over packed codes: int4 and FP8 decoded into the A operand ----
+//
+// A lane loads 16 bytes of each of its two rows per block u of columns: 32 int4 codes (blocks
+// of 128 columns) or 16 FP8 codes (blocks of 64), at column u * BW + q * BW / 4. The codes
+// become the fragment's 16-bit floats exactly, two per register, paired so that a mask or a
+// shift lines them up:
+//   int4  word j (columns 8j .. 8j + 7 of the lane's 32) gives pairs (i, i + 4), i = 0..3: a
+//         mask and an OR (one lop3) make M + code in each half (M = 128 in bf16, 7 mantissa
+//         bits; 1024 in f16), one fma subtracts M + z (z the group's zero point, 8 where
+//         symmetric), leaving code - z. Two k-steps per word: fragment k = 2q, 2q + 1 from pair
+//         2t and k = 2q + 8, 2q + 9 from pair 2t + 1.
+//   fp8   word j (columns 4j .. 4j + 3 of the lane's 16) gives pairs (0, 2) and (1, 3): the 7
+//         magnitude bits shifted under the 16-bit format's exponent and mantissa (bf16: value *
+//         2^-120, subnormals included; f16: value * 2^-8) with the sign bit, then one fma by
+//         2^120 (2^8) restores the value exactly. One k-step per word, pair (0, 2) as k = 2q,
+//         2q + 1 and (1, 3) as 2q + 8, 2q + 9. (0x7f and 0xff, NaN in e4m3, would become 480:
+//         the host runs this only on layers without them.)
+// The activation is staged in the same order: each 8 columns of the lane's block (part p) as
+// x0 x4 x1 x5 x2 x6 x3 x7 (int4) or x0 x2 x1 x3 x4 x6 x5 x7 (fp8), at byte 2 BW u + 16(4p + q)
+// of the token's row, so a lane's 16-byte read is the B registers of two k-steps and the 8
+// lanes of a quarter warp (tokens g, g + 1; q = 0..3) read 128 contiguous bytes.
+// A block's columns lie in one scale group (int4 groups of a multiple of 128 columns; FP8's
+// 128 x 128 blocks): the tensor core sums the block into a fresh accumulator, which one fma per
+// row scales into the total.
+
+template <typename T>
+struct MmaCodes;
+template <>
+struct MmaCodes<__nv_bfloat16> {
+    static constexpr uint32_t kMagic = 0x43004300u;    // int4: 128.0 in each half
+    static constexpr uint32_t kNegMagic = 0xc300u;      // -128.0
+    static constexpr uint32_t kOne = 0x3f803f80u;       // 1.0
+    static constexpr uint32_t kFp8Bits = 0x07f007f0u;   // e4m3's 7 bits under bf16's exponent
+    static constexpr int kFp8Lo = 4, kFp8Hi = 4;        // shifts of bytes 0, 2 (left), 1, 3 (right)
+    static constexpr uint32_t kFp8Scale = 0x7b807b80u;  // 2^120
+};
+template <>
+struct MmaCodes<__half> {
+    static constexpr uint32_t kMagic = 0x64006400u;    // 1024.0: 10 mantissa bits
+    static constexpr uint32_t kNegMagic = 0xe400u;      // -1024.0
+    static constexpr uint32_t kOne = 0x3c003c00u;
+    static constexpr uint32_t kFp8Bits = 0x3f803f80u;
+    static constexpr int kFp8Lo = 7, kFp8Hi = 1;
+    static constexpr uint32_t kFp8Scale = 0x5c005c00u;  // 2^8
+};
+
+// Pair h (0..3) of int4 word v (nibbles h and h + 4) as code - z in each half; nz = -(M + z)
+// in both halves.
+template <typename T>
+__device__ __forceinline__ uint32_t int4_pair(uint32_t v, int h, uint32_t nz) {
+    const uint32_t m = ptx::lop3<0xea>(v >> (4 * h), 0x000f000fu, MmaCodes<T>::kMagic);  // (a & b) | c
+    return ptx::fma2<T>(m, MmaCodes<T>::kOne, nz);
+}
+
+// FP8 word v's pairs (bytes 0, 2) and (bytes 1, 3), exactly.
+template <typename T>
+__device__ __forceinline__ void fp8_pairs(uint32_t v, uint32_t& lo, uint32_t& hi) {
+    using C = MmaCodes<T>;
+    const uint32_t l = ptx::lop3<0xea>(v << C::kFp8Lo, C::kFp8Bits, (v << 8) & 0x80008000u);
+    const uint32_t h = ptx::lop3<0xea>(v >> C::kFp8Hi, C::kFp8Bits, v & 0x80008000u);
+    lo = ptx::fma2<T>(l, C::kFp8Scale, 0x80008000u);  // + (-0): a * b exactly
+    hi = ptx::fma2<T>(h, C::kFp8Scale, 0x80008000u);
+}
+
+// Columns per block u of the packed v5 loop.
+template <int KIND>
+constexpr int kMmaBlock = KIND == kFastInt4 ? 128 : 64;
+
+// Stage entries' rows [k0, k0 + width) (width a multiple of kMmaBlock) in KIND's order above, as
+// T, zeros for entries past nrows: warp w < kGemvTokens stages entry w, 8 columns per lane and
+// step.
+template <int KIND, typename T, typename Src>
+__device__ __forceinline__ void v5_stage_packed(const Src& src, int nrows, int k0, int width, unsigned char* smem) {
+    constexpr int BW = kMmaBlock<KIND>;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp >= kGemvTokens) return;
+    const bool valid = warp < nrows;
+    const T* row = src(valid ? warp : 0) + k0;
+    for (int c = 8 * lane; c < width; c += 256) {
+        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(row + c)) : make_uint4(0u, 0u, 0u, 0u);
+        uint4 o;
+        if constexpr (KIND == kFastInt4) {  // (x0 x1) (x2 x3) (x4 x5) (x6 x7) -> (x0 x4) (x1 x5) (x2 x6) (x3 x7)
+            o = make_uint4(ptx::prmt(v.x, v.z, 0x5410), ptx::prmt(v.x, v.z, 0x7632), ptx::prmt(v.y, v.w, 0x5410),
+                           ptx::prmt(v.y, v.w, 0x7632));
+        } else {  // -> (x0 x2) (x1 x3) (x4 x6) (x5 x7)
+            o = make_uint4(ptx::prmt(v.x, v.y, 0x5410), ptx::prmt(v.x, v.y, 0x7632), ptx::prmt(v.z, v.w, 0x5410),
+                           ptx::prmt(v.z, v.w, 0x7632));
+        }
+        const int u = c / BW, q = (c % BW) / (BW / 4), part = (c % (BW / 4)) / 8;
+        *reinterpret_cast<uint4*>(smem + warp * kMmaRow + 2 * BW * u + 16 * (4 * part + q)) = o;
+    }
+}
+
+// v5_pass over the packed codes of expert q (KIND kFastInt4: fast_kind int4, group a multiple
+// of 128; kFastFp8: kd a multiple of 64): rows r0 (fragment rows g) and r1 (g + 8).
+template <int KIND, typename T, typename Src>
+__device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantExpert& q, int kd, int64_t r0,
+                                               int64_t r1, const Src& src, int nrows, unsigned char* smem,
+                                               float (&acc)[4]) {
+    constexpr bool kInt4 = KIND == kFastInt4;
+    constexpr int BW = kMmaBlock<KIND>;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, qd = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] = 0.f;
+    const int64_t row_bytes = kInt4 ? kd / 2 : kd;
+    const uint8_t* w0 = blob + q.codes + r0 * row_bytes + 16 * qd;
+    const uint8_t* w1 = blob + q.codes + r1 * row_bytes + 16 * qd;
+    // Scale groups: int4 f16 [N, kd / group] (and zeros u8, or 8); fp8 f32 [ceil(N/128),
+    // ceil(kd/128)] of 128-column groups.
+    const int gshift = kInt4 ? 31 - __clz(q.group) : 7;
+    const int64_t per_row = kInt4 ? kd / q.group : (kd + 127) / 128;
+    const int64_t s_r0 = (kInt4 ? r0 : r0 >> 7) * per_row, s_r1 = (kInt4 ? r1 : r1 >> 7) * per_row;
+    const uint8_t* zeros = kInt4 && q.zeros >= 0 ? blob + q.zeros : nullptr;
+    const auto scale_at = [&](int64_t i) {
+        return kInt4 ? __half2float(reinterpret_cast<const __half*>(blob + q.scales)[i])
+                     : reinterpret_cast<const float*>(blob + q.scales)[i];
+    };
+    const unsigned char* xs = smem + g * kMmaRow + 16 * qd;
+    for (int k0 = 0; k0 < kd; k0 += kMmaTile) {
+        const int width = min(kMmaTile, kd - k0);  // a multiple of BW
+        __syncthreads();                            // the previous tile (or pass) has been read
+        v5_stage_packed<KIND, T>(src, nrows, k0, width, smem);
+        // The tile's groups (at most 8, a group at least 128 columns): lane q holds groups
+        // first + q and first + 4 + q of rows r0 and r1, its quad's other lanes' by shuffle.
+        const int first = k0 >> gshift, count = ((k0 + width - 1) >> gshift) - first + 1;
+        float s0[2], s1[2];
+        uint32_t z0[2], z1[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int gi = first + qd + 4 * i;
+            const bool in = qd + 4 * i < count;
+            s0[i] = in ? scale_at(s_r0 + gi) : 0.f;
+            s1[i] = in ? scale_at(s_r1 + gi) : 0.f;
+            z0[i] = zeros != nullptr && in ? zeros[s_r0 + gi] : 8u;
+            z1[i] = zeros != nullptr && in ? zeros[s_r1 + gi] : 8u;
+        }
+        __syncthreads();
+        const int blocks = width / BW;
+        const int64_t at = kInt4 ? k0 / 2 : k0;
+        for (int u = 0; u < blocks; u += 4) {
+            uint4 a0[4], a1[4];
+            v5_load_rows(w0 + at, w1 + at, u, blocks, a0, a1);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                if (u + i < blocks) {
+                    const int grp = ((k0 + BW * (u + i)) >> gshift) - first;  // uniform, < 8
+                    const int from = (lane & ~3) | (grp & 3);
+                    const bool hi = grp >= 4;
+                    const float sc0 = __shfl_sync(kFullMask, hi ? s0[1] : s0[0], from);
+                    const float sc1 = __shfl_sync(kFullMask, hi ? s1[1] : s1[0], from);
+                    const uint32_t c0[4] = {a0[i].x, a0[i].y, a0[i].z, a0[i].w};
+                    const uint32_t c1[4] = {a1[i].x, a1[i].y, a1[i].z, a1[i].w};
+                    const unsigned char* xb = xs + 2 * BW * (u + i);
+                    float part[4] = {0.f, 0.f, 0.f, 0.f};
+                    if constexpr (kInt4) {
+                        const uint32_t zr0 = __shfl_sync(kFullMask, hi ? z0[1] : z0[0], from);
+                        const uint32_t zr1 = __shfl_sync(kFullMask, hi ? z1[1] : z1[0], from);
+                        const uint32_t nz0 = (MmaCodes<T>::kNegMagic + zr0) * 0x00010001u;
+                        const uint32_t nz1 = (MmaCodes<T>::kNegMagic + zr1) * 0x00010001u;
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            const uint4 x = *reinterpret_cast<const uint4*>(xb + 64 * j);
+                            const uint32_t f0[4] = {int4_pair<T>(c0[j], 0, nz0), int4_pair<T>(c1[j], 0, nz1),
+                                                    int4_pair<T>(c0[j], 1, nz0), int4_pair<T>(c1[j], 1, nz1)};
+                            ptx::Mma<T>::run(part, f0, x.x, x.y);
+                            const uint32_t f1[4] = {int4_pair<T>(c0[j], 2, nz0), int4_pair<T>(c1[j], 2, nz1),
+                                                    int4_pair<T>(c0[j], 3, nz0), int4_pair<T>(c1[j], 3, nz1)};
+                            ptx::Mma<T>::run(part, f1, x.z, x.w);
+                        }
+                    } else {
+#pragma unroll
+                        for (int p = 0; p < 2; ++p) {
+                            const uint4 x = *reinterpret_cast<const uint4*>(xb + 64 * p);
+#pragma unroll
+                            for (int t = 0; t < 2; ++t) {
+                                uint32_t f[4];
+                                fp8_pairs<T>(c0[2 * p + t], f[0], f[2]);
+                                fp8_pairs<T>(c1[2 * p + t], f[1], f[3]);
+                                ptx::Mma<T>::run(part, f, t == 0 ? x.x : x.z, t == 0 ? x.y : x.w);
+                            }
+                        }
+                    }
+                    acc[0] = fmaf(sc0, part[0], acc[0]);
+                    acc[1] = fmaf(sc0, part[1], acc[1]);
+                    acc[2] = fmaf(sc1, part[2], acc[2]);
+                    acc[3] = fmaf(sc1, part[3], acc[3]);
+                }
+            }
+        }
+    }
+}
+
 // decode_gate_up_v5 / decode_down_v5: decode_by_expert's grid and contract (same entries, same
-// outputs: h through the epilogue, or raw dots into p.partial), plain weights only, the GEMVs
-// on tensor cores. Block (x, y): warp w owns 8 output columns 64x + 8w .. (gate/up) or 16
-// columns 128x + 16w .. (down). The host runs it only where every row it stages or streams is
-// a multiple of 32 columns and 16-byte aligned (H, I, Is % 32 == 0; ld_h % 8 == 0) and the
-// projections are plain; a packed projection is counted in p.status.
-template <typename T, bool DOWN>
+// outputs: h through the epilogue, or raw dots into p.partial), the GEMVs on tensor cores.
+// Block (x, y): warp w owns 8 output columns 64x + 8w .. (gate/up) or 16 columns 128x + 16w ..
+// (down). KIND: kFastPlain for plain projections, kFastInt4 for a packed projection whose
+// routed experts are all int4 with groups of a multiple of 128 columns, kFastFp8 for one of FP8
+// experts with rows of a multiple of 64 columns and no NaN codes (the shared expert is plain in
+// every instance). The host runs it only where every row it stages or streams is a multiple of
+// 32 columns and 16-byte aligned (H, I, Is % 32 == 0; ld_h % 8 == 0); an expert the instance
+// does not take is counted in p.status and skipped.
+template <typename T, bool DOWN, int KIND>
 __device__ __forceinline__ void decode_by_expert_mma(const DecodeParams& p) {
     __shared__ __align__(16) unsigned char smem[kMmaStaged];
     __shared__ V3Block b;
@@ -829,14 +1032,21 @@ __device__ __forceinline__ void decode_by_expert_mma(const DecodeParams& p) {
     const DecodeProj& dp = v3_prologue<T, DOWN>(p, b);
     const int e = b.e, count = b.n;
     if (e < 0 || count == 0) return;  // uniform per block: before any other barrier
-    if (dp.blob != nullptr) {
-        if (threadIdx.x == 0) atomicAdd(p.status, 1);  // a packed projection: not this kernel's
-        return;
-    }
     const int K = p.route.k, S = p.slots, kd = dp.g.kdim;
+    if (dp.blob != nullptr) {
+        // Uniform per block (b.q): an expert this instance does not decode.
+        const bool takes = KIND == kFastInt4   ? fast_kind(b.q, kd) == kFastInt4 && b.q.group % 128 == 0
+                           : KIND == kFastFp8 ? fast_kind(b.q, kd) == kFastFp8 && kd % 64 == 0
+                                              : false;
+        if (!takes) {
+            if (threadIdx.x == 0) atomicAdd(p.status, 1);
+            return;
+        }
+    }
     const int n_out = DOWN ? dp.g.n : dp.g.n / 2;
     const int64_t row_bytes = int64_t(kd) * int64_t(sizeof(T));
-    const uint8_t* codes = static_cast<const uint8_t*>(dp.g.w) + int64_t(e) * dp.g.n * row_bytes;
+    const uint8_t* codes =
+        dp.blob == nullptr ? static_cast<const uint8_t*>(dp.g.w) + int64_t(e) * dp.g.n * row_bytes : nullptr;
     // The lane's two weight rows (clamped into the matrix; their results are not stored).
     int j0, j1;
     int64_t r0, r1;
@@ -860,7 +1070,12 @@ __device__ __forceinline__ void decode_by_expert_mma(const DecodeParams& p) {
             return DOWN ? Hr + (int64_t(t) * S + v3_slot(ent[n])) * int64_t(p.ld_h) : X + int64_t(t) * p.hidden;
         };
         float acc[4];
-        v5_pass<T, DOWN>(codes, row_bytes, kd, r0, r1, src, nrows, smem, acc);
+        if constexpr (KIND == kFastInt4 || KIND == kFastFp8) {
+            if (dp.blob != nullptr) v5_pass_packed<KIND, T>(dp.blob, b.q, kd, r0, r1, src, nrows, smem, acc);
+            else v5_pass<T, DOWN>(codes, row_bytes, kd, r0, r1, src, nrows, smem, acc);
+        } else {
+            v5_pass<T, DOWN>(codes, row_bytes, kd, r0, r1, src, nrows, smem, acc);
+        }
         // acc[i]: row g, token 2q + i; acc[2 + i]: row g + 8, token 2q + i.
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -975,6 +1190,15 @@ MOE_DECODE_DOWN2(f16, __half)
 #define MOE_DECODE_V3_KIND(KNAME, SUFFIX, T, KIND, UP_MINB, DOWN_MINB) \
     MOE_DECODE_V3_ONE(decode_gate_up_v3_##KNAME##_##SUFFIX, T, false, KIND, UP_MINB) \
     MOE_DECODE_V3_ONE(decode_down_v3_##KNAME##_##SUFFIX, T, true, KIND, DOWN_MINB)
+// decode_{gate_up,down}_v5_{kind}_{t}: the by-expert GEMVs on tensor cores, plain, int4 or FP8
+// (two blocks per SM).
+#define MOE_DECODE_V5_ONE(NAME, T, DOWN, KIND) \
+    extern "C" __global__ void __launch_bounds__(moe::kDecodeThreads, 2) NAME(const moe::DecodeParams p) { \
+        moe::decode_by_expert_mma<T, DOWN, KIND>(p); \
+    }
+#define MOE_DECODE_V5_KIND(KNAME, SUFFIX, T, KIND) \
+    MOE_DECODE_V5_ONE(decode_gate_up_v5_##KNAME##_##SUFFIX, T, false, KIND) \
+    MOE_DECODE_V5_ONE(decode_down_v5_##KNAME##_##SUFFIX, T, true, KIND)
 #define MOE_DECODE_V3(SUFFIX, T) \
     MOE_DECODE_V3_KIND(plain, SUFFIX, T, moe::kFastPlain, 2, 2) \
     MOE_DECODE_V3_KIND(int4, SUFFIX, T, moe::kFastInt4, 1, 2) \
@@ -984,11 +1208,8 @@ MOE_DECODE_DOWN2(f16, __half)
     extern "C" __global__ void __launch_bounds__(256) decode_combine_##SUFFIX(const moe::DecodeParams p) { \
         moe::decode_combine<T>(p); \
     } \
-    extern "C" __global__ void __launch_bounds__(moe::kDecodeThreads, 2) decode_gate_up_v5_##SUFFIX(const moe::DecodeParams p) { \
-        moe::decode_by_expert_mma<T, false>(p); \
-    } \
-    extern "C" __global__ void __launch_bounds__(moe::kDecodeThreads, 2) decode_down_v5_##SUFFIX(const moe::DecodeParams p) { \
-        moe::decode_by_expert_mma<T, true>(p); \
-    }
+    MOE_DECODE_V5_KIND(plain, SUFFIX, T, moe::kFastPlain) \
+    MOE_DECODE_V5_KIND(int4, SUFFIX, T, moe::kFastInt4) \
+    MOE_DECODE_V5_KIND(fp8, SUFFIX, T, moe::kFastFp8)
 MOE_DECODE_V3(bf16, __nv_bfloat16)
 MOE_DECODE_V3(f16, __half)

@@ -1049,6 +1049,107 @@ fn gpu_decode_v3_matches_v2_bit_for_bit() {
     }
 }
 
+/// `w` with each expert row's 128-column groups scaled by factors from 1/4 to 16 that vary by
+/// row, by group and by 128 x 128 block, so that every row and group gets its own scale and
+/// zero point and every FP8 block its own scale: a kernel applying one row's, group's or
+/// block's scale to another's sum is caught.
+fn uneven_groups(cfg: &MoeConfig, mut w: LayerWeights<bf16>) -> LayerWeights<bf16> {
+    let Experts::Plain { gate_up, down } = &mut w.experts else {
+        panic!("plain experts expected");
+    };
+    let vary = |m: &mut [bf16], kd: usize| {
+        for (r, row) in m.chunks_mut(kd).enumerate() {
+            for (k, v) in row.iter_mut().enumerate() {
+                let row = (r * 7 + (k / 128) * 3) % 5;
+                let block = (r / 128 + 2 * (k / 128)) % 3;
+                let f = 0.25 * f64::from(1u32 << (row + block));
+                *v = bf16::from_f64(v.to_f64() * f);
+            }
+        }
+    };
+    vary(gate_up, cfg.hidden);
+    vary(down, cfg.intermediate);
+    w
+}
+
+/// Decode v5 on packed experts (the codes decoded into the tensor cores' A operand, a group's
+/// scale on its blocks' sums): int4 in groups of 128 with zero points and of 256 symmetric, and
+/// FP8 with 128 x 128 block scales; H = 1536 stages two tiles (int4: 8 + 4 blocks of 128
+/// columns, a tile of eight groups, a partial tile, a partial unrolled step; FP8: 16 + 8 blocks
+/// of 64), I = 256 one; the shared expert (plain, in the packed instances) and gpt-oss's
+/// interleaved gate/up rows with biases; T = 16 puts more than 8 entries on an expert (passes
+/// of 8 + n).
+#[test]
+fn gpu_decode_v5_packed_matches_the_cpu_forward() {
+    let Some(dev) = common::gpu("gpu_decode_v5_packed_matches_the_cpu_forward") else {
+        return;
+    };
+    use moe_kernels::layer::DecodeVersion;
+    use moe_kernels::quant::{Fp8Matrix, QuantMatrix};
+    let base = MoeConfig::new;
+    let shared = MoeConfig {
+        shared: Some(SharedExpert {
+            intermediate: 128,
+            gated: true,
+        }),
+        ..base(1536, 256, 4, RouterConfig::qwen(2, false))
+    };
+    let interleaved = MoeConfig {
+        router_bias: true,
+        expert_bias: true,
+        gate_layout: GateLayout::Interleaved,
+        act: GatedAct::GPT_OSS,
+        ..base(1536, 256, 8, RouterConfig::gpt_oss(2))
+    };
+    let (mut compared, mut total) = (0, 0);
+    for (name, cfg, format, ts) in [
+        ("shared gated", &shared, "int4-g128", &[2, 16][..]),
+        ("gpt-oss-like", &interleaved, "int4-g256-sym", &[7][..]),
+        ("shared gated", &shared, "fp8", &[16][..]),
+        ("gpt-oss-like", &interleaved, "fp8", &[2][..]),
+    ] {
+        let kind = if format == "fp8" { "fp8" } else { "int4" };
+        let w = packed(cfg, &uneven_groups(cfg, random_weights(cfg, 61)), format);
+        for &t in ts {
+            let mut layer = decode_layer(&dev, cfg, &w, t, DecodeVersion::V5);
+            assert_eq!(
+                layer.tensor_core_decoders(),
+                Some((kind, kind)),
+                "{name} {format}"
+            );
+            assert_eq!(layer.decode_kernels_for(t), DecodeVersion::V5, "{name}");
+            compared +=
+                check_against_cpu(&dev, &mut layer, cfg, &w, t, &format!("{name} {format} v5"));
+            total += t;
+        }
+    }
+    assert!(
+        4 * compared >= 3 * total,
+        "only {compared} of {total} tokens compared"
+    );
+    // Groups of 32 leave v5 to v4, and so does one NaN code (0x7f) in an FP8 expert: v5's FP8
+    // conversion would make it 480, v4's gives NaN as the CPU decoder does.
+    let cfg = &interleaved;
+    let w = packed(cfg, &random_weights(cfg, 62), "int4-g32");
+    let layer = decode_layer(&dev, cfg, &w, 7, DecodeVersion::V5);
+    assert_eq!(layer.tensor_core_decoders(), None);
+    assert_eq!(layer.decode_kernels_for(7), DecodeVersion::V4);
+    let mut w = packed(cfg, &random_weights(cfg, 63), "fp8");
+    let Experts::Packed { down, .. } = &mut w.experts else {
+        unreachable!("packed")
+    };
+    let QuantMatrix::Fp8(m) = &down[3] else {
+        unreachable!("fp8")
+    };
+    let mut codes = m.weight().to_vec();
+    codes[5] = 0x7f;
+    down[3] =
+        QuantMatrix::Fp8(Fp8Matrix::new(m.n(), m.kdim(), codes, m.scale_inv().to_vec()).unwrap());
+    let layer = decode_layer(&dev, cfg, &w, 7, DecodeVersion::V5);
+    assert_eq!(layer.tensor_core_decoders(), None);
+    assert_eq!(layer.decode_kernels_for(7), DecodeVersion::V4);
+}
+
 #[test]
 fn gpu_decode_path_is_three_launches_and_no_memset() {
     let Some(dev) = common::gpu("gpu_decode_path_is_three_launches_and_no_memset") else {

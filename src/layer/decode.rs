@@ -358,8 +358,14 @@ impl<T: Float> MoeLayer<T> {
             None if by_expert => unreachable!("decode_kernels_for runs v3 to v5 with instances"),
             None => ("", ""),
         };
+        let (up_mma, down_mma) = if mma {
+            self.tensor_core_decoders()
+                .expect("decode_kernels_for runs v5 with instances")
+        } else {
+            ("", "")
+        };
         let name = if mma {
-            format!("decode_gate_up_v5_{dtype}")
+            format!("decode_gate_up_v5_{up_mma}_{dtype}")
         } else if by_expert {
             format!("decode_gate_up_v3_{up_kind}_{dtype}")
         } else {
@@ -417,16 +423,21 @@ impl<T: Float> MoeLayer<T> {
         // reads them, takes the y-th distinct id in [0, E) (y < min(T K, E); rows past the
         // number chosen exit) or, in the last row, the shared expert, and writes h[t * S + s, j]
         // for the slots that chose it, j < I (Is); its last row's column-0 block writes alpha
-        // and gate_logit. Its shared memory is static. `decode_gate_up_v5_{t}` (chosen only for
-        // plain projections with H, I and Is multiples of 32, so that its 16-byte loads of
-        // weight and x rows stay aligned and inside them) takes the same entries, warp w of
-        // block x writing columns 64x + 8w .. + 8 below I (Is).
+        // and gate_logit. Its shared memory is static. `decode_gate_up_v5_{kind}_{t}` (chosen only
+        // for H, I and Is multiples of 32, so that its 16-byte loads of weight and x rows stay
+        // aligned and inside them, and for plain projections or, for "int4" and "fp8", a packed
+        // layer whose validated experts are all int4 with groups of a multiple of 128 columns,
+        // which divide the row, or all FP8 with rows of a multiple of 64) takes the same entries, warp w of block x writing columns 64x + 8w
+        // .. + 8 below I (Is).
         unsafe { dev.launch(OP, &func, up_cfg, &params) }?;
         mark(Stage::Gemm1)?;
 
         if down_by_expert {
             let (name, down_cols) = if mma {
-                (format!("decode_down_v5_{dtype}"), mma_cols(h, 16))
+                (
+                    format!("decode_down_v5_{down_mma}_{dtype}"),
+                    mma_cols(h, 16),
+                )
             } else {
                 (format!("decode_down_v3_{down_kind}_{dtype}"), cols(h))
             };
@@ -436,7 +447,7 @@ impl<T: Float> MoeLayer<T> {
                 block_dim: (32 * WARPS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: `decode_down_v3_{kind}_{t}` and `decode_down_v5_{t}` take the same
+            // SAFETY: `decode_down_v3_{kind}_{t}` and `decode_down_v5_{kind}_{t}` take the same
             // DecodeParams (an instance decodes one kind, the one by_expert_decoders found for
             // every routed expert; it counts any other in status and skips it; v5 as for its
             // gate/up kernel, warp w of block x writing columns 128x + 16w .. + 16 below H).

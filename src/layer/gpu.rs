@@ -50,21 +50,28 @@ pub enum DecodeVersion {
     /// kernel does: five launches, each chosen expert's down rows read once per 8 tokens. At
     /// T = 1 it runs v2's kernels; the same fallback to v1.
     V4,
-    /// v4 with both by-expert GEMVs on tensor cores (`decode_{gate_up,down}_v5`, mma.sync
-    /// m16n8k16: 16 weight rows against the pass's 8 tokens per instruction), for plain experts
-    /// whose rows are multiples of 32 columns (H, I and the shared expert's; else v4). Staged x
-    /// is read once per 16 weight rows instead of once per row, so the GEMVs stay bound by HBM
-    /// at 8 tokens per pass. Within the CPU's tolerance (a different summation order).
+    /// v4 with both by-expert GEMVs on tensor cores (`decode_{gate_up,down}_v5_{kind}`,
+    /// mma.sync m16n8k16: 16 weight rows against the pass's 8 tokens per instruction), for rows
+    /// of multiples of 32 columns (H, I and the shared expert's) and plain experts, int4 ones in
+    /// groups of a multiple of 128 columns, or FP8 ones with rows of a multiple of 64 columns
+    /// and no NaN code (else v4; [`MoeLayer::tensor_core_decoders`]). Staged x is read once per
+    /// 16 weight rows instead of once per row, so the GEMVs stay bound by HBM at 8 tokens per
+    /// pass; packed codes are converted exactly into the A fragments and each group's scale is
+    /// applied once per row to its block's sum. Within the CPU's tolerance (a different
+    /// summation order).
     V5,
     /// The default: v5 (v4 where v5 does not take the layer) for plain (bf16/f16) experts where
-    /// the tokens' slots are at least a quarter of the routed experts (T K >= E / 4, T >= 2);
-    /// v2 below that and for packed experts. Under uniform routing T K = E / 4 slots fall on
+    /// the tokens' slots are at least a quarter of the routed experts (T K >= E / 4, T >= 2),
+    /// and for the int4 and FP8 experts v5 takes where they are at least as many as the routed
+    /// experts (T K >= E); v2 below that and for the other packed experts. Under uniform routing T K = E / 4 slots fall on
     /// about 0.88 T K distinct experts, so by expert reads about an eighth fewer expert rows
     /// there, and more above; in the model that is where it starts to pay for the two extra
     /// launches (Qwen3-30B-A3B bf16 at T = 4). v5 models as fast as v4 where both are bound by
-    /// HBM and faster where v4 is bound by shared memory (Mixtral-8x7B at T = 16). Packed
-    /// experts' by-expert kernels multiply on CUDA cores, where the model has them slower than
-    /// v2 (BENCHMARKS.md).
+    /// HBM and faster where v4 is bound by shared memory (Mixtral-8x7B at T = 16). On int4
+    /// and FP8 experts v5 models faster than v2 from T K = E (Mixtral-8x7B int4 at T = 4 and
+    /// 16, Qwen3-30B-A3B at T = 16) and slower at Qwen3's T = 4 (32 slots on 128 experts);
+    /// the other packed kinds' by-expert kernels multiply on CUDA cores, where the model has
+    /// them slower than v2 (BENCHMARKS.md).
     /// [`MoeLayer::decode_kernels_for`] says which runs at a given T.
     Auto,
 }
@@ -627,7 +634,6 @@ impl<T: Float> MoeLayer<T> {
                 DecodeVersion::V2
             }
             DecodeVersion::V5 if !self.tensor_core_decode() => DecodeVersion::V4,
-            // Packed experts keep v2: their by-expert kernels model slower (BENCHMARKS.md).
             DecodeVersion::Auto
                 if t >= 2
                     && 4 * t * self.cfg.k() >= self.cfg.experts
@@ -639,20 +645,41 @@ impl<T: Float> MoeLayer<T> {
                     DecodeVersion::V4
                 }
             }
+            // Packed experts: v5 where they average a slot per expert (int4, FP8); v2 below,
+            // and for the packed kinds v5 does not take, whose by-expert kernels (CUDA cores)
+            // model slower than v2 (BENCHMARKS.md).
+            DecodeVersion::Auto
+                if t >= 2 && t * self.cfg.k() >= self.cfg.experts && self.tensor_core_decode() =>
+            {
+                DecodeVersion::V5
+            }
             DecodeVersion::Auto => DecodeVersion::V2,
             v => v,
         }
     }
 
-    /// Whether decode v5 (the by-expert GEMVs on tensor cores) takes this layer: plain experts
-    /// (the shared expert always is), rows of H, I and Is columns multiples of 32, so that every
-    /// 16-byte row chunk and staged row is aligned.
+    /// Whether decode v5 (the by-expert GEMVs on tensor cores) takes this layer: rows of H, I and
+    /// Is columns multiples of 32, so that every 16-byte row chunk and staged row is aligned, and
+    /// each projection plain or of packed experts that v5 decodes
+    /// ([`MoeLayer::tensor_core_decoders`]).
     fn tensor_core_decode(&self) -> bool {
         let c = &self.cfg;
-        self.by_expert_decoders() == Some(("plain", "plain"))
+        self.tensor_core_decoders().is_some()
             && c.hidden.is_multiple_of(32)
             && c.intermediate.is_multiple_of(32)
             && c.shared.is_none_or(|s| s.intermediate.is_multiple_of(32))
+    }
+
+    /// Decode v5's instances for the gate/up and the down projection: "plain" for plain experts
+    /// (the shared expert always is), "int4" or "fp8" for packed ones that v5 decodes
+    /// ([`QuantLayer::tensor_core_decoder`]: int4 in groups of a multiple of 128 columns, FP8
+    /// without NaN codes); `None` where a projection has none.
+    pub fn tensor_core_decoders(&self) -> Option<(&'static str, &'static str)> {
+        let kind = |w: &ExpertWeights<T>| match w {
+            ExpertWeights::Plain(_) => Some("plain"),
+            ExpertWeights::Packed(q) => q.tensor_core_decoder(),
+        };
+        Some((kind(&self.w.gate_up)?, kind(&self.w.down)?))
     }
 
     /// The by-expert decode kernels' instances for the gate/up and the down projection: "plain"

@@ -47,6 +47,8 @@ pub struct QuantLayer {
     gemv: QuantGemvVersion,
     /// The v2 decoder every expert takes (`fast_kind` in qdot.cuh), where they all take one.
     fast: Option<&'static str>,
+    /// The tensor-core decoder every expert takes (decode v5), where they all take one.
+    mma: Option<&'static str>,
 }
 
 /// The blob under construction: each part starts on a 16-byte boundary.
@@ -170,6 +172,18 @@ impl QuantLayer {
             .all(|k| *k == kinds[0])
             .then_some(kinds[0])
             .flatten();
+        // Decode v5 takes int4 experts whose groups hold whole 128-column blocks, and FP8 experts
+        // of rows of whole 64-column blocks without NaN codes (its bit-level conversion would
+        // turn them into 480).
+        let fp8_nan = experts.iter().any(|m| match m {
+            QuantMatrix::Fp8(m) => m.weight().iter().any(|&c| c & 0x7f == 0x7f),
+            _ => false,
+        });
+        let mma = match fast {
+            Some("int4") if table.iter().all(|x| x.group % 128 == 0) => Some("int4"),
+            Some("fp8") if kdim.is_multiple_of(64) && !fp8_nan => Some("fp8"),
+            _ => None,
+        };
         // A zero-length upload is refused by the driver; a layer always has its table.
         blob.0.resize(blob.0.len().max(16), 0);
         let bytes = blob.0.len();
@@ -183,6 +197,7 @@ impl QuantLayer {
             bytes: experts.iter().map(QuantMatrix::bytes).collect(),
             gemv: QuantGemvVersion::default(),
             fast,
+            mma,
         })
     }
 
@@ -191,6 +206,16 @@ impl QuantLayer {
     /// mix decoders, or some take the per-8 one (act-order, other groups, ternary) or are bf16.
     pub fn fast_decoder(&self) -> Option<&'static str> {
         self.fast
+    }
+
+    /// The decoder of the tensor-core by-expert decode kernels (decode v5) that every expert
+    /// takes: "int4" where all are int4 ([`QuantLayer::fast_decoder`]) with groups of a multiple
+    /// of 128 columns (each 128-column block of a row in one group, whose scale the kernel
+    /// applies to the block's sum); "fp8" where all are FP8 with rows of a multiple of 64
+    /// columns and no NaN code (0x7f, 0xff) in any expert; `None` otherwise (v5 then runs as
+    /// v4).
+    pub fn tensor_core_decoder(&self) -> Option<&'static str> {
+        self.mma
     }
 
     /// The kernel [`quant_gemv_into`] runs on this layer (default [`QuantGemvVersion::V2`]).
