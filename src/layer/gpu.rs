@@ -63,10 +63,10 @@ pub enum DecodeVersion {
     /// The default: v5 (v4 where v5 does not take the layer) for plain (bf16/f16) experts where
     /// the tokens' slots are at least a quarter of the routed experts (T K >= E / 4, T >= 2),
     /// and for the int4 and FP8 experts v5 takes where they are at least as many as the routed
-    /// experts (T K >= E); v2 below that and for the other packed experts. Under uniform routing T K = E / 4 slots fall on
-    /// about 0.88 T K distinct experts, so by expert reads about an eighth fewer expert rows
-    /// there, and more above; in the model that is where it starts to pay for the two extra
-    /// launches (Qwen3-30B-A3B bf16 at T = 4). v5 models as fast as v4 where both are bound by
+    /// experts (T K >= E); v2 below that and for the other packed experts. Under uniform
+    /// routing T K = E / 4 slots fall on about 0.88 T K distinct experts, so by expert reads
+    /// about an eighth fewer expert rows there, and more above; in the model that is where it
+    /// starts to pay for the two extra launches (Qwen3-30B-A3B bf16 at T = 4). v5 models as fast as v4 where both are bound by
     /// HBM and faster where v4 is bound by shared memory (Mixtral-8x7B at T = 16). On int4
     /// and FP8 experts v5 models faster than v2 from T K = E (Mixtral-8x7B int4 at T = 4 and
     /// 16, Qwen3-30B-A3B at T = 16) and slower at Qwen3's T = 4 (32 slots on 128 experts);
