@@ -764,12 +764,14 @@ constexpr int kMmaStaged = kGemvTokens * kMmaRow;  // 16,896 bytes
 constexpr int kMmaWarpRows = 16;
 
 // The lane's 16 bytes of its two rows (w0, w1 at the tile's first column) in blocks u .. u + 3
-// below `blocks` (64 bytes of a row per block): all loads issued before any is used.
+// below `blocks` (64 bytes of a row per block), in the last block only where last_ok (a partial
+// block: the lane's columns past the row are left as they are): all loads issued before any is
+// used.
 __device__ __forceinline__ void v5_load_rows(const uint8_t* w0, const uint8_t* w1, int u, int blocks, uint4 (&a0)[4],
-                                             uint4 (&a1)[4]) {
+                                             uint4 (&a1)[4], bool last_ok = true) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        if (u + i < blocks) {
+        if (u + i < blocks - 1 || (u + i == blocks - 1 && last_ok)) {
             a0[i] = __ldg(reinterpret_cast<const uint4*>(w0 + 64 * (u + i)));
             a1[i] = __ldg(reinterpret_cast<const uint4*>(w1 + 64 * (u + i)));
         }
@@ -820,10 +822,10 @@ __device__ __forceinline__ void v5_pass(const uint8_t* codes, int64_t row_bytes,
     }
 }
 
-// ---- v5 over packed codes: int4 and FP8 decoded into the A operand ----
+// ---- v5 over packed codes: int4, MXFP4 and FP8 decoded into the A operand ----
 //
-// A lane loads 16 bytes of each of its two rows per block u of columns: 32 int4 codes (blocks
-// of 128 columns) or 16 FP8 codes (blocks of 64), at column u * BW + q * BW / 4. The codes
+// A lane loads 16 bytes of each of its two rows per block u of columns: 32 int4 or e2m1 codes
+// (blocks of 128 columns) or 16 FP8 codes (blocks of 64), at column u * BW + q * BW / 4. The codes
 // become the fragment's 16-bit floats exactly, two per register, paired so that a mask or a
 // shift lines them up:
 //   int4  word j (columns 8j .. 8j + 7 of the lane's 32) gives pairs (i, i + 4), i = 0..3: a
@@ -831,6 +833,15 @@ __device__ __forceinline__ void v5_pass(const uint8_t* codes, int64_t row_bytes,
 //         bits; 1024 in f16), one fma subtracts M + z (z the group's zero point, 8 where
 //         symmetric), leaving code - z. Two k-steps per word: fragment k = 2q, 2q + 1 from pair
 //         2t and k = 2q + 8, 2q + 9 from pair 2t + 1.
+//   mxfp4 the same pairs and order as int4: the pair's two nibbles isolated, one integer
+//         multiply-add copies each twice (sign to the top of its half, the 3 magnitude bits
+//         under the exponent: e2m1's 2 exponent bits as the low exponent bits, its mantissa bit
+//         as the top mantissa bit), a mask keeps the sign and magnitude (f16: a multiply-add moves
+//         the sign up instead). That is the value * 2^-126 (f16: 2^-14), subnormals included, and
+//         one fma by 2^(s - 1) (f16: 2^(s - 113)) makes it value * 2^(s - 127), s the lane's
+//         e8m0 scale: its 32 columns are one MXFP4 group. Exact where the product and the
+//         multiplier are representable: e8m0 codes up to 128 (bf16) or 104 ..= 128 (f16); the
+//         host runs this only on layers whose scales all are.
 //   fp8   word j (columns 4j .. 4j + 3 of the lane's 16) gives pairs (0, 2) and (1, 3): the 7
 //         magnitude bits shifted under the 16-bit format's exponent and mantissa (bf16: value *
 //         2^-120, subnormals included; f16: value * 2^-8) with the sign bit, then one fma by
@@ -841,9 +852,9 @@ __device__ __forceinline__ void v5_pass(const uint8_t* codes, int64_t row_bytes,
 // x0 x4 x1 x5 x2 x6 x3 x7 (int4) or x0 x2 x1 x3 x4 x6 x5 x7 (fp8), at byte 2 BW u + 16(4p + q)
 // of the token's row, so a lane's 16-byte read is the B registers of two k-steps and the 8
 // lanes of a quarter warp (tokens g, g + 1; q = 0..3) read 128 contiguous bytes.
-// A block's columns lie in one scale group (int4 groups of a multiple of 128 columns; FP8's
-// 128 x 128 blocks): the tensor core sums the block into a fresh accumulator, which one fma per
-// row scales into the total.
+// int4 and FP8: a block's columns lie in one scale group (int4 groups of a multiple of 128
+// columns; FP8's 128 x 128 blocks): the tensor core sums the block into a fresh accumulator,
+// which one fma per row scales into the total. MXFP4's scales are in the decoded weights.
 
 template <typename T>
 struct MmaCodes;
@@ -855,6 +866,8 @@ struct MmaCodes<__nv_bfloat16> {
     static constexpr uint32_t kFp8Bits = 0x07f007f0u;   // e4m3's 7 bits under bf16's exponent
     static constexpr int kFp8Lo = 4, kFp8Hi = 4;        // shifts of bytes 0, 2 (left), 1, 3 (right)
     static constexpr uint32_t kFp8Scale = 0x7b807b80u;  // 2^120
+    static constexpr uint32_t kFp4Unit = 0x00800080u;   // e8m0 code s -> 2^(s - 1): (s + 126) << 7
+    static constexpr uint32_t kFp4Bias = 126u;
 };
 template <>
 struct MmaCodes<__half> {
@@ -864,6 +877,8 @@ struct MmaCodes<__half> {
     static constexpr uint32_t kFp8Bits = 0x3f803f80u;
     static constexpr int kFp8Lo = 7, kFp8Hi = 1;
     static constexpr uint32_t kFp8Scale = 0x5c005c00u;  // 2^8
+    static constexpr uint32_t kFp4Unit = 0x04000400u;   // s -> 2^(s - 113): (s - 98) << 10
+    static constexpr uint32_t kFp4Bias = 0u - 98u;
 };
 
 // Pair h (0..3) of int4 word v (nibbles h and h + 4) as code - z in each half; nz = -(M + z)
@@ -884,13 +899,60 @@ __device__ __forceinline__ void fp8_pairs(uint32_t v, uint32_t& lo, uint32_t& hi
     hi = ptx::fma2<T>(h, C::kFp8Scale, 0x80008000u);
 }
 
+// Pair h (0, 1) of e2m1 word v (nibbles h and h + 4; v >> 8 gives nibbles 2, 3, 6, 7 as h = 0,
+// 1) times mult (the multiplier of the lane's scale, in both halves), exactly.
+template <typename T>
+__device__ __forceinline__ uint32_t fp4_pair(uint32_t v, int h, uint32_t mult) {
+    const uint32_t p = v & (0x000f000fu << (4 * h));
+    uint32_t b;
+    if constexpr (ptx::kIsBf16<T>) {
+        // p << (12 - 4h): sign at bit 15; p << (6 - 4h): magnitude at bits 6..8. The two copies
+        // do not overlap, so the sum is their OR.
+        b = (p * ((0x1000u + 0x40u) >> (4 * h))) & 0x81c081c0u;
+    } else {
+        const uint32_t m = p << (9 - 4 * h);  // magnitude at bits 9..11, sign at 12
+        b = m + 7u * (m & 0x10001000u);       // sign 2^12 -> 2^15 (bits 12..14 clear)
+    }
+    return ptx::fma2<T>(b, mult, 0x80008000u);  // + (-0): b * mult exactly
+}
+
+// v5's instance for int4 experts in groups of 32 or 64 columns (fast_kind int4): each lane's 32
+// columns of a block lie in one group, whose scale goes onto the lane's decoded weights. code -
+// z is exact; times the scale it is rounded once to T (bf16: the f16 scale is rounded to bf16
+// first), as the weights of a dequantised bf16/f16 checkpoint would be.
+constexpr int kMmaInt4Small = kFastPlain + 1;
+
+// The decoded pairs of a lane's row in one block where its scale is in the weights: from the
+// scale word e (lane_scale in v5_pass_packed), pair h (0..3) of code word v as int4_pair or
+// fp4_pair order it.
+template <int KIND, typename T>
+struct LaneScale {
+    uint32_t mult, nz;
+    __device__ __forceinline__ explicit LaneScale(uint32_t e) {
+        if constexpr (KIND == kFastMxfp4) {
+            mult = (e + MmaCodes<T>::kFp4Bias) * MmaCodes<T>::kFp4Unit;
+            nz = 0u;
+        } else {
+            const T s = Float<T>::from_f32(__half2float(__ushort_as_half(static_cast<unsigned short>(e & 0xffffu))));
+            uint16_t b;
+            memcpy(&b, &s, sizeof b);
+            mult = b * 0x00010001u;
+            nz = (MmaCodes<T>::kNegMagic + (e >> 16)) * 0x00010001u;
+        }
+    }
+    __device__ __forceinline__ uint32_t pair(uint32_t v, int h) const {
+        if constexpr (KIND == kFastMxfp4) return fp4_pair<T>(h < 2 ? v : v >> 8, h & 1, mult);
+        else return ptx::fma2<T>(int4_pair<T>(v, h, nz), mult, 0x80008000u);  // (code - z) * s, rounded
+    }
+};
+
 // Columns per block u of the packed v5 loop.
 template <int KIND>
-constexpr int kMmaBlock = KIND == kFastInt4 ? 128 : 64;
+constexpr int kMmaBlock = KIND == kFastFp8 ? 64 : 128;
 
-// Stage entries' rows [k0, k0 + width) (width a multiple of kMmaBlock) in KIND's order above, as
-// T, zeros for entries past nrows: warp w < kGemvTokens stages entry w, 8 columns per lane and
-// step.
+// Stage entries' rows [k0, k0 + width) (width a multiple of 32) in KIND's order above, as T,
+// zeros for entries past nrows and for the columns past width in its last block of kMmaBlock:
+// warp w < kGemvTokens stages entry w, 8 columns per lane and step.
 template <int KIND, typename T, typename Src>
 __device__ __forceinline__ void v5_stage_packed(const Src& src, int nrows, int k0, int width, unsigned char* smem) {
     constexpr int BW = kMmaBlock<KIND>;
@@ -898,10 +960,11 @@ __device__ __forceinline__ void v5_stage_packed(const Src& src, int nrows, int k
     if (warp >= kGemvTokens) return;
     const bool valid = warp < nrows;
     const T* row = src(valid ? warp : 0) + k0;
-    for (int c = 8 * lane; c < width; c += 256) {
-        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(row + c)) : make_uint4(0u, 0u, 0u, 0u);
+    const int staged = (width + BW - 1) / BW * BW;
+    for (int c = 8 * lane; c < staged; c += 256) {
+        const uint4 v = valid && c < width ? __ldg(reinterpret_cast<const uint4*>(row + c)) : make_uint4(0u, 0u, 0u, 0u);
         uint4 o;
-        if constexpr (KIND == kFastInt4) {  // (x0 x1) (x2 x3) (x4 x5) (x6 x7) -> (x0 x4) (x1 x5) (x2 x6) (x3 x7)
+        if constexpr (BW == 128) {  // int4, e2m1: (x0 x1) (x2 x3) (x4 x5) (x6 x7) -> (x0 x4) (x1 x5) (x2 x6) (x3 x7)
             o = make_uint4(ptx::prmt(v.x, v.z, 0x5410), ptx::prmt(v.x, v.z, 0x7632), ptx::prmt(v.y, v.w, 0x5410),
                            ptx::prmt(v.y, v.w, 0x7632));
         } else {  // -> (x0 x2) (x1 x3) (x4 x6) (x5 x7)
@@ -914,42 +977,50 @@ __device__ __forceinline__ void v5_stage_packed(const Src& src, int nrows, int k
 }
 
 // v5_pass over the packed codes of expert q (KIND kFastInt4: fast_kind int4, group a multiple
-// of 128; kFastFp8: kd a multiple of 64): rows r0 (fragment rows g) and r1 (g + 8).
+// of 128; kFastMxfp4: e8m0 codes in the range above; kFastFp8: kd a multiple of 64): rows r0
+// (fragment rows g) and r1 (g + 8).
 template <int KIND, typename T, typename Src>
 __device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantExpert& q, int kd, int64_t r0,
                                                int64_t r1, const Src& src, int nrows, unsigned char* smem,
                                                float (&acc)[4]) {
-    constexpr bool kInt4 = KIND == kFastInt4;
+    constexpr bool kInt4 = KIND == kFastInt4 || KIND == kMmaInt4Small, kFp4 = KIND == kFastMxfp4;
+    constexpr bool kLaneScale = kFp4 || KIND == kMmaInt4Small;  // scales in the decoded weights
     constexpr int BW = kMmaBlock<KIND>;
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, qd = lane & 3;
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[i] = 0.f;
-    const int64_t row_bytes = kInt4 ? kd / 2 : kd;
+    const int64_t row_bytes = BW == 128 ? kd / 2 : kd;
     const uint8_t* w0 = blob + q.codes + r0 * row_bytes + 16 * qd;
     const uint8_t* w1 = blob + q.codes + r1 * row_bytes + 16 * qd;
-    // Scale groups: int4 f16 [N, kd / group] (and zeros u8, or 8); fp8 f32 [ceil(N/128),
-    // ceil(kd/128)] of 128-column groups.
-    const int gshift = kInt4 ? 31 - __clz(q.group) : 7;
-    const int64_t per_row = kInt4 ? kd / q.group : (kd + 127) / 128;
-    const int64_t s_r0 = (kInt4 ? r0 : r0 >> 7) * per_row, s_r1 = (kInt4 ? r1 : r1 >> 7) * per_row;
+    // Scale groups: int4 f16 [N, kd / group] (and zeros u8, or 8); MXFP4 e8m0 [N, kd / 32]; fp8
+    // f32 [ceil(N/128), ceil(kd/128)] of 128-column groups.
+    const int gshift = kInt4 ? 31 - __clz(q.group) : (kFp4 ? 5 : 7);
+    const int64_t per_row = (kd + (1 << gshift) - 1) >> gshift;
+    const int64_t s_r0 = (KIND == kFastFp8 ? r0 >> 7 : r0) * per_row;
+    const int64_t s_r1 = (KIND == kFastFp8 ? r1 >> 7 : r1) * per_row;
     const uint8_t* zeros = kInt4 && q.zeros >= 0 ? blob + q.zeros : nullptr;
     const auto scale_at = [&](int64_t i) {
         return kInt4 ? __half2float(reinterpret_cast<const __half*>(blob + q.scales)[i])
                      : reinterpret_cast<const float*>(blob + q.scales)[i];
     };
+    const auto lane_scale = [&](int64_t i) -> uint32_t {
+        if constexpr (kFp4) return blob[q.scales + i];
+        return reinterpret_cast<const uint16_t*>(blob + q.scales)[i] | (zeros != nullptr ? zeros[i] : 8u) << 16;
+    };
     const unsigned char* xs = smem + g * kMmaRow + 16 * qd;
     for (int k0 = 0; k0 < kd; k0 += kMmaTile) {
-        const int width = min(kMmaTile, kd - k0);  // a multiple of BW
+        const int width = min(kMmaTile, kd - k0);  // a multiple of BW (of 32 where kLaneScale)
         __syncthreads();                            // the previous tile (or pass) has been read
         v5_stage_packed<KIND, T>(src, nrows, k0, width, smem);
-        // The tile's groups (at most 8, a group at least 128 columns): lane q holds groups
-        // first + q and first + 4 + q of rows r0 and r1, its quad's other lanes' by shuffle.
+        // int4, FP8: the tile's groups (at most 8, a group at least 128 columns): lane q holds
+        // groups first + q and first + 4 + q of rows r0 and r1, its quad's other lanes' by
+        // shuffle. (Where the scales go onto the weights, they load with each block's codes.)
         const int first = k0 >> gshift, count = ((k0 + width - 1) >> gshift) - first + 1;
-        float s0[2], s1[2];
-        uint32_t z0[2], z1[2];
+        float s0[2] = {0.f, 0.f}, s1[2] = {0.f, 0.f};
+        uint32_t z0[2] = {8u, 8u}, z1[2] = {8u, 8u};
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < 2 && !kLaneScale; ++i) {
             const int gi = first + qd + 4 * i;
             const bool in = qd + 4 * i < count;
             s0[i] = in ? scale_at(s_r0 + gi) : 0.f;
@@ -958,11 +1029,51 @@ __device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantE
             z1[i] = zeros != nullptr && in ? zeros[s_r1 + gi] : 8u;
         }
         __syncthreads();
-        const int blocks = width / BW;
-        const int64_t at = kInt4 ? k0 / 2 : k0;
+        // MXFP4 rows and int4 rows in groups of 32 or 64 are whole 32-column groups: the tile's
+        // last block may be partial, its lanes past the row leaving their codes 0 (x is staged
+        // as 0 there too).
+        const int blocks = (width + BW - 1) / BW;
+        const bool last_ok = !kLaneScale || BW * (blocks - 1) + BW / 4 * qd < width;  // the lane's columns
+        const int64_t at = BW == 128 ? k0 / 2 : k0;
         for (int u = 0; u < blocks; u += 4) {
             uint4 a0[4], a1[4];
-            v5_load_rows(w0 + at, w1 + at, u, blocks, a0, a1);
+            if constexpr (kLaneScale) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) a0[i] = a1[i] = make_uint4(0u, 0u, 0u, 0u);
+            }
+            v5_load_rows(w0 + at, w1 + at, u, blocks, a0, a1, last_ok);
+            if constexpr (kLaneScale) {
+                // The scale of the lane's group (its 32 columns lie in one) in each block, both
+                // rows: MXFP4's e8m0 code; int4's f16 bits | zero point << 16.
+                uint32_t e0[4], e1[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int64_t gi = (k0 + BW * (u + i) + 32 * qd) >> gshift;
+                    const bool in = u + i < blocks - 1 || (u + i == blocks - 1 && last_ok);
+                    e0[i] = in ? lane_scale(s_r0 + gi) : 0u;
+                    e1[i] = in ? lane_scale(s_r1 + gi) : 0u;
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    if (u + i < blocks) {
+                        const LaneScale<KIND, T> l0(e0[i]), l1(e1[i]);
+                        const uint32_t c0[4] = {a0[i].x, a0[i].y, a0[i].z, a0[i].w};
+                        const uint32_t c1[4] = {a1[i].x, a1[i].y, a1[i].z, a1[i].w};
+                        const unsigned char* xb = xs + 2 * BW * (u + i);
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            const uint4 x = *reinterpret_cast<const uint4*>(xb + 64 * j);
+                            const uint32_t f0[4] = {l0.pair(c0[j], 0), l1.pair(c1[j], 0), l0.pair(c0[j], 1),
+                                                    l1.pair(c1[j], 1)};
+                            ptx::Mma<T>::run(acc, f0, x.x, x.y);
+                            const uint32_t f1[4] = {l0.pair(c0[j], 2), l1.pair(c1[j], 2), l0.pair(c0[j], 3),
+                                                    l1.pair(c1[j], 3)};
+                            ptx::Mma<T>::run(acc, f1, x.z, x.w);
+                        }
+                    }
+                }
+                continue;
+            }
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 if (u + i < blocks) {
@@ -1017,11 +1128,13 @@ __device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantE
 // outputs: h through the epilogue, or raw dots into p.partial), the GEMVs on tensor cores.
 // Block (x, y): warp w owns 8 output columns 64x + 8w .. (gate/up) or 16 columns 128x + 16w ..
 // (down). KIND: kFastPlain for plain projections, kFastInt4 for a packed projection whose
-// routed experts are all int4 with groups of a multiple of 128 columns, kFastFp8 for one of FP8
-// experts with rows of a multiple of 64 columns and no NaN codes (the shared expert is plain in
-// every instance). The host runs it only where every row it stages or streams is a multiple of
-// 32 columns and 16-byte aligned (H, I, Is % 32 == 0; ld_h % 8 == 0); an expert the instance
-// does not take is counted in p.status and skipped.
+// routed experts are all int4 with groups of a multiple of 128 columns, kMmaInt4Small for one
+// of int4 experts in groups of 32 or 64, kFastMxfp4 for one of MXFP4 experts with e8m0 codes
+// in fp4_pair's range, kFastFp8 for one of FP8 experts with rows of a multiple of 64 columns
+// and no NaN codes (the shared expert is plain in every instance). The host runs it only where
+// every row it stages or streams is a multiple of 32 columns and 16-byte aligned (H, I, Is %
+// 32 == 0; ld_h % 8 == 0); an expert the instance does not take is counted in p.status and
+// skipped.
 template <typename T, bool DOWN, int KIND>
 __device__ __forceinline__ void decode_by_expert_mma(const DecodeParams& p) {
     __shared__ __align__(16) unsigned char smem[kMmaStaged];
@@ -1036,8 +1149,10 @@ __device__ __forceinline__ void decode_by_expert_mma(const DecodeParams& p) {
     if (dp.blob != nullptr) {
         // Uniform per block (b.q): an expert this instance does not decode.
         const bool takes = KIND == kFastInt4   ? fast_kind(b.q, kd) == kFastInt4 && b.q.group % 128 == 0
+                           : KIND == kMmaInt4Small ? fast_kind(b.q, kd) == kFastInt4 && b.q.group < 128
                            : KIND == kFastFp8 ? fast_kind(b.q, kd) == kFastFp8 && kd % 64 == 0
-                                              : false;
+                           : KIND == kFastMxfp4 ? fast_kind(b.q, kd) == kFastMxfp4
+                                                : false;
         if (!takes) {
             if (threadIdx.x == 0) atomicAdd(p.status, 1);
             return;
@@ -1070,7 +1185,7 @@ __device__ __forceinline__ void decode_by_expert_mma(const DecodeParams& p) {
             return DOWN ? Hr + (int64_t(t) * S + v3_slot(ent[n])) * int64_t(p.ld_h) : X + int64_t(t) * p.hidden;
         };
         float acc[4];
-        if constexpr (KIND == kFastInt4 || KIND == kFastFp8) {
+        if constexpr (KIND != kFastPlain) {
             if (dp.blob != nullptr) v5_pass_packed<KIND, T>(dp.blob, b.q, kd, r0, r1, src, nrows, smem, acc);
             else v5_pass<T, DOWN>(codes, row_bytes, kd, r0, r1, src, nrows, smem, acc);
         } else {
@@ -1190,8 +1305,8 @@ MOE_DECODE_DOWN2(f16, __half)
 #define MOE_DECODE_V3_KIND(KNAME, SUFFIX, T, KIND, UP_MINB, DOWN_MINB) \
     MOE_DECODE_V3_ONE(decode_gate_up_v3_##KNAME##_##SUFFIX, T, false, KIND, UP_MINB) \
     MOE_DECODE_V3_ONE(decode_down_v3_##KNAME##_##SUFFIX, T, true, KIND, DOWN_MINB)
-// decode_{gate_up,down}_v5_{kind}_{t}: the by-expert GEMVs on tensor cores, plain, int4 or FP8
-// (two blocks per SM).
+// decode_{gate_up,down}_v5_{kind}_{t}: the by-expert GEMVs on tensor cores, plain, int4 (groups
+// of a multiple of 128), int4s (groups of 32, 64), MXFP4 or FP8 (two blocks per SM).
 #define MOE_DECODE_V5_ONE(NAME, T, DOWN, KIND) \
     extern "C" __global__ void __launch_bounds__(moe::kDecodeThreads, 2) NAME(const moe::DecodeParams p) { \
         moe::decode_by_expert_mma<T, DOWN, KIND>(p); \
@@ -1210,6 +1325,8 @@ MOE_DECODE_DOWN2(f16, __half)
     } \
     MOE_DECODE_V5_KIND(plain, SUFFIX, T, moe::kFastPlain) \
     MOE_DECODE_V5_KIND(int4, SUFFIX, T, moe::kFastInt4) \
+    MOE_DECODE_V5_KIND(int4s, SUFFIX, T, moe::kMmaInt4Small) \
+    MOE_DECODE_V5_KIND(mxfp4, SUFFIX, T, moe::kFastMxfp4) \
     MOE_DECODE_V5_KIND(fp8, SUFFIX, T, moe::kFastFp8)
 MOE_DECODE_V3(bf16, __nv_bfloat16)
 MOE_DECODE_V3(f16, __half)

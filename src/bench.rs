@@ -49,11 +49,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto")]
     pub path: String,
     /// The decode path's kernels: auto (default: v5 for plain experts where T K >= E / 4 and
-    /// for int4 and FP8 ones where T K >= E, v4 where v5 does not take the layer, else v2), v2
-    /// (x staged in shared memory, 16-byte compressed chunks), v3 (v2 with the gate/up GEMV by
-    /// expert after one routing launch), v4 (v3 with the down GEMV by expert and a combine), v5
-    /// (v4 on tensor cores: plain, int4 in groups of a multiple of 128, FP8) or v1 (one warp per
-    /// column, 8 weights per lane per step).
+    /// for int4, MXFP4 and FP8 ones where T K >= E, or E / 2 where an expert's packed weights
+    /// pass 8 MiB; v4 where v5 does not take the layer, else v2), v2 (x staged in shared
+    /// memory, 16-byte compressed chunks), v3 (v2 with the gate/up GEMV by expert after one
+    /// routing launch), v4 (v3 with the down GEMV by expert and a combine), v5 (v4 on tensor
+    /// cores: plain, int4, MXFP4, FP8) or v1 (one warp per column, 8 weights per lane per
+    /// step).
     #[arg(long, default_value = "auto")]
     pub decode: String,
     /// The compressed-expert GEMV of --path gemv: v2 (default: a chunk decoded once for up to 8

@@ -76,12 +76,12 @@ fn info(ptxas: bool) {
         ),
     }
     println!(
-        "defaults: decode path auto: v5 for plain experts where T K >= E / 4 and for int4 (groups \
-         of a multiple of 128) and FP8 experts where T K >= E (by expert on tensor cores: the \
-         tokens routed once, each chosen expert's rows read once per 8 tokens, packed codes \
-         converted exactly in registers, then a combine; v4, the same on CUDA cores, where H or \
-         I is not a multiple of 32; within tolerance of the CPU on the emulator, modelled faster \
-         there), v2 below and for the other packed experts (x staged in shared memory, \
+        "defaults: decode path auto: v5 for plain experts where T K >= E / 4 and for int4, MXFP4 \
+         and FP8 experts where T K >= E, or T K >= E / 2 where an expert's packed weights pass \
+         8 MiB (by expert on tensor cores: the tokens routed once, each chosen expert's rows read \
+         once per 8 tokens, packed codes converted in registers, then a combine; v4, the same on \
+         CUDA cores, where H or I is not a multiple of 32; within tolerance of the CPU on the \
+         emulator, modelled faster there), v2 below and for the other packed experts (x staged in shared memory, \
          compressed rows decoded 16 bytes per lane; \
          exact on the emulator, fewer requests and fewer instructions per weight than v1); \
          neither yet run on a GPU; compressed-expert GEMV v2 (the same \

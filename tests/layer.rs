@@ -1062,7 +1062,9 @@ fn uneven_groups(cfg: &MoeConfig, mut w: LayerWeights<bf16>) -> LayerWeights<bf1
             for (k, v) in row.iter_mut().enumerate() {
                 let row = (r * 7 + (k / 128) * 3) % 5;
                 let block = (r / 128 + 2 * (k / 128)) % 3;
-                let f = 0.25 * f64::from(1u32 << (row + block));
+                // MXFP4's groups of 32 (a lane's columns in v5's blocks of 128).
+                let group = (r + k / 32) % 3;
+                let f = 0.25 * f64::from(1u32 << (row + block + group));
                 *v = bf16::from_f64(v.to_f64() * f);
             }
         }
@@ -1073,8 +1075,9 @@ fn uneven_groups(cfg: &MoeConfig, mut w: LayerWeights<bf16>) -> LayerWeights<bf1
 }
 
 /// Decode v5 on packed experts (the codes decoded into the tensor cores' A operand, a group's
-/// scale on its blocks' sums): int4 in groups of 128 with zero points and of 256 symmetric, and
-/// FP8 with 128 x 128 block scales; H = 1536 stages two tiles (int4: 8 + 4 blocks of 128
+/// scale on its blocks' sums): int4 in groups of 128 with zero points and of 256 symmetric, FP8
+/// with 128 x 128 block scales, and MXFP4 and int4 in groups of 32 and 64 (their scales,
+/// varied per 32 columns, in the decoded weights; also on rows that end inside a block); H = 1536 stages two tiles (int4: 8 + 4 blocks of 128
 /// columns, a tile of eight groups, a partial tile, a partial unrolled step; FP8: 16 + 8 blocks
 /// of 64), I = 256 one; the shared expert (plain, in the packed instances) and gpt-oss's
 /// interleaved gate/up rows with biases; T = 16 puts more than 8 entries on an expert (passes
@@ -1085,7 +1088,7 @@ fn gpu_decode_v5_packed_matches_the_cpu_forward() {
         return;
     };
     use moe_kernels::layer::DecodeVersion;
-    use moe_kernels::quant::{Fp8Matrix, QuantMatrix};
+    use moe_kernels::quant::{Fp8Matrix, Mxfp4Matrix, QuantMatrix};
     let base = MoeConfig::new;
     let shared = MoeConfig {
         shared: Some(SharedExpert {
@@ -1094,21 +1097,33 @@ fn gpu_decode_v5_packed_matches_the_cpu_forward() {
         }),
         ..base(1536, 256, 4, RouterConfig::qwen(2, false))
     };
-    let interleaved = MoeConfig {
+    let gpt_oss = |h, i| MoeConfig {
         router_bias: true,
         expert_bias: true,
         gate_layout: GateLayout::Interleaved,
         act: GatedAct::GPT_OSS,
-        ..base(1536, 256, 8, RouterConfig::gpt_oss(2))
+        ..base(h, i, 8, RouterConfig::gpt_oss(2))
     };
+    let interleaved = gpt_oss(1536, 256);
+    // Rows that end inside a block of 128 columns (gpt-oss's 2880 = 22 blocks + 64): H = 1472
+    // ends 64 columns into the second tile's fourth block, I = 224 96 into its second.
+    let tails = gpt_oss(1472, 224);
     let (mut compared, mut total) = (0, 0);
     for (name, cfg, format, ts) in [
         ("shared gated", &shared, "int4-g128", &[2, 16][..]),
         ("gpt-oss-like", &interleaved, "int4-g256-sym", &[7][..]),
         ("shared gated", &shared, "fp8", &[16][..]),
         ("gpt-oss-like", &interleaved, "fp8", &[2][..]),
+        ("gpt-oss-like", &interleaved, "mxfp4", &[7][..]),
+        ("gpt-oss tails", &tails, "mxfp4", &[16][..]),
+        ("shared gated", &shared, "mxfp4", &[2][..]),
+        ("gpt-oss tails", &tails, "int4-g32", &[7][..]),
+        ("shared gated", &shared, "int4-g64-sym", &[16][..]),
     ] {
-        let kind = if format == "fp8" { "fp8" } else { "int4" };
+        let kind = match format {
+            "int4-g32" | "int4-g64-sym" => "int4s",
+            f => f.split('-').next().unwrap(),
+        };
         let w = packed(cfg, &uneven_groups(cfg, random_weights(cfg, 61)), format);
         for &t in ts {
             let mut layer = decode_layer(&dev, cfg, &w, t, DecodeVersion::V5);
@@ -1127,27 +1142,44 @@ fn gpu_decode_v5_packed_matches_the_cpu_forward() {
         4 * compared >= 3 * total,
         "only {compared} of {total} tokens compared"
     );
-    // Groups of 32 leave v5 to v4, and so does one NaN code (0x7f) in an FP8 expert: v5's FP8
-    // conversion would make it 480, v4's gives NaN as the CPU decoder does.
+    // Int4 groups of 64 and 128 in one layer leave v5 to v4 (each instance takes one kind), and
+    // so do one NaN code (0x7f) in an FP8 expert (v5's FP8 conversion would make it 480, v4's
+    // gives NaN as the CPU decoder does) and an MXFP4 scale above 2 (e8m0 129: v5's multiplier
+    // 2^(s - 1) leaves bf16).
     let cfg = &interleaved;
-    let w = packed(cfg, &random_weights(cfg, 62), "int4-g32");
-    let layer = decode_layer(&dev, cfg, &w, 7, DecodeVersion::V5);
-    assert_eq!(layer.tensor_core_decoders(), None);
-    assert_eq!(layer.decode_kernels_for(7), DecodeVersion::V4);
-    let mut w = packed(cfg, &random_weights(cfg, 63), "fp8");
-    let Experts::Packed { down, .. } = &mut w.experts else {
+    let edited =
+        |format: &str, seed: u64, up: bool, x: usize, f: &dyn Fn(&QuantMatrix) -> QuantMatrix| {
+            let mut w = packed(cfg, &random_weights(cfg, seed), format);
+            let Experts::Packed { gate_up, down } = &mut w.experts else {
+                unreachable!("packed")
+            };
+            let m = if up { &mut gate_up[x] } else { &mut down[x] };
+            *m = f(m);
+            let layer = decode_layer(&dev, cfg, &w, 7, DecodeVersion::V5);
+            assert_eq!(layer.tensor_core_decoders(), None, "{format}");
+            assert_eq!(layer.decode_kernels_for(7), DecodeVersion::V4, "{format}");
+        };
+    let g128 = packed(cfg, &random_weights(cfg, 62), "int4-g128");
+    let Experts::Packed { down: d128, .. } = &g128.experts else {
         unreachable!("packed")
     };
-    let QuantMatrix::Fp8(m) = &down[3] else {
-        unreachable!("fp8")
-    };
-    let mut codes = m.weight().to_vec();
-    codes[5] = 0x7f;
-    down[3] =
-        QuantMatrix::Fp8(Fp8Matrix::new(m.n(), m.kdim(), codes, m.scale_inv().to_vec()).unwrap());
-    let layer = decode_layer(&dev, cfg, &w, 7, DecodeVersion::V5);
-    assert_eq!(layer.tensor_core_decoders(), None);
-    assert_eq!(layer.decode_kernels_for(7), DecodeVersion::V4);
+    edited("int4-g64", 62, false, 2, &|_| d128[2].clone());
+    edited("fp8", 63, false, 3, &|m| {
+        let QuantMatrix::Fp8(m) = m else {
+            unreachable!("fp8")
+        };
+        let mut codes = m.weight().to_vec();
+        codes[5] = 0x7f;
+        QuantMatrix::Fp8(Fp8Matrix::new(m.n(), m.kdim(), codes, m.scale_inv().to_vec()).unwrap())
+    });
+    edited("mxfp4", 64, true, 5, &|m| {
+        let QuantMatrix::Mxfp4(m) = m else {
+            unreachable!("mxfp4")
+        };
+        let mut scales = m.scales().to_vec();
+        scales[9] = 129;
+        QuantMatrix::Mxfp4(Mxfp4Matrix::new(m.n(), m.kdim(), m.blocks().to_vec(), scales).unwrap())
+    });
 }
 
 #[test]

@@ -425,10 +425,12 @@ impl<T: Float> MoeLayer<T> {
         // for the slots that chose it, j < I (Is); its last row's column-0 block writes alpha
         // and gate_logit. Its shared memory is static. `decode_gate_up_v5_{kind}_{t}` (chosen
         // only for H, I and Is multiples of 32, so that its 16-byte loads of weight and x rows
-        // stay aligned and inside them, and for plain projections or, for "int4" and "fp8", a
-        // packed layer whose validated experts are all int4 with groups of a multiple of 128
-        // columns, which divide the row, or all FP8 with rows of a multiple of 64) takes the
-        // same entries, warp w of block x writing columns 64x + 8w .. + 8 below I (Is).
+        // stay aligned and inside them, and for plain projections or, for "int4", "int4s",
+        // "mxfp4" and "fp8", a packed layer whose validated experts are all int4 with groups of
+        // a multiple of 128 columns, which divide the row, all int4 in groups of 32 or 64 or
+        // all MXFP4 (rows of whole 32-column groups; lanes past a row's end load nothing), or
+        // all FP8 with rows of a multiple of 64) takes the same entries, warp w of block x
+        // writing columns 64x + 8w .. + 8 below I (Is).
         unsafe { dev.launch(OP, &func, up_cfg, &params) }?;
         mark(Stage::Gemm1)?;
 

@@ -53,25 +53,30 @@ pub enum DecodeVersion {
     /// v4 with both by-expert GEMVs on tensor cores (`decode_{gate_up,down}_v5_{kind}`,
     /// mma.sync m16n8k16: 16 weight rows against the pass's 8 tokens per instruction), for rows
     /// of multiples of 32 columns (H, I and the shared expert's) and plain experts, int4 ones in
-    /// groups of a multiple of 128 columns, or FP8 ones with rows of a multiple of 64 columns
-    /// and no NaN code (else v4; [`MoeLayer::tensor_core_decoders`]). Staged x is read once per
+    /// groups of a multiple of 128 columns or of 32 or 64, MXFP4 ones with scales in the range
+    /// the dtype holds exactly, or FP8 ones with rows of a multiple of 64 columns and no NaN
+    /// code (else v4; [`MoeLayer::tensor_core_decoders`]). Staged x is read once per
     /// 16 weight rows instead of once per row, so the GEMVs stay bound by HBM at 8 tokens per
     /// pass; packed codes are converted exactly into the A fragments and each group's scale is
-    /// applied once per row to its block's sum. Within the CPU's tolerance (a different
-    /// summation order).
+    /// applied once per row to its block's sum, or, for groups of 32 or 64 columns, to the
+    /// decoded weights (exact for MXFP4's powers of two; int4's rounded once to the dtype).
+    /// Within the CPU's tolerance (a different summation order).
     V5,
     /// The default: v5 (v4 where v5 does not take the layer) for plain (bf16/f16) experts where
     /// the tokens' slots are at least a quarter of the routed experts (T K >= E / 4, T >= 2),
-    /// and for the int4 and FP8 experts v5 takes where they are at least as many as the routed
-    /// experts (T K >= E); v2 below that and for the other packed experts. Under uniform
-    /// routing T K = E / 4 slots fall on about 0.88 T K distinct experts, so by expert reads
-    /// about an eighth fewer expert rows there, and more above; in the model that is where it
-    /// starts to pay for the two extra launches (Qwen3-30B-A3B bf16 at T = 4). v5 models as fast as v4 where both are bound by
-    /// HBM and faster where v4 is bound by shared memory (Mixtral-8x7B at T = 16). On int4
-    /// and FP8 experts v5 models faster than v2 from T K = E (Mixtral-8x7B int4 at T = 4 and
-    /// 16, Qwen3-30B-A3B at T = 16) and slower at Qwen3's T = 4 (32 slots on 128 experts);
-    /// the other packed kinds' by-expert kernels multiply on CUDA cores, where the model has
-    /// them slower than v2 (BENCHMARKS.md).
+    /// and for the packed experts v5 takes (int4, MXFP4, FP8) where the slots are at least as
+    /// many as the routed experts (T K >= E), or half as many where one expert's packed weights
+    /// pass 8 MiB; v2 below that and for the other packed experts. Under uniform routing
+    /// T K = E / 4 slots fall on about 0.88 T K distinct experts, so by expert reads about an
+    /// eighth fewer expert rows there, and more above; in the model that is where it starts to
+    /// pay for the two extra launches (Qwen3-30B-A3B bf16 at T = 4). v5 models as fast as v4
+    /// where both are bound by HBM and faster where v4 is bound by shared memory
+    /// (Mixtral-8x7B at T = 16). On packed experts v5 models faster than v2 from T K = E
+    /// (Mixtral-8x7B int4 at T = 4 and 16, Qwen3-30B-A3B at T = 16), slower at Qwen3's T = 4
+    /// and 8 (int4; FP8 even at T = 8), whose small experts v2 reads again from the L2, and
+    /// faster for gpt-oss-120b MXFP4 at T = 16 (64 slots on 128 experts of 13 MB, which v2
+    /// reads again from HBM); the other packed kinds' by-expert kernels multiply on CUDA
+    /// cores, where the model has them slower than v2 (BENCHMARKS.md).
     /// [`MoeLayer::decode_kernels_for`] says which runs at a given T.
     Auto,
 }
@@ -645,17 +650,34 @@ impl<T: Float> MoeLayer<T> {
                     DecodeVersion::V4
                 }
             }
-            // Packed experts: v5 where they average a slot per expert (int4, FP8); v2 below,
-            // and for the packed kinds v5 does not take, whose by-expert kernels (CUDA cores)
-            // model slower than v2 (BENCHMARKS.md).
+            // Packed experts: v5 where they average a slot per expert, or half a slot where one
+            // expert's weights pass 8 MiB (v2 reads an expert again for each token that chose
+            // it, and an expert that large has left the L2 by then: gpt-oss-120b MXFP4 at
+            // T = 16, where smaller experts such as Qwen3's at T = 8 are read again from the
+            // L2 and v2 stays faster); v2 below, and for the packed kinds v5 does not take,
+            // whose by-expert kernels (CUDA cores) model slower than v2 (BENCHMARKS.md).
             DecodeVersion::Auto
-                if t >= 2 && t * self.cfg.k() >= self.cfg.experts && self.tensor_core_decode() =>
+                if t >= 2
+                    && self.tensor_core_decode()
+                    && (t * self.cfg.k() >= self.cfg.experts
+                        || (2 * t * self.cfg.k() >= self.cfg.experts
+                            && self.packed_expert_bytes() >= 8 << 20)) =>
             {
                 DecodeVersion::V5
             }
             DecodeVersion::Auto => DecodeVersion::V2,
             v => v,
         }
+    }
+
+    /// The bytes of expert 0's packed gate/up and down weights (codes, scales, zero points; 0
+    /// for a plain projection).
+    fn packed_expert_bytes(&self) -> usize {
+        let bytes = |w: &ExpertWeights<T>| match w {
+            ExpertWeights::Plain(_) => 0,
+            ExpertWeights::Packed(q) => q.expert_bytes(0),
+        };
+        bytes(&self.w.gate_up) + bytes(&self.w.down)
     }
 
     /// Whether decode v5 (the by-expert GEMVs on tensor cores) takes this layer: rows of H, I and
@@ -671,13 +693,14 @@ impl<T: Float> MoeLayer<T> {
     }
 
     /// Decode v5's instances for the gate/up and the down projection: "plain" for plain experts
-    /// (the shared expert always is), "int4" or "fp8" for packed ones that v5 decodes
-    /// ([`QuantLayer::tensor_core_decoder`]: int4 in groups of a multiple of 128 columns, FP8
-    /// without NaN codes); `None` where a projection has none.
+    /// (the shared expert always is), "int4", "int4s", "mxfp4" or "fp8" for packed ones that v5
+    /// decodes ([`QuantLayer::tensor_core_decoder`]: int4 in groups of a multiple of 128
+    /// columns, int4 in groups of 32 or 64, MXFP4 with scales the dtype holds, FP8 without NaN
+    /// codes); `None` where a projection has none.
     pub fn tensor_core_decoders(&self) -> Option<(&'static str, &'static str)> {
         let kind = |w: &ExpertWeights<T>| match w {
             ExpertWeights::Plain(_) => Some("plain"),
-            ExpertWeights::Packed(q) => q.tensor_core_decoder(),
+            ExpertWeights::Packed(q) => q.tensor_core_decoder(T::DTYPE),
         };
         Some((kind(&self.w.gate_up)?, kind(&self.w.down)?))
     }

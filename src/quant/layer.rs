@@ -47,8 +47,12 @@ pub struct QuantLayer {
     gemv: QuantGemvVersion,
     /// The v2 decoder every expert takes (`fast_kind` in qdot.cuh), where they all take one.
     fast: Option<&'static str>,
-    /// The tensor-core decoder every expert takes (decode v5), where they all take one.
+    /// The tensor-core decoder every expert takes (decode v5), where they all take one, in any
+    /// model dtype.
     mma: Option<&'static str>,
+    /// The smallest and largest e8m0 scale code of an all-MXFP4 layer: v5's exact range
+    /// depends on the model dtype ([`QuantLayer::tensor_core_decoder`]).
+    mxfp4_scales: Option<(u8, u8)>,
 }
 
 /// The blob under construction: each part starts on a 16-byte boundary.
@@ -172,18 +176,33 @@ impl QuantLayer {
             .all(|k| *k == kinds[0])
             .then_some(kinds[0])
             .flatten();
-        // Decode v5 takes int4 experts whose groups hold whole 128-column blocks, and FP8 experts
-        // of rows of whole 64-column blocks without NaN codes (its bit-level conversion would
-        // turn them into 480).
+        // Decode v5 takes int4 experts whose groups hold whole 128-column blocks ("int4") or
+        // whose groups are 32 or 64 columns ("int4s", the scale on the decoded weights), and FP8
+        // experts of rows of whole 64-column blocks without NaN codes (its bit-level conversion
+        // would turn them into 480).
         let fp8_nan = experts.iter().any(|m| match m {
             QuantMatrix::Fp8(m) => m.weight().iter().any(|&c| c & 0x7f == 0x7f),
             _ => false,
         });
         let mma = match fast {
             Some("int4") if table.iter().all(|x| x.group % 128 == 0) => Some("int4"),
+            Some("int4") if table.iter().all(|x| x.group < 128) => Some("int4s"),
             Some("fp8") if kdim.is_multiple_of(64) && !fp8_nan => Some("fp8"),
             _ => None,
         };
+        // MXFP4: v5 puts each 32-column group's power-of-two scale into the decoded weights,
+        // exact where the dtype holds them (the scale range).
+        let mxfp4_scales = (fast == Some("mxfp4")).then(|| {
+            experts
+                .iter()
+                .fold((u8::MAX, u8::MIN), |(lo, hi), m| match m {
+                    QuantMatrix::Mxfp4(m) => m
+                        .scales()
+                        .iter()
+                        .fold((lo, hi), |(lo, hi), &c| (lo.min(c), hi.max(c))),
+                    _ => (lo, hi),
+                })
+        });
         // A zero-length upload is refused by the driver; a layer always has its table.
         blob.0.resize(blob.0.len().max(16), 0);
         let bytes = blob.0.len();
@@ -198,6 +217,7 @@ impl QuantLayer {
             gemv: QuantGemvVersion::default(),
             fast,
             mma,
+            mxfp4_scales,
         })
     }
 
@@ -209,13 +229,21 @@ impl QuantLayer {
     }
 
     /// The decoder of the tensor-core by-expert decode kernels (decode v5) that every expert
-    /// takes: "int4" where all are int4 ([`QuantLayer::fast_decoder`]) with groups of a multiple
-    /// of 128 columns (each 128-column block of a row in one group, whose scale the kernel
-    /// applies to the block's sum); "fp8" where all are FP8 with rows of a multiple of 64
-    /// columns and no NaN code (0x7f, 0xff) in any expert; `None` otherwise (v5 then runs as
-    /// v4).
-    pub fn tensor_core_decoder(&self) -> Option<&'static str> {
-        self.mma
+    /// takes in a model of `dtype` (bf16 or f16): "int4" where all are int4
+    /// ([`QuantLayer::fast_decoder`]) with groups of a multiple of 128 columns (each 128-column
+    /// block of a row in one group, whose scale the kernel applies to the block's sum); "int4s"
+    /// where all are int4 in groups of 32 or 64 (each weight's code minus zero point times its
+    /// group's scale, rounded once to the dtype: in bf16, the f16 scale rounded to bf16 first);
+    /// "fp8"
+    /// where all are FP8 with rows of a multiple of 64 columns and no NaN code (0x7f, 0xff) in
+    /// any expert; "mxfp4" where all are MXFP4 with every e8m0 scale code at most 128 (scales up to 2), and in f16 at least 104 (from 2^-23): the
+    /// kernel decodes e2m1 times the scale into the dtype, exact in that range. `None`
+    /// otherwise (v5 then runs as v4).
+    pub fn tensor_core_decoder(&self, dtype: DType) -> Option<&'static str> {
+        match self.mxfp4_scales {
+            Some((lo, hi)) => (hi <= 128 && (dtype != DType::F16 || lo >= 104)).then_some("mxfp4"),
+            None => self.mma,
+        }
     }
 
     /// The kernel [`quant_gemv_into`] runs on this layer (default [`QuantGemvVersion::V2`]).
