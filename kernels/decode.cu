@@ -993,10 +993,11 @@ __device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantE
     const int64_t row_bytes = BW == 128 ? kd / 2 : kd;
     const uint8_t* w0 = blob + q.codes + r0 * row_bytes + 16 * qd;
     const uint8_t* w1 = blob + q.codes + r1 * row_bytes + 16 * qd;
-    // Scale groups: int4 f16 [N, kd / group] (and zeros u8, or 8); MXFP4 e8m0 [N, kd / 32]; fp8
-    // f32 [ceil(N/128), ceil(kd/128)] of 128-column groups.
+    // Scale groups: int4 f16 [N, kd / group] (and zeros u8, or 8); MXFP4 e8m0 [N, kd / 32] in
+    // rows of mxfp4_scale_row(kd) bytes; fp8 f32 [ceil(N/128), ceil(kd/128)] of 128-column
+    // groups.
     const int gshift = kInt4 ? 31 - __clz(q.group) : (kFp4 ? 5 : 7);
-    const int64_t per_row = (kd + (1 << gshift) - 1) >> gshift;
+    const int64_t per_row = kFp4 ? mxfp4_scale_row(kd) : (kd + (1 << gshift) - 1) >> gshift;
     const int64_t s_r0 = (KIND == kFastFp8 ? r0 >> 7 : r0) * per_row;
     const int64_t s_r1 = (KIND == kFastFp8 ? r1 >> 7 : r1) * per_row;
     const uint8_t* zeros = kInt4 && q.zeros >= 0 ? blob + q.zeros : nullptr;
@@ -1004,8 +1005,7 @@ __device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantE
         return kInt4 ? __half2float(reinterpret_cast<const __half*>(blob + q.scales)[i])
                      : reinterpret_cast<const float*>(blob + q.scales)[i];
     };
-    const auto lane_scale = [&](int64_t i) -> uint32_t {
-        if constexpr (kFp4) return blob[q.scales + i];
+    const auto lane_scale = [&](int64_t i) -> uint32_t {  // int4s: f16 bits | zero point << 16
         return reinterpret_cast<const uint16_t*>(blob + q.scales)[i] | (zeros != nullptr ? zeros[i] : 8u) << 16;
     };
     const unsigned char* xs = smem + g * kMmaRow + 16 * qd;
@@ -1046,12 +1046,27 @@ __device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantE
                 // The scale of the lane's group (its 32 columns lie in one) in each block, both
                 // rows: MXFP4's e8m0 code; int4's f16 bits | zero point << 16.
                 uint32_t e0[4], e1[4];
+                if constexpr (kFp4) {
+                    // A row's 16 scale bytes of blocks u .. u + 3 in one load (4 per block, byte
+                    // q the lane's; rows padded to 16 bytes, so past the row's end it reads the
+                    // padding's zeros).
+                    const int64_t at_s = (k0 >> 5) + 4 * u;
+                    const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(blob + q.scales + s_r0 + at_s));
+                    const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(blob + q.scales + s_r1 + at_s));
+                    const uint32_t b0[4] = {v0.x, v0.y, v0.z, v0.w}, b1[4] = {v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int64_t gi = (k0 + BW * (u + i) + 32 * qd) >> gshift;
-                    const bool in = u + i < blocks - 1 || (u + i == blocks - 1 && last_ok);
-                    e0[i] = in ? lane_scale(s_r0 + gi) : 0u;
-                    e1[i] = in ? lane_scale(s_r1 + gi) : 0u;
+                    for (int i = 0; i < 4; ++i) {
+                        e0[i] = (b0[i] >> (8 * qd)) & 0xffu;
+                        e1[i] = (b1[i] >> (8 * qd)) & 0xffu;
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int64_t gi = (k0 + BW * (u + i) + 32 * qd) >> gshift;
+                        const bool in = u + i < blocks - 1 || (u + i == blocks - 1 && last_ok);
+                        e0[i] = in ? lane_scale(s_r0 + gi) : 0u;
+                        e1[i] = in ? lane_scale(s_r1 + gi) : 0u;
+                    }
                 }
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
@@ -1072,52 +1087,52 @@ __device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantE
                         }
                     }
                 }
-                continue;
-            }
+            } else {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                if (u + i < blocks) {
-                    const int grp = ((k0 + BW * (u + i)) >> gshift) - first;  // uniform, < 8
-                    const int from = (lane & ~3) | (grp & 3);
-                    const bool hi = grp >= 4;
-                    const float sc0 = __shfl_sync(kFullMask, hi ? s0[1] : s0[0], from);
-                    const float sc1 = __shfl_sync(kFullMask, hi ? s1[1] : s1[0], from);
-                    const uint32_t c0[4] = {a0[i].x, a0[i].y, a0[i].z, a0[i].w};
-                    const uint32_t c1[4] = {a1[i].x, a1[i].y, a1[i].z, a1[i].w};
-                    const unsigned char* xb = xs + 2 * BW * (u + i);
-                    float part[4] = {0.f, 0.f, 0.f, 0.f};
-                    if constexpr (kInt4) {
-                        const uint32_t zr0 = __shfl_sync(kFullMask, hi ? z0[1] : z0[0], from);
-                        const uint32_t zr1 = __shfl_sync(kFullMask, hi ? z1[1] : z1[0], from);
-                        const uint32_t nz0 = (MmaCodes<T>::kNegMagic + zr0) * 0x00010001u;
-                        const uint32_t nz1 = (MmaCodes<T>::kNegMagic + zr1) * 0x00010001u;
+                for (int i = 0; i < 4; ++i) {
+                    if (u + i < blocks) {
+                        const int grp = ((k0 + BW * (u + i)) >> gshift) - first;  // uniform, < 8
+                        const int from = (lane & ~3) | (grp & 3);
+                        const bool hi = grp >= 4;
+                        const float sc0 = __shfl_sync(kFullMask, hi ? s0[1] : s0[0], from);
+                        const float sc1 = __shfl_sync(kFullMask, hi ? s1[1] : s1[0], from);
+                        const uint32_t c0[4] = {a0[i].x, a0[i].y, a0[i].z, a0[i].w};
+                        const uint32_t c1[4] = {a1[i].x, a1[i].y, a1[i].z, a1[i].w};
+                        const unsigned char* xb = xs + 2 * BW * (u + i);
+                        float part[4] = {0.f, 0.f, 0.f, 0.f};
+                        if constexpr (kInt4) {
+                            const uint32_t zr0 = __shfl_sync(kFullMask, hi ? z0[1] : z0[0], from);
+                            const uint32_t zr1 = __shfl_sync(kFullMask, hi ? z1[1] : z1[0], from);
+                            const uint32_t nz0 = (MmaCodes<T>::kNegMagic + zr0) * 0x00010001u;
+                            const uint32_t nz1 = (MmaCodes<T>::kNegMagic + zr1) * 0x00010001u;
 #pragma unroll
-                        for (int j = 0; j < 4; ++j) {
-                            const uint4 x = *reinterpret_cast<const uint4*>(xb + 64 * j);
-                            const uint32_t f0[4] = {int4_pair<T>(c0[j], 0, nz0), int4_pair<T>(c1[j], 0, nz1),
-                                                    int4_pair<T>(c0[j], 1, nz0), int4_pair<T>(c1[j], 1, nz1)};
-                            ptx::Mma<T>::run(part, f0, x.x, x.y);
-                            const uint32_t f1[4] = {int4_pair<T>(c0[j], 2, nz0), int4_pair<T>(c1[j], 2, nz1),
-                                                    int4_pair<T>(c0[j], 3, nz0), int4_pair<T>(c1[j], 3, nz1)};
-                            ptx::Mma<T>::run(part, f1, x.z, x.w);
-                        }
-                    } else {
+                            for (int j = 0; j < 4; ++j) {
+                                const uint4 x = *reinterpret_cast<const uint4*>(xb + 64 * j);
+                                const uint32_t f0[4] = {int4_pair<T>(c0[j], 0, nz0), int4_pair<T>(c1[j], 0, nz1),
+                                                        int4_pair<T>(c0[j], 1, nz0), int4_pair<T>(c1[j], 1, nz1)};
+                                ptx::Mma<T>::run(part, f0, x.x, x.y);
+                                const uint32_t f1[4] = {int4_pair<T>(c0[j], 2, nz0), int4_pair<T>(c1[j], 2, nz1),
+                                                        int4_pair<T>(c0[j], 3, nz0), int4_pair<T>(c1[j], 3, nz1)};
+                                ptx::Mma<T>::run(part, f1, x.z, x.w);
+                            }
+                        } else {
 #pragma unroll
-                        for (int p = 0; p < 2; ++p) {
-                            const uint4 x = *reinterpret_cast<const uint4*>(xb + 64 * p);
+                            for (int p = 0; p < 2; ++p) {
+                                const uint4 x = *reinterpret_cast<const uint4*>(xb + 64 * p);
 #pragma unroll
-                            for (int t = 0; t < 2; ++t) {
-                                uint32_t f[4];
-                                fp8_pairs<T>(c0[2 * p + t], f[0], f[2]);
-                                fp8_pairs<T>(c1[2 * p + t], f[1], f[3]);
-                                ptx::Mma<T>::run(part, f, t == 0 ? x.x : x.z, t == 0 ? x.y : x.w);
+                                for (int t = 0; t < 2; ++t) {
+                                    uint32_t f[4];
+                                    fp8_pairs<T>(c0[2 * p + t], f[0], f[2]);
+                                    fp8_pairs<T>(c1[2 * p + t], f[1], f[3]);
+                                    ptx::Mma<T>::run(part, f, t == 0 ? x.x : x.z, t == 0 ? x.y : x.w);
+                                }
                             }
                         }
+                        acc[0] = fmaf(sc0, part[0], acc[0]);
+                        acc[1] = fmaf(sc0, part[1], acc[1]);
+                        acc[2] = fmaf(sc1, part[2], acc[2]);
+                        acc[3] = fmaf(sc1, part[3], acc[3]);
                     }
-                    acc[0] = fmaf(sc0, part[0], acc[0]);
-                    acc[1] = fmaf(sc0, part[1], acc[1]);
-                    acc[2] = fmaf(sc1, part[2], acc[2]);
-                    acc[3] = fmaf(sc1, part[3], acc[3]);
                 }
             }
         }

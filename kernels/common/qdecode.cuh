@@ -61,7 +61,7 @@ __device__ __forceinline__ void decode8(const uint8_t* blob, const QuantExpert& 
         }
         case kQMxfp4: {
             const uint32_t q = *reinterpret_cast<const uint32_t*>(blob + x.codes + rk / 2);
-            const float s = e8m0_to_f32(blob[x.scales + rk / 32]);
+            const float s = e8m0_to_f32(blob[x.scales + int64_t(r) * mxfp4_scale_row(kdim) + k / 32]);
 #pragma unroll
             for (int i = 0; i < 8; ++i) w[i] = __fmul_rn(e2m1_to_f32((q >> (4 * i)) & 15u), s);
             break;

@@ -244,7 +244,7 @@ __device__ __forceinline__ WChunk<kChunkCols<KIND>> decode_chunk(const uint8_t* 
         }
     } else if constexpr (KIND == kFastMxfp4) {
         decode_mxfp4(c, d.w);
-        d.m = d.m_odd = 128.f * e8m0_to_f32(blob[q.scales + (int64_t(r) * kd + k0) / 32]);
+        d.m = d.m_odd = 128.f * e8m0_to_f32(blob[q.scales + int64_t(r) * mxfp4_scale_row(kd) + k0 / 32]);
     } else if constexpr (KIND == kFastFp8) {
         decode_fp8(c, d.w);
         const int kb = (kd + 127) / 128;

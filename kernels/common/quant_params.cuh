@@ -20,7 +20,9 @@ enum QuantFormat : int32_t { kQBf16 = 0, kQInt = 1, kQMxfp4 = 2, kQFp8 = 3, kQTe
 //   kQBf16:    codes bf16 [N, Kd].
 //   kQInt:     codes u32 [N, Kd*bits/32] (low bits first along Kd); scales f16 [N, Kd/group];
 //              zeros u8 [N, Kd/group] or -1 (symmetric: 2^(bits-1)); g_idx u32 [Kd] or -1.
-//   kQMxfp4:   codes u8 [N, Kd/2] (even column in the low nibble); scales u8 e8m0 [N, Kd/32].
+//   kQMxfp4:   codes u8 [N, Kd/2] (even column in the low nibble); scales u8 e8m0 [N, Kd/32],
+//              each row padded to mxfp4_scale_row(Kd) bytes (a multiple of 16, so that a row's
+//              scales start 16-byte aligned and 16-byte loads stay inside the row).
 //   kQFp8:     codes u8 e4m3fn [N, Kd]; scales f32 [ceil(N/128), ceil(Kd/128)].
 //   kQTernary: codes u16 codewords; scales f16 [N, 2] (lo, hi); row_offsets u32 [N+1];
 //              dict u64 [dict_len] (bits 0..4 run length, then 4-bit symbols t0 + 3 t1).
@@ -36,6 +38,11 @@ struct QuantExpert {
     int64_t row_offsets;
     int64_t dict;
 };
+
+// Bytes per row of an MXFP4 expert's scales in the blob: Kd / 32 rounded up to 16
+// (QuantLayer::upload pads them).
+__host__ __device__ constexpr int64_t mxfp4_scale_row(int64_t kd) { return (kd / 32 + 15) / 16 * 16; }
+
 static_assert(sizeof(QuantExpert) == 64, "mirror in src/quant/params.rs");
 static_assert(offsetof(QuantExpert, codes) == 16, "mirror in src/quant/params.rs");
 static_assert(offsetof(QuantExpert, dict) == 56, "mirror in src/quant/params.rs");

@@ -69,7 +69,11 @@ impl Blob {
 
 impl QuantLayer {
     /// Uploads `experts` (at least one, all of the same `[N, Kd]`, Kd a positive multiple of 8).
-    /// Ternary experts that share one [`Dictionary`] (the same `Arc`) share its upload.
+    /// Ternary experts that share one [`Dictionary`] (the same `Arc`) share its upload. Each
+    /// part keeps its format's layout (quant_params.cuh) but one: an MXFP4 expert's scale rows
+    /// are padded with zeros to a multiple of 16 bytes (at most 15 bytes a row; gpt-oss: 6 on
+    /// 1,530), so that decode v5 reads four blocks' scales of a row with one aligned 16-byte
+    /// load.
     pub fn upload(dev: &Device, experts: &[QuantMatrix]) -> Result<Self> {
         const OP: &str = "QuantLayer::upload";
         let Some(first) = experts.first() else {
@@ -139,7 +143,7 @@ impl QuantLayer {
                 QuantMatrix::Mxfp4(m) => QuantExpert {
                     format: format::MXFP4,
                     codes: blob.push(m.blocks()),
-                    scales: blob.push(m.scales()),
+                    scales: blob.push(&mxfp4_padded_scales(m.scales(), kdim)),
                     ..none
                 },
                 QuantMatrix::Fp8(m) => QuantExpert {
@@ -305,6 +309,21 @@ impl QuantLayer {
 /// instances: the one an expert of `kd` columns takes, or `None` for the rest. A kernel given an
 /// expert of another kind counts it in its status (an `Err`), so a divergence cannot pass
 /// unnoticed.
+/// MXFP4 scales `[N, Kd/32]` as the blob holds them: each row padded with zeros to
+/// `mxfp4_scale_row(Kd)` bytes (quant_params.cuh), a multiple of 16, so that decode v5 reads a
+/// row's scales of four 128-column blocks with one aligned 16-byte load.
+fn mxfp4_padded_scales(scales: &[u8], kdim: usize) -> Vec<u8> {
+    let (row, padded) = (kdim / 32, (kdim / 32).next_multiple_of(16));
+    scales
+        .chunks(row)
+        .flat_map(|r| {
+            r.iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, padded - row))
+        })
+        .collect()
+}
+
 fn fast_kind(x: &QuantExpert, kd: usize) -> Option<&'static str> {
     let pow2 = x.group > 0 && (x.group & (x.group - 1)) == 0;
     match x.format {
