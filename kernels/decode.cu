@@ -854,7 +854,8 @@ __device__ __forceinline__ void v5_pass(const uint8_t* codes, int64_t row_bytes,
 // lanes of a quarter warp (tokens g, g + 1; q = 0..3) read 128 contiguous bytes.
 // int4 and FP8: a block's columns lie in one scale group (int4 groups of a multiple of 128
 // columns; FP8's 128 x 128 blocks): the tensor core sums the block into a fresh accumulator,
-// which one fma per row scales into the total. MXFP4's scales are in the decoded weights.
+// which one fma per row scales into the total. MXFP4's scales and those of int4 in groups of
+// 32 or 64 (kMmaInt4Small) go onto the decoded weights instead (LaneScale).
 
 template <typename T>
 struct MmaCodes;
@@ -977,8 +978,8 @@ __device__ __forceinline__ void v5_stage_packed(const Src& src, int nrows, int k
 }
 
 // v5_pass over the packed codes of expert q (KIND kFastInt4: fast_kind int4, group a multiple
-// of 128; kFastMxfp4: e8m0 codes in the range above; kFastFp8: kd a multiple of 64): rows r0
-// (fragment rows g) and r1 (g + 8).
+// of 128; kMmaInt4Small: fast_kind int4, group 32 or 64; kFastMxfp4: e8m0 codes in the range
+// above; kFastFp8: kd a multiple of 64): rows r0 (fragment rows g) and r1 (g + 8).
 template <int KIND, typename T, typename Src>
 __device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantExpert& q, int kd, int64_t r0,
                                                int64_t r1, const Src& src, int nrows, unsigned char* smem,

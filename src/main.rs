@@ -81,7 +81,8 @@ fn info(ptxas: bool) {
          8 MiB (by expert on tensor cores: the tokens routed once, each chosen expert's rows read \
          once per 8 tokens, packed codes converted in registers, then a combine; v4, the same on \
          CUDA cores, where H or I is not a multiple of 32; within tolerance of the CPU on the \
-         emulator, modelled faster there), v2 below and for the other packed experts (x staged in shared memory, \
+         emulator, modelled faster there), v2 below and for the other packed experts (x staged \
+         in shared memory, \
          compressed rows decoded 16 bytes per lane; \
          exact on the emulator, fewer requests and fewer instructions per weight than v1); \
          neither yet run on a GPU; compressed-expert GEMV v2 (the same \

@@ -233,16 +233,20 @@ impl QuantLayer {
     }
 
     /// The decoder of the tensor-core by-expert decode kernels (decode v5) that every expert
-    /// takes in a model of `dtype` (bf16 or f16): "int4" where all are int4
-    /// ([`QuantLayer::fast_decoder`]) with groups of a multiple of 128 columns (each 128-column
-    /// block of a row in one group, whose scale the kernel applies to the block's sum); "int4s"
-    /// where all are int4 in groups of 32 or 64 (each weight's code minus zero point times its
-    /// group's scale, rounded once to the dtype: in bf16, the f16 scale rounded to bf16 first);
-    /// "fp8"
-    /// where all are FP8 with rows of a multiple of 64 columns and no NaN code (0x7f, 0xff) in
-    /// any expert; "mxfp4" where all are MXFP4 with every e8m0 scale code at most 128 (scales up to 2), and in f16 at least 104 (from 2^-23): the
-    /// kernel decodes e2m1 times the scale into the dtype, exact in that range. `None`
-    /// otherwise (v5 then runs as v4).
+    /// takes in a model of `dtype` (bf16 or f16):
+    /// - "int4" where all are int4 ([`QuantLayer::fast_decoder`]) with groups of a multiple of
+    ///   128 columns (each 128-column block of a row in one group, whose scale the kernel
+    ///   applies to the block's sum);
+    /// - "int4s" where all are int4 in groups of 32 or 64 (each weight's code minus zero point
+    ///   times its group's scale, rounded once to the dtype; in bf16 the f16 scale is rounded
+    ///   to bf16 first);
+    /// - "mxfp4" where all are MXFP4 with every e8m0 scale code at most 128 (scales up to 2),
+    ///   and in f16 at least 104 (from 2^-23): the kernel decodes e2m1 times the scale into the
+    ///   dtype, exact in that range;
+    /// - "fp8" where all are FP8 with rows of a multiple of 64 columns and no NaN code (0x7f,
+    ///   0xff) in any expert;
+    ///
+    /// `None` otherwise (v5 then runs as v4).
     pub fn tensor_core_decoder(&self, dtype: DType) -> Option<&'static str> {
         match self.mxfp4_scales {
             Some((lo, hi)) => (hi <= 128 && (dtype != DType::F16 || lo >= 104)).then_some("mxfp4"),
