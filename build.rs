@@ -527,14 +527,21 @@ fn check_ptx_isa(k: &Kernel, keep_dir: &Path) -> Vec<String> {
 }
 
 /// DeepGEMM's rule: a kernel that uses local memory without a written reason is not done.
+/// The one written reason: `decode8_stored_order` (kernels/common/qdecode.cuh), the per-8
+/// decoder of act-order experts, is a call on purpose, so that it does not raise the register
+/// use of every kernel that inlines `decode8`; those kernels keep a call frame (a stack frame
+/// without spills) where the file calls it, used only around that call.
 fn warn_on_spills(k: &Kernel, report: &str) {
+    let calls_stored_order = report.contains("decode8_stored_order");
     let mut function = "";
     for line in report.lines() {
         if let Some(rest) = line.split("Compiling entry function ").nth(1) {
             function = rest.trim();
         }
         let spills = line.contains("spill stores") && !line.contains(" 0 bytes spill stores");
-        let stack = line.contains("bytes stack frame") && !line.contains(" 0 bytes stack frame");
+        let stack = line.contains("bytes stack frame")
+            && !line.contains(" 0 bytes stack frame")
+            && !(calls_stored_order && line.contains(" 0 bytes spill stores, 0 bytes spill loads"));
         if spills || stack {
             println!(
                 "cargo::warning=moe-kernels: {}: {function}: {}",

@@ -763,15 +763,20 @@ constexpr int kMmaRow = 2 * kMmaTile + 64;       // bytes per staged token row: 
 constexpr int kMmaStaged = kGemvTokens * kMmaRow;  // 16,896 bytes
 constexpr int kMmaWarpRows = 16;
 
+// Whether the lane has columns in block b of a tile's `blocks`: every block but the last, and
+// the last where last_ok (a partial last block: the lane's columns may lie past the row).
+__device__ __forceinline__ bool v5_lane_in(int b, int blocks, bool last_ok) {
+    return b < blocks - 1 || (b == blocks - 1 && last_ok);
+}
+
 // The lane's 16 bytes of its two rows (w0, w1 at the tile's first column) in blocks u .. u + 3
-// below `blocks` (64 bytes of a row per block), in the last block only where last_ok (a partial
-// block: the lane's columns past the row are left as they are): all loads issued before any is
-// used.
+// of `blocks` (64 bytes of a row per block) where v5_lane_in (elsewhere they are left as they
+// are): all loads issued before any is used.
 __device__ __forceinline__ void v5_load_rows(const uint8_t* w0, const uint8_t* w1, int u, int blocks, uint4 (&a0)[4],
                                              uint4 (&a1)[4], bool last_ok = true) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        if (u + i < blocks - 1 || (u + i == blocks - 1 && last_ok)) {
+        if (v5_lane_in(u + i, blocks, last_ok)) {
             a0[i] = __ldg(reinterpret_cast<const uint4*>(w0 + 64 * (u + i)));
             a1[i] = __ldg(reinterpret_cast<const uint4*>(w1 + 64 * (u + i)));
         }
@@ -856,6 +861,10 @@ __device__ __forceinline__ void v5_pass(const uint8_t* codes, int64_t row_bytes,
 // columns; FP8's 128 x 128 blocks): the tensor core sums the block into a fresh accumulator,
 // which one fma per row scales into the total. MXFP4's scales and those of int4 in groups of
 // 32 or 64 (kMmaInt4Small) go onto the decoded weights instead (LaneScale).
+// int4 with GPTQ's act-order runs on the layout QuantLayer::upload gives it (columns in group
+// order, quant_params.cuh): the same loop over the stored columns, the activation staged in
+// the same order (decode_by_expert_mma: gate/up gathers x from a copy of its rows in shared
+// memory; down reads h, which gate/up wrote in that order).
 
 template <typename T>
 struct MmaCodes;
@@ -917,11 +926,10 @@ __device__ __forceinline__ uint32_t fp4_pair(uint32_t v, int h, uint32_t mult) {
     return ptx::fma2<T>(b, mult, 0x80008000u);  // + (-0): b * mult exactly
 }
 
-// v5's instance for int4 experts in groups of 32 or 64 columns (fast_kind int4): each lane's 32
-// columns of a block lie in one group, whose scale goes onto the lane's decoded weights. code -
-// z is exact; times the scale it is rounded once to T (bf16: the f16 scale is rounded to bf16
-// first), as the weights of a dequantised bf16/f16 checkpoint would be.
-constexpr int kMmaInt4Small = kFastPlain + 1;
+// v5's instance for int4 experts in groups of 32 or 64 columns (kMmaInt4Small; fast_kind int4):
+// each lane's 32 columns of a block lie in one group, whose scale goes onto the lane's decoded
+// weights. code - z is exact; times the scale it is rounded once to T (bf16: the f16 scale is
+// rounded to bf16 first), as the weights of a dequantised bf16/f16 checkpoint would be.
 
 // The decoded pairs of a lane's row in one block where its scale is in the weights: from the
 // scale word e (lane_scale in v5_pass_packed), pair h (0..3) of code word v as int4_pair or
@@ -954,16 +962,32 @@ constexpr int kMmaBlock = KIND == kFastFp8 ? 64 : 128;
 // Stage entries' rows [k0, k0 + width) (width a multiple of 32) in KIND's order above, as T,
 // zeros for entries past nrows and for the columns past width in its last block of kMmaBlock:
 // warp w < kGemvTokens stages entry w, 8 columns per lane and step.
+// perm: an act-order expert's column order (stored column j is column perm[j]), gathered here
+// from rows that src gives in shared memory, so that the codes stream as stored; nullptr for
+// the natural order, src's rows then in global memory.
 template <int KIND, typename T, typename Src>
-__device__ __forceinline__ void v5_stage_packed(const Src& src, int nrows, int k0, int width, unsigned char* smem) {
+__device__ __forceinline__ void v5_stage_packed(const Src& src, const uint32_t* perm, int nrows, int k0, int width,
+                                                unsigned char* smem) {
     constexpr int BW = kMmaBlock<KIND>;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (warp >= kGemvTokens) return;
     const bool valid = warp < nrows;
-    const T* row = src(valid ? warp : 0) + k0;
+    const T* row = src(valid ? warp : 0);
     const int staged = (width + BW - 1) / BW * BW;
     for (int c = 8 * lane; c < staged; c += 256) {
-        const uint4 v = valid && c < width ? __ldg(reinterpret_cast<const uint4*>(row + c)) : make_uint4(0u, 0u, 0u, 0u);
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (valid && c < width && perm == nullptr) {
+            v = __ldg(reinterpret_cast<const uint4*>(row + k0 + c));
+        } else if (valid && c < width) {
+            const uint4 i0 = __ldg(reinterpret_cast<const uint4*>(perm + k0 + c));
+            const uint4 i1 = __ldg(reinterpret_cast<const uint4*>(perm + k0 + c + 4));
+            const uint32_t at[8] = {i0.x, i0.y, i0.z, i0.w, i1.x, i1.y, i1.z, i1.w};
+            const unsigned short* r16 = reinterpret_cast<const unsigned short*>(row);
+            uint32_t h[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) h[i] = r16[at[i]];
+            v = make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16);
+        }
         uint4 o;
         if constexpr (BW == 128) {  // int4, e2m1: (x0 x1) (x2 x3) (x4 x5) (x6 x7) -> (x0 x4) (x1 x5) (x2 x6) (x3 x7)
             o = make_uint4(ptx::prmt(v.x, v.z, 0x5410), ptx::prmt(v.x, v.z, 0x7632), ptx::prmt(v.y, v.w, 0x5410),
@@ -982,8 +1006,8 @@ __device__ __forceinline__ void v5_stage_packed(const Src& src, int nrows, int k
 // above; kFastFp8: kd a multiple of 64): rows r0 (fragment rows g) and r1 (g + 8).
 template <int KIND, typename T, typename Src>
 __device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantExpert& q, int kd, int64_t r0,
-                                               int64_t r1, const Src& src, int nrows, unsigned char* smem,
-                                               float (&acc)[4]) {
+                                               int64_t r1, const Src& src, bool gather, int nrows,
+                                               unsigned char* smem, float (&acc)[4]) {
     constexpr bool kInt4 = KIND == kFastInt4 || KIND == kMmaInt4Small, kFp4 = KIND == kFastMxfp4;
     constexpr bool kLaneScale = kFp4 || KIND == kMmaInt4Small;  // scales in the decoded weights
     constexpr int BW = kMmaBlock<KIND>;
@@ -1013,21 +1037,27 @@ __device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantE
     for (int k0 = 0; k0 < kd; k0 += kMmaTile) {
         const int width = min(kMmaTile, kd - k0);  // a multiple of BW (of 32 where kLaneScale)
         __syncthreads();                            // the previous tile (or pass) has been read
-        v5_stage_packed<KIND, T>(src, nrows, k0, width, smem);
+        // gather: src's rows are an act-order expert's, in shared memory, staged in its
+        // column order (the permutation read from q, in shared memory, at each tile).
+        v5_stage_packed<KIND, T>(src, gather ? reinterpret_cast<const uint32_t*>(blob + q.perm) : nullptr, nrows,
+                                 k0, width, smem);
         // int4, FP8: the tile's groups (at most 8, a group at least 128 columns): lane q holds
         // groups first + q and first + 4 + q of rows r0 and r1, its quad's other lanes' by
         // shuffle. (Where the scales go onto the weights, they load with each block's codes.)
-        const int first = k0 >> gshift, count = ((k0 + width - 1) >> gshift) - first + 1;
+        const int first = k0 >> gshift;
         float s0[2] = {0.f, 0.f}, s1[2] = {0.f, 0.f};
         uint32_t z0[2] = {8u, 8u}, z1[2] = {8u, 8u};
+        if constexpr (!kLaneScale) {
+            const int count = ((k0 + width - 1) >> gshift) - first + 1;
 #pragma unroll
-        for (int i = 0; i < 2 && !kLaneScale; ++i) {
-            const int gi = first + qd + 4 * i;
-            const bool in = qd + 4 * i < count;
-            s0[i] = in ? scale_at(s_r0 + gi) : 0.f;
-            s1[i] = in ? scale_at(s_r1 + gi) : 0.f;
-            z0[i] = zeros != nullptr && in ? zeros[s_r0 + gi] : 8u;
-            z1[i] = zeros != nullptr && in ? zeros[s_r1 + gi] : 8u;
+            for (int i = 0; i < 2; ++i) {
+                const int gi = first + qd + 4 * i;
+                const bool in = qd + 4 * i < count;
+                s0[i] = in ? scale_at(s_r0 + gi) : 0.f;
+                s1[i] = in ? scale_at(s_r1 + gi) : 0.f;
+                z0[i] = zeros != nullptr && in ? zeros[s_r0 + gi] : 8u;
+                z1[i] = zeros != nullptr && in ? zeros[s_r1 + gi] : 8u;
+            }
         }
         __syncthreads();
         // MXFP4 rows and int4 rows in groups of 32 or 64 are whole 32-column groups: the tile's
@@ -1064,7 +1094,7 @@ __device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantE
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         const int64_t gi = (k0 + BW * (u + i) + 32 * qd) >> gshift;
-                        const bool in = u + i < blocks - 1 || (u + i == blocks - 1 && last_ok);
+                        const bool in = v5_lane_in(u + i, blocks, last_ok);
                         e0[i] = in ? lane_scale(s_r0 + gi) : 0u;
                         e1[i] = in ? lane_scale(s_r1 + gi) : 0u;
                     }
@@ -1150,10 +1180,13 @@ __device__ __forceinline__ void v5_pass_packed(const uint8_t* blob, const QuantE
 // and no NaN codes (the shared expert is plain in every instance). The host runs it only where
 // every row it stages or streams is a multiple of 32 columns and 16-byte aligned (H, I, Is %
 // 32 == 0; ld_h % 8 == 0); an expert the instance does not take is counted in p.status and
-// skipped.
+// skipped. The int4 instances take act-order experts in their stored column order; for those
+// the host gives the gate/up kernel kGemvTokens * H elements of dynamic shared memory, and
+// the h it writes is in the down experts' stored order, which only the v5 down kernel reads.
 template <typename T, bool DOWN, int KIND>
 __device__ __forceinline__ void decode_by_expert_mma(const DecodeParams& p) {
     __shared__ __align__(16) unsigned char smem[kMmaStaged];
+    extern __shared__ __align__(16) unsigned char x_rows[];  // act-order gate/up only (below)
     __shared__ V3Block b;
     const bool last = blockIdx.y == gridDim.y - 1;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1164,8 +1197,9 @@ __device__ __forceinline__ void decode_by_expert_mma(const DecodeParams& p) {
     const int K = p.route.k, S = p.slots, kd = dp.g.kdim;
     if (dp.blob != nullptr) {
         // Uniform per block (b.q): an expert this instance does not decode.
-        const bool takes = KIND == kFastInt4   ? fast_kind(b.q, kd) == kFastInt4 && b.q.group % 128 == 0
-                           : KIND == kMmaInt4Small ? fast_kind(b.q, kd) == kFastInt4 && b.q.group < 128
+        // (int4 act-order experts in their stored column order: v5 stages x in that order.)
+        const bool takes = KIND == kFastInt4   ? fast_kind(b.q, kd, true) == kFastInt4 && b.q.group % 128 == 0
+                           : KIND == kMmaInt4Small ? fast_kind(b.q, kd, true) == kFastInt4 && b.q.group < 128
                            : KIND == kFastFp8 ? fast_kind(b.q, kd) == kFastFp8 && kd % 64 == 0
                            : KIND == kFastMxfp4 ? fast_kind(b.q, kd) == kFastMxfp4
                                                 : false;
@@ -1193,21 +1227,41 @@ __device__ __forceinline__ void decode_by_expert_mma(const DecodeParams& p) {
     }
     const T* X = static_cast<const T*>(p.x);
     const T* Hr = static_cast<const T*>(p.h);
+    // GPTQ act-order experts, laid out in group order at upload (quant_params.cuh). Gate/up:
+    // the pass's x rows are copied whole into dynamic shared memory (kGemvTokens * H of T, which
+    // the host gives these layers) and staged from there in the expert's stored column order.
+    // Down: the gate/up kernel wrote each h row in its down expert's stored order already
+    // (hinv), so the down kernel streams h as it is.
+    const bool gather = !DOWN && (KIND == kFastInt4 || KIND == kMmaInt4Small) && dp.blob != nullptr && b.q.perm >= 0;
     for (int c0 = 0; c0 < count; c0 += kGemvTokens) {
         const int nrows = min(kGemvTokens, count - c0);
         const int32_t* ent = b.list + c0;
+        if (gather && warp < nrows) {
+            // The previous pass's staging read these rows before its last barrier.
+            const T* row = X + int64_t(v3_token(ent[warp])) * p.hidden;
+            for (int c = 8 * lane; c < kd; c += 256) {
+                *reinterpret_cast<uint4*>(x_rows + (int64_t(warp) * kd + c) * int64_t(sizeof(T))) =
+                    __ldg(reinterpret_cast<const uint4*>(row + c));
+            }
+        }
         const auto src = [&](int n) {
             const int t = v3_token(ent[n]);
+            if (gather) return reinterpret_cast<const T*>(x_rows) + int64_t(n) * kd;
             return DOWN ? Hr + (int64_t(t) * S + v3_slot(ent[n])) * int64_t(p.ld_h) : X + int64_t(t) * p.hidden;
         };
         float acc[4];
         if constexpr (KIND != kFastPlain) {
-            if (dp.blob != nullptr) v5_pass_packed<KIND, T>(dp.blob, b.q, kd, r0, r1, src, nrows, smem, acc);
+            if (dp.blob != nullptr) v5_pass_packed<KIND, T>(dp.blob, b.q, kd, r0, r1, src, gather, nrows, smem, acc);
             else v5_pass<T, DOWN>(codes, row_bytes, kd, r0, r1, src, nrows, smem, acc);
         } else {
             v5_pass<T, DOWN>(codes, row_bytes, kd, r0, r1, src, nrows, smem, acc);
         }
         // acc[i]: row g, token 2q + i; acc[2 + i]: row g + 8, token 2q + i.
+        const uint32_t* hinv = nullptr;  // gate/up: the down expert's inverse permutation, if any
+        if (!DOWN && !last && p.down.blob != nullptr) {
+            const int64_t at = p.down.experts[e].perm;  // uniform per block
+            if (at >= 0) hinv = reinterpret_cast<const uint32_t*>(p.down.blob + at) + p.down.g.kdim;
+        }
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int n = 2 * q + i;
@@ -1219,7 +1273,7 @@ __device__ __forceinline__ void decode_by_expert_mma(const DecodeParams& p) {
                 if (j1 < n_out) p.partial[row * p.hidden + j1] = acc[2 + i];
             } else if (j0 < n_out) {
                 const float scale = !last && dp.g.scale_input ? p.route.weights[t * K + s] : 1.f;
-                static_cast<T*>(p.h)[row * int64_t(p.ld_h) + j0] =
+                static_cast<T*>(p.h)[row * int64_t(p.ld_h) + (hinv != nullptr ? hinv[j0] : j0)] =
                     Float<T>::from_f32(epilogue<T>(dp.g, e, j0, acc[i], acc[2 + i], scale));
             }
         }

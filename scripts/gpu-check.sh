@@ -18,8 +18,9 @@
 #            the quick peer comparison
 #   prefill  the GEMM and prefill tests, sanitizer runs on the GEMM pipeline edges (synccheck
 #            too), the layer bench at T = 256, 4096, GEMM v3 beside v2 at T = 4096, 16384
-#   quant    the compressed-expert tests and sanitizer runs; Qwen3 int4 and FP8, gpt-oss MXFP4 and
-#            Mixtral int4 experts through the decode path at T = 1, 4, 16 with v5, v4, v2 and v1
+#   quant    the compressed-expert tests and sanitizer runs; Qwen3 int4 (also with act-order)
+#            and FP8, gpt-oss MXFP4 and Mixtral int4 experts through the decode path at T = 1,
+#            4, 16 with v5, v4, v2 and v1
 #   offload, ep   no such kernels yet (ep_send's test runs in core)
 #   profile  Nsight Compute (--clock-control none) on at most 12 kernel launches of the layer
 #            bench (decode at T = 1 and 16, the v1 GEMMs at T = 256, the v3 GEMMs at T = 4096):
@@ -296,11 +297,12 @@ section_quant() {
 memcheck quant gpu_quant_gemv_matches_reference_per_format_and_mixed
 racecheck quant gpu_quant_gemv_matches_reference_per_format_and_mixed
 EOF
-    # Each preset's shipped format through the decode path, v5 (int4 and FP8 on tensor cores;
-    # MXFP4 runs v4), v4, v2 then v1 (DeepSeek-V3's FP8 experts are packed on the host: 11 GB,
-    # not here).
+    # Each preset's shipped format through the decode path, v5 (int4, MXFP4 and FP8 on tensor
+    # cores), v4, v2 then v1 (DeepSeek-V3's FP8 experts are packed on the host: 11 GB, not
+    # here); GPTQ's act-order last (v5 gathers x in each expert's column order).
     local spec preset format v
-    for spec in qwen3-30b-a3b:int4 gpt-oss-120b:mxfp4 qwen3-30b-a3b:fp8 mixtral-8x7b:int4; do
+    for spec in qwen3-30b-a3b:int4 gpt-oss-120b:mxfp4 qwen3-30b-a3b:fp8 mixtral-8x7b:int4 \
+        qwen3-30b-a3b:int4-act; do
         preset=${spec%%:*} format=${spec#*:}
         for v in v5 v4 v2 v1; do
             bench "layer-$preset-$format-decode-$v" 25 --preset "$preset" --format "$format" \

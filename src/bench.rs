@@ -36,8 +36,8 @@ pub struct BenchArgs {
     /// Token counts, comma-separated (default 1,16,128,1024,4096; on the CPU emulator 1,16).
     #[arg(long, value_delimiter = ',')]
     pub tokens: Option<Vec<usize>>,
-    /// Expert weight format: bf16, int4, int8, mxfp4, fp8 or ternary (random codes of that
-    /// format).
+    /// Expert weight format: bf16, int4, int4-act (GPTQ's act-order), int8, mxfp4, fp8 or
+    /// ternary (random codes of that format).
     #[arg(long, default_value = "bf16")]
     pub format: String,
     /// The prefill GEMM: v1 (default), v2 (cp.async pipeline, gate/up rows read through the
@@ -50,7 +50,8 @@ pub struct BenchArgs {
     pub path: String,
     /// The decode path's kernels: auto (default: v5 for plain experts where T K >= E / 4 and
     /// for int4, MXFP4 and FP8 ones where T K >= E, or E / 2 where an expert's packed weights
-    /// pass 8 MiB; v4 where v5 does not take the layer, else v2), v2 (x staged in shared
+    /// pass 8 MiB, and at every T for int4 with act-order; v4 where v5 does not take the
+    /// layer, else v2), v2 (x staged in shared
     /// memory, 16-byte compressed chunks), v3 (v2 with the gate/up GEMV by expert after one
     /// routing launch), v4 (v3 with the down GEMV by expert and a combine), v5 (v4 on tensor
     /// cores: plain, int4, MXFP4, FP8) or v1 (one warp per column, 8 weights per lane per
@@ -110,8 +111,9 @@ struct StageRow {
 }
 
 /// Expert formats the bench draws random codes for.
-const FORMATS: &str =
-    "bf16, int4 (g128, symmetric), int8 (g128), mxfp4, fp8 (e4m3, 128x128 blocks)";
+const FORMATS: &str = "bf16, int4 (g128, symmetric), int4-act (int4 with GPTQ's act-order: \
+                       each group a random set of 128 columns), int8 (g128), mxfp4, fp8 (e4m3, \
+                       128x128 blocks)";
 
 /// One expert's `[n, kd]` weight in `format` with random codes and scales of a realistic size:
 /// the timing depends on the bytes and the decode work, not on the values.
@@ -126,13 +128,21 @@ fn random_matrix(format: &str, n: usize, kd: usize, rng: &mut Rng) -> Result<Qua
     };
     let scale = (3.0 / kd as f64).sqrt();
     Ok(match format {
-        "int4" | "int8" => {
-            let bits: u32 = if format == "int4" { 4 } else { 8 };
+        "int4" | "int4-act" | "int8" => {
+            let bits: u32 = if format == "int8" { 8 } else { 4 };
             let group = if kd.is_multiple_of(128) { 128 } else { kd };
             let words: Vec<u32> = bytes(n * kd * bits as usize / 8)
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
+            // Act-order: column k in group place[k] / g, place a random permutation.
+            let g_idx = (format == "int4-act").then(|| {
+                let mut place: Vec<u32> = (0..kd as u32).collect();
+                for k in (1..kd).rev() {
+                    place.swap(k, (rng.next_u64() % (k as u64 + 1)) as usize);
+                }
+                place.iter().map(|&p| p / group as u32).collect()
+            });
             let step = half::f16::from_f64(2.0 * scale / f64::from((1u32 << bits) - 1));
             QuantMatrix::Int(IntMatrix::new(
                 bits,
@@ -142,7 +152,7 @@ fn random_matrix(format: &str, n: usize, kd: usize, rng: &mut Rng) -> Result<Qua
                 words,
                 vec![step; n * (kd / group)],
                 None,
-                None,
+                g_idx,
             )?)
         }
         "mxfp4" => {
@@ -245,7 +255,11 @@ fn pack_experts(
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), Error> {
-    if !["bf16", "int4", "int8", "mxfp4", "fp8", "ternary"].contains(&args.format.as_str()) {
+    if ![
+        "bf16", "int4", "int4-act", "int8", "mxfp4", "fp8", "ternary",
+    ]
+    .contains(&args.format.as_str())
+    {
         return Err(Error::Unsupported {
             op: "bench",
             what: format!("format {:?} (one of {FORMATS})", args.format),
@@ -828,7 +842,7 @@ mod tests {
     #[test]
     fn random_experts_are_finite_and_init_sized() {
         let mut rng = Rng::new(3);
-        for format in ["int4", "int8", "mxfp4", "fp8", "ternary"] {
+        for format in ["int4", "int4-act", "int8", "mxfp4", "fp8", "ternary"] {
             let (n, kd) = (256, 384);
             let m = random_matrix(format, n, kd, &mut rng).unwrap();
             assert_eq!(m.shape(), (n, kd));

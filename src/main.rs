@@ -78,7 +78,7 @@ fn info(ptxas: bool) {
     println!(
         "defaults: decode path auto: v5 for plain experts where T K >= E / 4 and for int4, MXFP4 \
          and FP8 experts where T K >= E, or T K >= E / 2 where an expert's packed weights pass \
-         8 MiB (by expert on tensor cores: the tokens routed once, each chosen expert's rows read \
+         8 MiB, and at every T for int4 experts with act-order (by expert on tensor cores: the tokens routed once, each chosen expert's rows read \
          once per 8 tokens, packed codes converted in registers, then a combine; v4, the same on \
          CUDA cores, where H or I is not a multiple of 32; within tolerance of the CPU on the \
          emulator, modelled faster there), v2 below and for the other packed experts (x staged \

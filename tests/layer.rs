@@ -367,14 +367,14 @@ fn gpu_layer_matches_cpu_forward() {
 /// same experts with the CPU forward; a token routed differently must be a near-tie. Returns
 /// how many tokens were compared.
 /// A layer of up to `t` tokens on the decode path with `version`'s kernels.
-fn decode_layer(
+fn decode_layer<T: Float>(
     dev: &Device,
     cfg: &MoeConfig,
-    w: &LayerWeights<bf16>,
+    w: &LayerWeights<T>,
     t: usize,
     version: moe_kernels::layer::DecodeVersion,
-) -> MoeLayer<bf16> {
-    let mut layer = MoeLayer::<bf16>::new(dev, cfg, w, t).unwrap();
+) -> MoeLayer<T> {
+    let mut layer = MoeLayer::<T>::new(dev, cfg, w, t).unwrap();
     layer.set_path(GemmPath::Decode);
     layer.set_decode_version(version);
     layer
@@ -387,21 +387,24 @@ fn uniform_x(rng: &mut Rng, n: usize) -> Vec<bf16> {
         .collect()
 }
 
-fn check_against_cpu(
+fn check_against_cpu<T: Float>(
     dev: &Device,
-    layer: &mut MoeLayer<bf16>,
+    layer: &mut MoeLayer<T>,
     cfg: &MoeConfig,
-    w: &LayerWeights<bf16>,
+    w: &LayerWeights<T>,
     t: usize,
     name: &str,
 ) -> usize {
     let h = cfg.hidden;
     let mut rng = Rng::new(t as u64 + 3);
-    let x = uniform_x(&mut rng, t * h);
+    let x: Vec<T> = uniform_x(&mut rng, t * h)
+        .into_iter()
+        .map(|v| T::from_f64(v.to_f64()))
+        .collect();
     let xf: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
     let want = reference::forward(cfg, w, &xf).unwrap();
     let xd = dev.upload(&x, &[t, h]).unwrap();
-    let mut y = dev.filled_bytes::<bf16>(&[t, h], 0xff).unwrap();
+    let mut y = dev.filled_bytes::<T>(&[t, h], 0xff).unwrap();
     layer.forward_into(dev, &mut y, &xd).unwrap();
     layer.check(dev).unwrap();
     let got = dev.download(&y).unwrap();
@@ -1119,9 +1122,13 @@ fn gpu_decode_v5_packed_matches_the_cpu_forward() {
         ("shared gated", &shared, "mxfp4", &[2][..]),
         ("gpt-oss tails", &tails, "int4-g32", &[7][..]),
         ("shared gated", &shared, "int4-g64-sym", &[16][..]),
+        // GPTQ's act-order, laid out in group order at upload: x staged in that order; v5 runs
+        // it at T = 1 too.
+        ("shared gated", &shared, "int4-g128-act", &[1, 16][..]),
+        ("gpt-oss-like", &interleaved, "int4-g32-act", &[7][..]),
     ] {
         let kind = match format {
-            "int4-g32" | "int4-g64-sym" => "int4s",
+            f if f.starts_with("int4-g32") || f.starts_with("int4-g64") => "int4s",
             f => f.split('-').next().unwrap(),
         };
         let w = packed(cfg, &uneven_groups(cfg, random_weights(cfg, 61)), format);
@@ -1133,6 +1140,11 @@ fn gpu_decode_v5_packed_matches_the_cpu_forward() {
                 "{name} {format}"
             );
             assert_eq!(layer.decode_kernels_for(t), DecodeVersion::V5, "{name}");
+            if format.ends_with("act") {
+                // Only v5 streams act-order codes: auto takes it at every T.
+                let auto = decode_layer(&dev, cfg, &w, t, DecodeVersion::Auto);
+                assert_eq!(auto.decode_kernels_for(t), DecodeVersion::V5, "{name}");
+            }
             compared +=
                 check_against_cpu(&dev, &mut layer, cfg, &w, t, &format!("{name} {format} v5"));
             total += t;
@@ -1180,6 +1192,84 @@ fn gpu_decode_v5_packed_matches_the_cpu_forward() {
         scales[9] = 129;
         QuantMatrix::Mxfp4(Mxfp4Matrix::new(m.n(), m.kdim(), m.blocks().to_vec(), scales).unwrap())
     });
+}
+
+/// `w` in f16: the routed experts' packed matrices as they are, every other weight converted
+/// (the test weights lie well inside f16's range).
+fn to_f16(w: &LayerWeights<bf16>) -> LayerWeights<half::f16> {
+    let c = |v: &Vec<bf16>| -> Vec<half::f16> {
+        v.iter().map(|x| half::f16::from_f32(x.to_f32())).collect()
+    };
+    let o = |v: &Option<Vec<bf16>>| v.as_ref().map(c);
+    LayerWeights {
+        router: w.router.clone(),
+        router_bias: w.router_bias.clone(),
+        correction_bias: w.correction_bias.clone(),
+        experts: match &w.experts {
+            Experts::Plain { gate_up, down } => Experts::Plain {
+                gate_up: c(gate_up),
+                down: c(down),
+            },
+            Experts::Packed { gate_up, down } => Experts::Packed {
+                gate_up: gate_up.clone(),
+                down: down.clone(),
+            },
+        },
+        gate_up_bias: o(&w.gate_up_bias),
+        down_bias: o(&w.down_bias),
+        shared_gate_up: o(&w.shared_gate_up),
+        shared_down: o(&w.shared_down),
+        shared_gate: o(&w.shared_gate),
+        const_w: o(&w.const_w),
+        const_v: o(&w.const_v),
+    }
+}
+
+/// Decode v5's f16 instances (their own magic constants and multipliers: int4 under 1024, FP8
+/// times 2^8, MXFP4 times 2^(s - 113), int4s' f16 scale taken as it is) against the CPU forward
+/// on f16 weights, plain and in each packed kind, act-order included.
+#[test]
+fn gpu_decode_v5_f16_matches_the_cpu_forward() {
+    let Some(dev) = common::gpu("gpu_decode_v5_f16_matches_the_cpu_forward") else {
+        return;
+    };
+    use moe_kernels::layer::DecodeVersion;
+    let shared = MoeConfig {
+        shared: Some(SharedExpert {
+            intermediate: 128,
+            gated: true,
+        }),
+        ..MoeConfig::new(1536, 256, 4, RouterConfig::qwen(2, false))
+    };
+    let (mut compared, mut total) = (0, 0);
+    for (format, t) in [
+        ("plain", 7),
+        ("int4-g128", 16),
+        ("int4-g32", 7),
+        ("mxfp4", 16),
+        ("fp8", 7),
+        ("int4-g128-act", 2),
+    ] {
+        let plain = uneven_groups(&shared, random_weights(&shared, 65));
+        let w = to_f16(&if format == "plain" {
+            plain
+        } else {
+            packed(&shared, &plain, format)
+        });
+        let kind = match format {
+            "int4-g32" => "int4s",
+            f => f.split('-').next().unwrap(),
+        };
+        let mut layer = decode_layer(&dev, &shared, &w, t, DecodeVersion::V5);
+        assert_eq!(layer.tensor_core_decoders(), Some((kind, kind)), "{format}");
+        assert_eq!(layer.decode_kernels_for(t), DecodeVersion::V5, "{format}");
+        compared += check_against_cpu(&dev, &mut layer, &shared, &w, t, &format!("f16 {format}"));
+        total += t;
+    }
+    assert!(
+        4 * compared >= 3 * total,
+        "only {compared} of {total} tokens compared"
+    );
 }
 
 #[test]

@@ -915,8 +915,8 @@ fn expert_error_against_bf16_per_format() {
 // ---------------------------------------------------------------- on the device
 
 /// One expert `[n, kd]` in each format, from fresh seeded weights of std 1/sqrt(kd):
-/// bf16, int4 g32 with zero points, int8 symmetric with a group of kd/3 or kd, int4 act-order,
-/// MXFP4 (one block with the NaN scale when `nan`), FP8 (one NaN code when `nan`), and two
+/// bf16, int4 g32 with zero points, int8 symmetric with a group of kd/3 or kd, int4 act-order
+/// with groups of any size, int8 act-order with the groups of a permutation (GPTQ's), MXFP4 (one block with the NaN scale when `nan`), FP8 (one NaN code when `nan`), and two
 /// ternary experts sharing one dictionary. kd must be a multiple of 32.
 fn every_format(rng: &mut Rng, n: usize, kd: usize, nan: bool) -> Vec<QuantMatrix> {
     let w = |rng: &mut Rng| -> Vec<f32> {
@@ -935,6 +935,18 @@ fn every_format(rng: &mut Rng, n: usize, kd: usize, nan: bool) -> Vec<QuantMatri
             m.zeros().map(<[u8]>::to_vec),
         );
         IntMatrix::new(4, 32, n, kd, q, s, z, Some(g_idx)).unwrap()
+    };
+    // GPTQ's act-order proper: the groups of a column permutation, each 32 columns (the
+    // upload lays such a matrix out again in group order; the one above keeps its g_idx).
+    let gptq_order = {
+        let m = IntMatrix::quantize(&w(rng), n, kd, 8, 32, false).unwrap();
+        let mut place: Vec<u32> = (0..kd as u32).collect();
+        for k in (1..kd).rev() {
+            place.swap(k, rng.below(k as u64 + 1) as usize);
+        }
+        let g_idx = place.iter().map(|&p| p / 32).collect();
+        let (q, s) = (m.qweight().to_vec(), m.scales().to_vec());
+        IntMatrix::new(8, 32, n, kd, q, s, None, Some(g_idx)).unwrap()
     };
     let mut mx = Mxfp4Matrix::quantize(&w(rng), n, kd).unwrap();
     let mut fp8 = Fp8Matrix::quantize(&w(rng), n, kd).unwrap();
@@ -961,6 +973,7 @@ fn every_format(rng: &mut Rng, n: usize, kd: usize, nan: bool) -> Vec<QuantMatri
         QuantMatrix::Int(IntMatrix::quantize(&w(rng), n, kd, 4, 32, true).unwrap()),
         QuantMatrix::Int(IntMatrix::quantize(&w(rng), n, kd, 8, int8_group, false).unwrap()),
         QuantMatrix::Int(act_order),
+        QuantMatrix::Int(gptq_order),
         QuantMatrix::Mxfp4(mx),
         QuantMatrix::Fp8(fp8),
         QuantMatrix::Ternary(TernaryMatrix::compress(&t1, dict.clone()).unwrap()),
@@ -982,6 +995,7 @@ fn the_device_tests_layers_hold_what_they_claim() {
             "int4-g32-zp",
             "int8-g96",
             "int4-g32-zp-actorder",
+            "int8-g32-actorder",
             "mxfp4",
             "fp8-e4m3-b128",
             "ternary",
@@ -1251,7 +1265,7 @@ fn gpu_quant_gemv_matches_reference_per_format_and_mixed() {
     let mut rng = Rng::new(81);
     // Every format alone (four experts of it), gate/up with SwiGLU at T = 1 and 16 (more than 8
     // rows per expert, so the row chunks loop).
-    for i in 0..8 {
+    for i in 0..9 {
         let (n, kd) = (2 * 96, 512);
         let layer: Vec<QuantMatrix> = (0..4)
             .map(|_| every_format(&mut rng, n, kd, false)[i].clone())

@@ -28,6 +28,24 @@ __device__ __forceinline__ float e4m3_to_f32(uint32_t b) {
     return __int_as_float(int(sign | ((e + 120) << 23) | (m << 20)));
 }
 
+// decode8 for an integer expert laid out again in group order (act-order, quant_params.cuh):
+// column k + i is stored column inv[k + i], in group inv[k + i] / group (always in range). A
+// call, not inlined: it keeps the register budget of the kernels that inline decode8 as it was.
+static __device__ __noinline__ void decode8_stored_order(const uint8_t* blob, const QuantExpert& x, int kdim,
+                                                            int r, int k, float (&w)[8]) {
+    const uint32_t* inv = reinterpret_cast<const uint32_t*>(blob + x.perm) + kdim;
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(blob + x.codes) + int64_t(r) * kdim * x.bits / 32;
+    const int64_t rg = int64_t(r) * (kdim / x.group);
+    const int per = 32 / x.bits;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int j = int(inv[k + i]), g = j / x.group;
+        const uint32_t code = (row[j / per] >> (x.bits * (j % per))) & ((1u << x.bits) - 1u);
+        const int zero = x.zeros >= 0 ? int(blob[x.zeros + rg + g]) : (1 << (x.bits - 1));
+        w[i] = __fmul_rn(float(int(code) - zero), __half2float(reinterpret_cast<const __half*>(blob + x.scales)[rg + g]));
+    }
+}
+
 // The decoded columns k .. k + 8 (k a multiple of 8) of row r of expert x; not for ternary.
 __device__ __forceinline__ void decode8(const uint8_t* blob, const QuantExpert& x, int kdim, int r, int k,
                                         int32_t* status, float (&w)[8]) {
@@ -38,6 +56,10 @@ __device__ __forceinline__ void decode8(const uint8_t* blob, const QuantExpert& 
             break;
         }
         case kQInt: {
+            if (x.perm >= 0) {
+                decode8_stored_order(blob, x, kdim, r, k, w);
+                break;
+            }
             const uint32_t* q = reinterpret_cast<const uint32_t*>(blob + x.codes) + rk * x.bits / 32;
             const __half* s = reinterpret_cast<const __half*>(blob + x.scales);
             const uint8_t* z = x.zeros >= 0 ? blob + x.zeros : nullptr;

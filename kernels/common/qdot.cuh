@@ -200,15 +200,19 @@ __device__ __forceinline__ void decode_plain(const uint4 c, float (&w)[8]) {
 
 // ---- the formats' policies: one row's chunk, scale and zero point included ----
 
-// kFastPlain: the model dtype's plain weights (not in a blob).
-enum FastKind : int { kFastNone = 0, kFastInt4, kFastInt8, kFastMxfp4, kFastFp8, kFastBf16, kFastPlain };
+// kFastPlain: the model dtype's plain weights (not in a blob). kMmaInt4Small is no decoder of
+// fast_kind's: decode v5's instance for int4 in groups of 32 or 64 columns (kernels/decode.cu).
+enum FastKind : int { kFastNone = 0, kFastInt4, kFastInt8, kFastMxfp4, kFastFp8, kFastBf16, kFastPlain, kMmaInt4Small };
 
 // The v2 decoder that takes expert q's rows of kd columns, or kFastNone (the per-8 decoder).
-__device__ __forceinline__ int fast_kind(const QuantExpert& q, int kd) {
+// stored_order: the decoder of the codes as stored, for a kernel that reads the activation in
+// an act-order expert's stored column order (decode v5); otherwise such an expert takes the
+// per-8 decoder, which maps each column to its stored place.
+__device__ __forceinline__ int fast_kind(const QuantExpert& q, int kd, bool stored_order = false) {
     const bool pow2 = q.group > 0 && (q.group & (q.group - 1)) == 0;
     switch (q.format) {
         case kQInt:
-            if (q.g_idx >= 0 || !pow2) return kFastNone;
+            if (q.g_idx >= 0 || (q.perm >= 0 && !stored_order) || !pow2) return kFastNone;
             if (q.bits == 4 && q.group >= 32 && kd % 32 == 0) return kFastInt4;
             if (q.bits == 8 && q.group >= 16 && kd % 16 == 0) return kFastInt8;
             return kFastNone;

@@ -20,6 +20,11 @@ enum QuantFormat : int32_t { kQBf16 = 0, kQInt = 1, kQMxfp4 = 2, kQFp8 = 3, kQTe
 //   kQBf16:    codes bf16 [N, Kd].
 //   kQInt:     codes u32 [N, Kd*bits/32] (low bits first along Kd); scales f16 [N, Kd/group];
 //              zeros u8 [N, Kd/group] or -1 (symmetric: 2^(bits-1)); g_idx u32 [Kd] or -1.
+//              Act-order whose groups all hold `group` columns is laid out again at upload
+//              (perm >= 0, g_idx -1): codes, scales and zeros are those of W with its columns
+//              permuted so that each group is contiguous, stored column j being column perm[j]
+//              of W, in group j / group; perm u32 [Kd] is followed by its inverse u32 [Kd]
+//              (column k of W is stored column inv[k]).
 //   kQMxfp4:   codes u8 [N, Kd/2] (even column in the low nibble); scales u8 e8m0 [N, Kd/32],
 //              each row padded to mxfp4_scale_row(Kd) bytes (a multiple of 16, so that a row's
 //              scales start 16-byte aligned and 16-byte loads stay inside the row).
@@ -37,15 +42,17 @@ struct QuantExpert {
     int64_t g_idx;
     int64_t row_offsets;
     int64_t dict;
+    int64_t perm;
 };
 
 // Bytes per row of an MXFP4 expert's scales in the blob: Kd / 32 rounded up to 16
 // (QuantLayer::upload pads them).
 __host__ __device__ constexpr int64_t mxfp4_scale_row(int64_t kd) { return (kd / 32 + 15) / 16 * 16; }
 
-static_assert(sizeof(QuantExpert) == 64, "mirror in src/quant/params.rs");
+static_assert(sizeof(QuantExpert) == 72, "mirror in src/quant/params.rs");
 static_assert(offsetof(QuantExpert, codes) == 16, "mirror in src/quant/params.rs");
 static_assert(offsetof(QuantExpert, dict) == 56, "mirror in src/quant/params.rs");
+static_assert(offsetof(QuantExpert, perm) == 64, "mirror in src/quant/params.rs");
 
 // Dequantise: out[e, r, k] = the decoded W_e[r, k], rounded once to the output dtype.
 struct QuantDequantParams {

@@ -353,9 +353,12 @@ impl<T: Float> MoeLayer<T> {
         }
         mark(Stage::Route)?;
         // The by-expert instances take one decoder each (the shared expert is plain in all).
+        // (v5 runs act-order experts, which have no CUDA-core by-expert instance.)
         let (up_kind, down_kind) = match self.by_expert_decoders() {
             Some(kinds) => kinds,
-            None if by_expert => unreachable!("decode_kernels_for runs v3 to v5 with instances"),
+            None if by_expert && !mma => {
+                unreachable!("decode_kernels_for runs v3 and v4 with instances")
+            }
             None => ("", ""),
         };
         let (up_mma, down_mma) = if mma {
@@ -376,16 +379,21 @@ impl<T: Float> MoeLayer<T> {
         };
         let func = dev.function(OP, Module::Decode, &name)?;
         let (up_smem, down_smem) = smem.map_or((0, 0), |(u, d, _)| (u, d));
-        // v3's staging is static (kGemvTokens rows of kGemvTile columns).
-        let up_smem = if by_expert { 0 } else { up_smem };
+        // v3's staging is static (kGemvTokens rows of kGemvTile columns); v5 takes act-order
+        // experts' rows of x whole in dynamic shared memory, beside its static 19 KB.
+        let up_smem = match by_expert {
+            true if mma => self.act_order_rows_bytes(),
+            true => 0,
+            false => up_smem,
+        };
         let allow = |func: &cudarc::driver::CudaFunction, bytes: usize| -> Result<()> {
-            if bytes > 48 * 1024 {
+            if bytes > 48 * 1024 || (mma && bytes > 0) {
                 // A property of the function (allowed inside a capture), set in the current
                 // context, which need not be this device's on this thread yet.
                 dev.context().bind_to_thread().op(OP)?;
                 func.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    i32::try_from(bytes).expect("below V2_SMEM_BUDGET"),
+                    i32::try_from(bytes).expect("within the shared-memory budgets"),
                 )
                 .op(OP)?;
             }
@@ -405,7 +413,7 @@ impl<T: Float> MoeLayer<T> {
         let up_cfg = LaunchConfig {
             grid_dim: (up_cols, u32::try_from(rows).expect("at most 16 * 33"), 1),
             block_dim: (32 * WARPS as u32, 1, 1),
-            shared_mem_bytes: u32::try_from(up_smem).expect("below V2_SMEM_BUDGET"),
+            shared_mem_bytes: u32::try_from(up_smem).expect("within the shared-memory budgets"),
         };
         // SAFETY: `decode_gate_up_{v2_}{t}_{l}_e{N}` takes one DecodeParams (mirrored in
         // src/params.rs) and routes up to N >= E_total experts per token from logits [T,
@@ -430,7 +438,11 @@ impl<T: Float> MoeLayer<T> {
         // a multiple of 128 columns, which divide the row, all int4 in groups of 32 or 64 or
         // all MXFP4 (rows of whole 32-column groups; lanes past a row's end load nothing), or
         // all FP8 with rows of a multiple of 64) takes the same entries, warp w of block x
-        // writing columns 64x + 8w .. + 8 below I (Is).
+        // writing columns 64x + 8w .. + 8 below I (Is). For int4 experts with act-order, laid
+        // out again at upload, it gets act_order_rows_bytes of dynamic shared memory (8 rows
+        // of H, allowed just before; tensor_core_decode keeps it within the budget) and reads
+        // the expert's permutation of H columns from the blob; where the down experts are,
+        // it writes column j of h at the down expert's inverse permutation of j, also below I.
         unsafe { dev.launch(OP, &func, up_cfg, &params) }?;
         mark(Stage::Gemm1)?;
 

@@ -10,6 +10,11 @@ use crate::gemm::{self, GemmOptions, GemmRows, GemmVersion};
 use crate::permute::{Plan, reference::padded_capacity};
 use crate::quant::{self, QuantGemvVersion, QuantLayer};
 
+/// The most dynamic shared memory decode v5's gate/up kernel takes for act-order experts' rows
+/// of x (8 rows of H): beside its 19 KB of static shared memory, within every sm_80+ SM's
+/// 227 KB (H up to 10,240 in bf16).
+const ACT_ORDER_ROWS_BUDGET: usize = 160 * 1024;
+
 /// Which forward a layer runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
@@ -60,13 +65,20 @@ pub enum DecodeVersion {
     /// pass; packed codes are converted exactly into the A fragments and each group's scale is
     /// applied once per row to its block's sum, or, for groups of 32 or 64 columns, to the
     /// decoded weights (exact for MXFP4's powers of two; int4's rounded once to the dtype).
-    /// Within the CPU's tolerance (a different summation order).
+    /// int4 experts with GPTQ's act-order are taken on their upload layout (columns in group
+    /// order, [`QuantLayer::upload`]): x staged in each expert's column order from a copy of
+    /// the pass's rows in dynamic shared memory (8 rows of H, at most 160 KB), h written in
+    /// the down expert's column order. Within the CPU's tolerance (a different summation
+    /// order). Unlike v3 and v4 it also runs at T = 1 on act-order layers.
     V5,
     /// The default: v5 (v4 where v5 does not take the layer) for plain (bf16/f16) experts where
     /// the tokens' slots are at least a quarter of the routed experts (T K >= E / 4, T >= 2),
     /// and for the packed experts v5 takes (int4, MXFP4, FP8) where the slots are at least as
     /// many as the routed experts (T K >= E), or half as many where one expert's packed weights
-    /// pass 8 MiB; v2 below that and for the other packed experts. Under uniform routing
+    /// pass 8 MiB; v2 below that and for the other packed experts. int4 experts with GPTQ's
+    /// act-order that v5 takes run v5 at every T, T = 1 included: every other version decodes
+    /// them weight by weight through the per-8 decoder (Qwen3-30B-A3B at T = 16: 4.1 ms
+    /// against v5's 0.08 ms, modelled). Under uniform routing
     /// T K = E / 4 slots fall on about 0.88 T K distinct experts, so by expert reads about an
     /// eighth fewer expert rows there, and more above; in the model that is where it starts to
     /// pay for the two extra launches (Qwen3-30B-A3B bf16 at T = 4). v5 models as fast as v4
@@ -628,11 +640,16 @@ impl<T: Float> MoeLayer<T> {
     /// The decode path's kernels that a forward of `t` tokens runs: [`MoeLayer::decode_kernels`]
     /// with [`DecodeVersion::Auto`] resolved to v5, v4 or v2 by its rule, v3 to v5 as v2 at
     /// T = 1 (one token per chosen expert: no routing launch) and where a projection has no
-    /// by-expert instance ([`MoeLayer::by_expert_decoders`]), and v5 as v4 where its row
-    /// lengths do not allow it.
+    /// by-expert instance ([`MoeLayer::by_expert_decoders`]), but v5 at every T on act-order
+    /// layers it takes, and v5 as v4 where its row lengths do not allow it.
     pub fn decode_kernels_for(&self, t: usize) -> DecodeVersion {
         let kinds = self.by_expert_decoders();
+        // GPTQ act-order experts (int4 laid out again at upload) that v5 takes: every other
+        // version decodes them through the per-8 decoder, a lookup per weight, and v5 is the
+        // only one that streams their codes, at every T.
+        let act_order = kinds.is_none() && self.tensor_core_decode();
         match self.decode_kernels() {
+            DecodeVersion::V5 | DecodeVersion::Auto if act_order => DecodeVersion::V5,
             DecodeVersion::V3 | DecodeVersion::V4 | DecodeVersion::V5
                 if t < 2 || kinds.is_none() =>
             {
@@ -687,9 +704,22 @@ impl<T: Float> MoeLayer<T> {
     fn tensor_core_decode(&self) -> bool {
         let c = &self.cfg;
         self.tensor_core_decoders().is_some()
+            && self.act_order_rows_bytes() <= ACT_ORDER_ROWS_BUDGET
             && c.hidden.is_multiple_of(32)
             && c.intermediate.is_multiple_of(32)
             && c.shared.is_none_or(|s| s.intermediate.is_multiple_of(32))
+    }
+
+    /// Decode v5's dynamic shared memory for its gate/up kernel: where the gate/up experts have
+    /// GPTQ's act-order (laid out in group order at upload), the pass's 8 rows of x whole, from
+    /// which it stages them in each expert's column order; else 0.
+    pub(super) fn act_order_rows_bytes(&self) -> usize {
+        match &self.w.gate_up {
+            ExpertWeights::Packed(q) if q.act_order_reordered() => {
+                8 * self.cfg.hidden * size_of::<T>()
+            }
+            _ => 0,
+        }
     }
 
     /// Decode v5's instances for the gate/up and the down projection: "plain" for plain experts

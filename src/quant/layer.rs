@@ -53,6 +53,8 @@ pub struct QuantLayer {
     /// The smallest and largest e8m0 scale code of an all-MXFP4 layer: v5's exact range
     /// depends on the model dtype ([`QuantLayer::tensor_core_decoder`]).
     mxfp4_scales: Option<(u8, u8)>,
+    /// Whether some expert is act-order laid out again in group order (`act_order_layout`).
+    reordered: bool,
 }
 
 /// The blob under construction: each part starts on a 16-byte boundary.
@@ -70,10 +72,16 @@ impl Blob {
 impl QuantLayer {
     /// Uploads `experts` (at least one, all of the same `[N, Kd]`, Kd a positive multiple of 8).
     /// Ternary experts that share one [`Dictionary`] (the same `Arc`) share its upload. Each
-    /// part keeps its format's layout (quant_params.cuh) but one: an MXFP4 expert's scale rows
-    /// are padded with zeros to a multiple of 16 bytes (at most 15 bytes a row; gpt-oss: 6 on
-    /// 1,530), so that decode v5 reads four blocks' scales of a row with one aligned 16-byte
-    /// load.
+    /// part keeps its format's layout (quant_params.cuh) but two:
+    /// - an MXFP4 expert's scale rows are padded with zeros to a multiple of 16 bytes (at most
+    ///   15 bytes a row; gpt-oss: 6 on 1,530), so that decode v5 reads four blocks' scales of a
+    ///   row with one aligned 16-byte load;
+    /// - an integer expert with GPTQ's act-order whose groups each hold `group` columns (the
+    ///   groups of a column permutation, as GPTQ makes them) has its columns reordered so that
+    ///   each group is contiguous, and a permutation and its inverse (8 bytes per column) take
+    ///   the place of its g_idx (4). Decode v5 stages the activation in that order and streams
+    ///   the codes as plain groups; every other kernel maps each column to its stored place.
+    ///   Any other g_idx is kept as it is.
     pub fn upload(dev: &Device, experts: &[QuantMatrix]) -> Result<Self> {
         const OP: &str = "QuantLayer::upload";
         let Some(first) = experts.first() else {
@@ -113,6 +121,7 @@ impl QuantLayer {
                 g_idx: -1,
                 row_offsets: -1,
                 dict: -1,
+                perm: -1,
                 ..Default::default()
             };
             let x = match m {
@@ -130,16 +139,31 @@ impl QuantLayer {
                     codes: blob.push(bytemuck::cast_slice(w)),
                     ..none
                 },
-                QuantMatrix::Int(m) => QuantExpert {
-                    format: format::INT,
-                    bits: m.bits() as i32,
-                    group: i32::try_from(m.group()).expect("the group divides Kd < 2^31"),
-                    codes: blob.push(bytemuck::cast_slice(m.qweight())),
-                    scales: blob.push(bytemuck::cast_slice(m.scales())),
-                    zeros: m.zeros().map_or(-1, |z| blob.push(z)),
-                    g_idx: m.g_idx().map_or(-1, |g| blob.push(bytemuck::cast_slice(g))),
-                    ..none
-                },
+                QuantMatrix::Int(m) => {
+                    let (codes, g_idx, perm) = match act_order_layout(m) {
+                        Some((codes, perm)) => (
+                            blob.push(bytemuck::cast_slice(&codes)),
+                            -1,
+                            blob.push(bytemuck::cast_slice(&perm)),
+                        ),
+                        None => (
+                            blob.push(bytemuck::cast_slice(m.qweight())),
+                            m.g_idx().map_or(-1, |g| blob.push(bytemuck::cast_slice(g))),
+                            -1,
+                        ),
+                    };
+                    QuantExpert {
+                        format: format::INT,
+                        bits: m.bits() as i32,
+                        group: i32::try_from(m.group()).expect("the group divides Kd < 2^31"),
+                        codes,
+                        scales: blob.push(bytemuck::cast_slice(m.scales())),
+                        zeros: m.zeros().map_or(-1, |z| blob.push(z)),
+                        g_idx,
+                        perm,
+                        ..none
+                    }
+                }
                 QuantMatrix::Mxfp4(m) => QuantExpert {
                     format: format::MXFP4,
                     codes: blob.push(m.blocks()),
@@ -174,21 +198,25 @@ impl QuantLayer {
             };
             table.push(x);
         }
-        let kinds: Vec<_> = table.iter().map(|x| fast_kind(x, kdim)).collect();
-        let fast = kinds
-            .iter()
-            .all(|k| *k == kinds[0])
-            .then_some(kinds[0])
-            .flatten();
+        let common = |kinds: Vec<Option<&'static str>>| {
+            kinds
+                .iter()
+                .all(|k| *k == kinds[0])
+                .then_some(kinds[0])
+                .flatten()
+        };
+        let fast = common(table.iter().map(|x| fast_kind(x, kdim)).collect());
         // Decode v5 takes int4 experts whose groups hold whole 128-column blocks ("int4") or
         // whose groups are 32 or 64 columns ("int4s", the scale on the decoded weights), and FP8
         // experts of rows of whole 64-column blocks without NaN codes (its bit-level conversion
-        // would turn them into 480).
+        // would turn them into 480). It stages the activation in an act-order expert's stored
+        // column order, so it takes those as the plain int4 layout they were made into.
         let fp8_nan = experts.iter().any(|m| match m {
             QuantMatrix::Fp8(m) => m.weight().iter().any(|&c| c & 0x7f == 0x7f),
             _ => false,
         });
-        let mma = match fast {
+        let unpermuted = table.iter().map(|x| QuantExpert { perm: -1, ..*x });
+        let mma = match common(unpermuted.map(|x| fast_kind(&x, kdim)).collect()) {
             Some("int4") if table.iter().all(|x| x.group % 128 == 0) => Some("int4"),
             Some("int4") if table.iter().all(|x| x.group < 128) => Some("int4s"),
             Some("fp8") if kdim.is_multiple_of(64) && !fp8_nan => Some("fp8"),
@@ -212,7 +240,10 @@ impl QuantLayer {
         let bytes = blob.0.len();
         Ok(QuantLayer {
             blob: dev.upload(&blob.0, &[bytes])?,
-            table: dev.upload(bytemuck::cast_slice(&table), &[table.len() * 64])?,
+            table: dev.upload(
+                bytemuck::cast_slice(&table),
+                &[table.len() * size_of::<QuantExpert>()],
+            )?,
             status: dev.zeros(&[1])?,
             n,
             kdim,
@@ -222,6 +253,7 @@ impl QuantLayer {
             fast,
             mma,
             mxfp4_scales,
+            reordered: table.iter().any(|x| x.perm >= 0),
         })
     }
 
@@ -236,7 +268,8 @@ impl QuantLayer {
     /// takes in a model of `dtype` (bf16 or f16):
     /// - "int4" where all are int4 ([`QuantLayer::fast_decoder`]) with groups of a multiple of
     ///   128 columns (each 128-column block of a row in one group, whose scale the kernel
-    ///   applies to the block's sum);
+    ///   applies to the block's sum); act-order experts laid out in group order at upload count
+    ///   as int4 here (the kernel stages x in their order), though not for `fast_decoder`;
     /// - "int4s" where all are int4 in groups of 32 or 64 (each weight's code minus zero point
     ///   times its group's scale, rounded once to the dtype; in bf16 the f16 scale is rounded
     ///   to bf16 first);
@@ -252,6 +285,12 @@ impl QuantLayer {
             Some((lo, hi)) => (hi <= 128 && (dtype != DType::F16 || lo >= 104)).then_some("mxfp4"),
             None => self.mma,
         }
+    }
+
+    /// Whether some expert has GPTQ's act-order and was laid out again in group order at upload
+    /// ([`QuantLayer::upload`]): decode v5 then gathers the activation in its column order.
+    pub fn act_order_reordered(&self) -> bool {
+        self.reordered
     }
 
     /// The kernel [`quant_gemv_into`] runs on this layer (default [`QuantGemvVersion::V2`]).
@@ -309,6 +348,39 @@ impl QuantLayer {
     }
 }
 
+/// An act-order matrix laid out again so that each group's columns are contiguous (see
+/// `QuantExpert` in quant_params.cuh): its codes with the columns in stored order, and `perm`
+/// (stored column j is column perm[j]) followed by its inverse. `None` for a matrix without
+/// act-order, or one whose g_idx gives some group other than `group` columns (it keeps its
+/// g_idx: the per-8 decoder looks each column's group up).
+fn act_order_layout(m: &super::IntMatrix) -> Option<(Vec<u32>, Vec<u32>)> {
+    let g_idx = m.g_idx()?;
+    let (n, kd) = (m.n(), m.kdim());
+    let mut sizes = vec![0usize; kd / m.group()];
+    for &g in g_idx {
+        sizes[g as usize] += 1;
+    }
+    if sizes.iter().any(|&s| s != m.group()) {
+        return None;
+    }
+    let mut perm: Vec<u32> = (0..kd as u32).collect();
+    perm.sort_by_key(|&k| g_idx[k as usize]); // stable: a group's columns keep their order
+    let mut inv = vec![0u32; kd];
+    for (j, &k) in perm.iter().enumerate() {
+        inv[k as usize] = j as u32;
+    }
+    let (bits, per) = (m.bits() as usize, 32 / m.bits() as usize);
+    let mut codes = vec![0u32; m.qweight().len()];
+    for r in 0..n {
+        for (j, &k) in perm.iter().enumerate() {
+            let to = r * kd + j;
+            codes[to / per] |= m.code(r, k as usize) << (to % per * bits);
+        }
+    }
+    perm.extend_from_slice(&inv);
+    Some((codes, perm))
+}
+
 /// `fast_kind` of kernels/common/qdot.cuh on the host, for the decoders that have by-expert
 /// instances: the one an expert of `kd` columns takes, or `None` for the rest. A kernel given an
 /// expert of another kind counts it in its status (an `Err`), so a divergence cannot pass
@@ -331,7 +403,7 @@ fn mxfp4_padded_scales(scales: &[u8], kdim: usize) -> Vec<u8> {
 fn fast_kind(x: &QuantExpert, kd: usize) -> Option<&'static str> {
     let pow2 = x.group > 0 && (x.group & (x.group - 1)) == 0;
     match x.format {
-        format::INT if x.g_idx >= 0 || !pow2 => None,
+        format::INT if x.g_idx >= 0 || x.perm >= 0 || !pow2 => None,
         format::INT if x.bits == 4 && x.group >= 32 && kd.is_multiple_of(32) => Some("int4"),
         format::INT if x.bits == 8 && x.group >= 16 && kd.is_multiple_of(16) => Some("int8"),
         format::MXFP4 if kd.is_multiple_of(32) => Some("mxfp4"),

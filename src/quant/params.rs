@@ -30,10 +30,12 @@ pub(crate) struct QuantExpert {
     pub g_idx: i64,
     pub row_offsets: i64,
     pub dict: i64,
+    pub perm: i64,
 }
-const _: () = assert!(size_of::<QuantExpert>() == 64);
+const _: () = assert!(size_of::<QuantExpert>() == 72);
 const _: () = assert!(offset_of!(QuantExpert, codes) == 16);
 const _: () = assert!(offset_of!(QuantExpert, dict) == 56);
+const _: () = assert!(offset_of!(QuantExpert, perm) == 64);
 
 /// See `QuantDequantParams` in quant_params.cuh.
 #[repr(C)]
