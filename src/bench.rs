@@ -138,9 +138,7 @@ fn random_matrix(format: &str, n: usize, kd: usize, rng: &mut Rng) -> Result<Qua
             // Act-order: column k in group place[k] / g, place a random permutation.
             let g_idx = (format == "int4-act").then(|| {
                 let mut place: Vec<u32> = (0..kd as u32).collect();
-                for k in (1..kd).rev() {
-                    place.swap(k, (rng.next_u64() % (k as u64 + 1)) as usize);
-                }
+                rng.shuffle(&mut place);
                 place.iter().map(|&p| p / group as u32).collect()
             });
             let step = half::f16::from_f64(2.0 * scale / f64::from((1u32 << bits) - 1));

@@ -32,6 +32,13 @@ impl Rng {
         ((self.next_u64() as u128 * n as u128) >> 64) as u64
     }
 
+    /// Shuffles `v` uniformly (Fisher-Yates, from the last element down).
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for k in (1..v.len()).rev() {
+            v.swap(k, self.below(k as u64 + 1) as usize);
+        }
+    }
+
     /// Standard normal (Box-Muller).
     pub fn normal(&mut self) -> f64 {
         let u1 = 1.0 - self.unit(); // (0, 1]

@@ -232,9 +232,7 @@ fn gptq(rng: &mut Rng, bits: u32, kd: usize, n: usize, group: usize, act_order: 
     let mut g_idx: Vec<i32> = (0..kd).map(|k| (k / group) as i32).collect();
     if act_order {
         // Act-order: the groups follow a permutation of the inputs.
-        for k in (1..kd).rev() {
-            g_idx.swap(k, rng.below(k as u64 + 1) as usize);
-        }
+        rng.shuffle(&mut g_idx);
     }
     Gptq {
         bits,
@@ -941,9 +939,7 @@ fn every_format(rng: &mut Rng, n: usize, kd: usize, nan: bool) -> Vec<QuantMatri
     let gptq_order = {
         let m = IntMatrix::quantize(&w(rng), n, kd, 8, 32, false).unwrap();
         let mut place: Vec<u32> = (0..kd as u32).collect();
-        for k in (1..kd).rev() {
-            place.swap(k, rng.below(k as u64 + 1) as usize);
-        }
+        rng.shuffle(&mut place);
         let g_idx = place.iter().map(|&p| p / 32).collect();
         let (q, s) = (m.qweight().to_vec(), m.scales().to_vec());
         IntMatrix::new(8, 32, n, kd, q, s, None, Some(g_idx)).unwrap()

@@ -205,7 +205,7 @@ impl QuantLayer {
                 .then_some(kinds[0])
                 .flatten()
         };
-        let fast = common(table.iter().map(|x| fast_kind(x, kdim)).collect());
+        let fast = common(table.iter().map(|x| fast_kind(x, kdim, false)).collect());
         // Decode v5 takes int4 experts whose groups hold whole 128-column blocks ("int4") or
         // whose groups are 32 or 64 columns ("int4s", the scale on the decoded weights), and FP8
         // experts of rows of whole 64-column blocks without NaN codes (its bit-level conversion
@@ -215,8 +215,7 @@ impl QuantLayer {
             QuantMatrix::Fp8(m) => m.weight().iter().any(|&c| c & 0x7f == 0x7f),
             _ => false,
         });
-        let unpermuted = table.iter().map(|x| QuantExpert { perm: -1, ..*x });
-        let mma = match common(unpermuted.map(|x| fast_kind(&x, kdim)).collect()) {
+        let mma = match common(table.iter().map(|x| fast_kind(x, kdim, true)).collect()) {
             Some("int4") if table.iter().all(|x| x.group % 128 == 0) => Some("int4"),
             Some("int4") if table.iter().all(|x| x.group < 128) => Some("int4s"),
             Some("fp8") if kdim.is_multiple_of(64) && !fp8_nan => Some("fp8"),
@@ -381,10 +380,6 @@ fn act_order_layout(m: &super::IntMatrix) -> Option<(Vec<u32>, Vec<u32>)> {
     Some((codes, perm))
 }
 
-/// `fast_kind` of kernels/common/qdot.cuh on the host, for the decoders that have by-expert
-/// instances: the one an expert of `kd` columns takes, or `None` for the rest. A kernel given an
-/// expert of another kind counts it in its status (an `Err`), so a divergence cannot pass
-/// unnoticed.
 /// MXFP4 scales `[N, Kd/32]` as the blob holds them: each row padded with zeros to
 /// `mxfp4_scale_row(Kd)` bytes (quant_params.cuh), a multiple of 16, so that decode v5 reads a
 /// row's scales of four 128-column blocks with one aligned 16-byte load.
@@ -400,10 +395,15 @@ fn mxfp4_padded_scales(scales: &[u8], kdim: usize) -> Vec<u8> {
         .collect()
 }
 
-fn fast_kind(x: &QuantExpert, kd: usize) -> Option<&'static str> {
+/// `fast_kind` of kernels/common/qdot.cuh on the host, for the decoders that have by-expert
+/// instances: the one an expert of `kd` columns takes, or `None` for the rest. A kernel given an
+/// expert of another kind counts it in its status (an `Err`), so a divergence cannot pass
+/// unnoticed. `stored_order` as on the device: an act-order expert laid out in group order
+/// counts as its codes' kind for decode v5, which stages x in that order, and as `None` else.
+fn fast_kind(x: &QuantExpert, kd: usize, stored_order: bool) -> Option<&'static str> {
     let pow2 = x.group > 0 && (x.group & (x.group - 1)) == 0;
     match x.format {
-        format::INT if x.g_idx >= 0 || x.perm >= 0 || !pow2 => None,
+        format::INT if x.g_idx >= 0 || (x.perm >= 0 && !stored_order) || !pow2 => None,
         format::INT if x.bits == 4 && x.group >= 32 && kd.is_multiple_of(32) => Some("int4"),
         format::INT if x.bits == 8 && x.group >= 16 && kd.is_multiple_of(16) => Some("int8"),
         format::MXFP4 if kd.is_multiple_of(32) => Some("mxfp4"),
