@@ -150,15 +150,24 @@ __device__ __forceinline__ float zc_accumulate(const DecodeParams& p, int64_t t,
 
 // Warp 0's prologue: token t's routing (route_token, the routing kernels' own code) into s_ids /
 // s_w, and into p.route.ids / weights from the column-0 block of slot 0. Lane k returns slot k's.
+// With no logits (p.route.logits null) the routing was given and checked by route_given, which
+// wrote p.route.ids / weights before this launch: they are read instead.
 template <typename TL, int VPT>
 __device__ __forceinline__ RouteChoice decode_route(const DecodeParams& p, int64_t t, int s, int32_t* s_ids,
                                                     float* s_w) {
     const int K = p.route.k, lane = threadIdx.x & 31;
-    const RouteChoice c = route_token<TL, VPT>(p.route, t);
+    const bool given = p.route.logits == nullptr;
+    RouteChoice c{-1, 0.f};
+    if (!given) {
+        c = route_token<TL, VPT>(p.route, t);
+    } else if (lane < K) {
+        c = RouteChoice{p.route.ids[t * K + lane], p.route.weights[t * K + lane]};
+    }
     if (lane < K) {
         s_ids[lane] = c.id;
         s_w[lane] = c.weight;
-        if (blockIdx.x == 0 && s == 0) {
+        if (!given && blockIdx.x == 0 && s == 0) {
+            if (lane == 0) route_count_mask(p.route, t);
             p.route.ids[t * K + lane] = c.id;
             p.route.weights[t * K + lane] = c.weight;
         }

@@ -15,6 +15,15 @@
 //   count as -inf (before the softcap), as do NaN keys and group scores (a NaN bias, -inf + inf).
 //   Ids are always in [0, E) or -1.
 //
+//   Expert masks (RouteParams.masks): a token's mask removes experts before any of this, so the
+//   rule runs on the experts that remain, exactly; a token left with fewer than k gets -1 slots
+//   with weight 0. A mask index outside [-1, M) removes every expert and is counted in status.
+//
+// route_given(RouteGivenParams p)
+//   Routing the caller computed, checked and copied: slots with ids outside [-1, E_total),
+//   repeated within a row, or with a NaN or infinite weight become id -1, weight 0 and are
+//   counted in status; the layer turns the counts into an Err.
+//
 // route_capacity(CapacityParams p)
 //   Capacity factor with token dropping (Switch Transformer, GShard): slot (t, k) keeps expert e
 //   while fewer than C earlier slots, in flat order t * K + k, chose e; later ones get id -1 and
@@ -53,6 +62,7 @@ __device__ __forceinline__ void route_v1(const RouteParams& p) {
     const int64_t token = int64_t(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
     if (token >= p.tokens) return;  // whole warps leave together; no block barrier follows
     const RouteChoice c = route_token<T, VPT>(p, token);
+    if (lane == 0) route_count_mask(p, token);
     if (lane < p.k) {
         p.ids[token * p.k + lane] = c.id;
         p.weights[token * p.k + lane] = c.weight;
@@ -117,6 +127,34 @@ __device__ __forceinline__ void route_capacity_v1(const CapacityParams& p) {
         }
         running += total;
         __syncthreads();  // warp_counts is rewritten by the next chunk
+    }
+}
+
+// Caller-given routing, checked (RouteGivenParams in params.cuh): lane k < K of warp w handles
+// slot k of token 4b + w. A repeat is a valid id that an earlier slot of the row also holds.
+__device__ __forceinline__ void route_given_v1(const RouteGivenParams& p) {
+    const int lane = threadIdx.x & 31;
+    const int64_t token = int64_t(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
+    if (token >= p.tokens) return;  // whole warps leave together
+    const int64_t i = token * p.k + lane;
+    const bool live = lane < p.k;
+    int id = live ? p.ids_in[i] : -1;
+    const float w = live ? p.weights_in[i] : 0.f;
+    const bool in_range = id >= -1 && id < p.experts;
+    if (!in_range) id = -1;
+    bool repeat = false;
+    for (int j = 0; j < p.k; ++j) {
+        const int other = __shfl_sync(kFullMask, id, j);
+        repeat |= j < lane && id >= 0 && other == id;
+    }
+    const bool weight_ok = id < 0 || isfinite(w);
+    if (live) {
+        if (!in_range) atomicAdd(&p.status[kGivenIdOutOfRange], 1);
+        if (repeat) atomicAdd(&p.status[kGivenIdRepeated], 1);
+        if (!weight_ok && !repeat) atomicAdd(&p.status[kGivenWeightBad], 1);
+        const bool keep = id >= 0 && !repeat && weight_ok;
+        p.ids[i] = keep ? id : -1;
+        p.weights[i] = keep ? w : 0.f;
     }
 }
 
@@ -234,6 +272,10 @@ __device__ __forceinline__ void router_logits_v2(const RouterLogitsParams& p) {
 }
 
 }  // namespace moe
+
+extern "C" __global__ void __launch_bounds__(32 * moe::kRouteWarps) route_given(const moe::RouteGivenParams p) {
+    moe::route_given_v1(p);
+}
 
 extern "C" __global__ void __launch_bounds__(moe::kCapacityThreads) route_capacity(const moe::CapacityParams p) {
     moe::route_capacity_v1(p);

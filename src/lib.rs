@@ -24,6 +24,7 @@
 //! | activation | [`activation::act_into`] (ReLU, GELU, SiLU) | `act_{dtype}` (v1) | emulated |
 //! | routing | [`routing::route`], [`routing::route_into`] | `route_{dtype}_e{32..1024}` (v1) | emulated |
 //! | routing | [`routing::apply_capacity_into`] | `route_capacity` (v1) | emulated |
+//! | routing | [`routing::route_masked_into`] (expert masks), [`routing::route_given_into`] (caller routing, checked) | `route_{dtype}_e{32..1024}`, `route_given` (v1) | emulated |
 //! | routing | [`routing::router_stats_into`] | `router_lse_{dtype}`, `router_prob_mean_{dtype}` (v1) | emulated |
 //! | routing | [`routing::router_logits_into`], [`routing::route_hidden_into`] | `router_logits_{x}_{w}` (v1) | emulated |
 //! | permute | [`permute::Plan::build`], [`permute::Plan::build_identity`] | `plan_count`, `plan_scan`, `plan_scatter`, `plan_masked`, `plan_identity` (v1) | emulated |

@@ -47,14 +47,50 @@ pub(crate) struct RouteParams {
     pub scale: f32,
     pub softcap: f32,
     pub top_p: f32,
+    pub masks: u64,
+    pub mask_index: u64,
+    pub status: u64,
+    pub mask_words: i32,
+    pub mask_count: i32,
 }
-const _: () = assert!(size_of::<RouteParams>() == 80);
+const _: () = assert!(size_of::<RouteParams>() == 112);
 const _: () = assert!(offset_of!(RouteParams, tokens) == 40);
 const _: () = assert!(offset_of!(RouteParams, scale) == 68);
 const _: () = assert!(offset_of!(RouteParams, top_p) == 76);
+const _: () = assert!(offset_of!(RouteParams, masks) == 80);
+const _: () = assert!(offset_of!(RouteParams, mask_words) == 104);
 
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for RouteParams {}
+
+/// `RouteStatus` in params.cuh: what each entry of a routing status counts.
+pub(crate) mod route_status {
+    pub const GIVEN_ID_OUT_OF_RANGE: usize = 0;
+    pub const GIVEN_ID_REPEATED: usize = 1;
+    pub const GIVEN_WEIGHT_BAD: usize = 2;
+    pub const MASK_INDEX_BAD: usize = 3;
+    pub const LEN: usize = 4;
+}
+
+/// See `RouteGivenParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RouteGivenParams {
+    pub ids: u64,
+    pub weights: u64,
+    pub ids_in: u64,
+    pub weights_in: u64,
+    pub status: u64,
+    pub tokens: i32,
+    pub k: i32,
+    pub experts: i32,
+    pub pad_: i32,
+}
+const _: () = assert!(size_of::<RouteGivenParams>() == 56);
+const _: () = assert!(offset_of!(RouteGivenParams, tokens) == 40);
+
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for RouteGivenParams {}
 
 /// `RouteRule` in params.cuh.
 pub(crate) mod route_rule {
@@ -413,9 +449,9 @@ pub(crate) struct DecodeParams {
     /// decode_down_v2: the slots whose `h` rows are staged in shared memory at once (>= 1).
     pub down_pass: i32,
 }
-const _: () = assert!(size_of::<DecodeParams>() == 712);
-const _: () = assert!(offset_of!(DecodeParams, up) == 80);
-const _: () = assert!(offset_of!(DecodeParams, x) == 592);
-const _: () = assert!(offset_of!(DecodeParams, hidden) == 688);
+const _: () = assert!(size_of::<DecodeParams>() == 744);
+const _: () = assert!(offset_of!(DecodeParams, up) == 112);
+const _: () = assert!(offset_of!(DecodeParams, x) == 624);
+const _: () = assert!(offset_of!(DecodeParams, hidden) == 720);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for DecodeParams {}

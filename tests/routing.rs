@@ -281,22 +281,84 @@ fn check_case<T: Float>(
     bias: Option<&[f32]>,
     near_tie_budget: Option<f64>,
 ) {
+    check_masked_case(dev, logits, e, cfg, bias, near_tie_budget, None);
+}
+
+/// Expert masks for [`check_masked_case`]: `removed[m]` lists mask m's experts; `index [T]` is
+/// each token's mask (-1 for none), or mask 0 for every token where `None`.
+struct Masks {
+    removed: Vec<Vec<usize>>,
+    index: Option<Vec<i32>>,
+}
+
+impl Masks {
+    /// `[T, E]`: whether token t's mask removes expert e.
+    fn per_token(&self, t: usize, e: usize) -> Vec<bool> {
+        (0..t)
+            .flat_map(|tok| {
+                let m = self.index.as_ref().map_or(0, |i| i[tok]);
+                (0..e).map(move |x| m >= 0 && self.removed[m as usize].contains(&x))
+            })
+            .collect()
+    }
+}
+
+/// [`check_case`] with expert masks.
+fn check_masked_case<T: Float>(
+    dev: &Device,
+    logits: &[T],
+    e: usize,
+    cfg: &RouterConfig,
+    bias: Option<&[f32]>,
+    near_tie_budget: Option<f64>,
+    masks: Option<&Masks>,
+) {
     let t = logits.len() / e;
     let x = dev.upload(logits, &[t, e]).unwrap();
     let b = bias.map(|b| dev.upload(b, &[e]).unwrap());
     let mut ids = dev.filled_bytes::<i32>(&[t, cfg.k], 0x7f).unwrap();
     let mut w = dev.filled_bytes::<f32>(&[t, cfg.k], 0xff).unwrap();
     let mut counts = dev.filled_bytes::<i32>(&[e], 0x7f).unwrap();
-    routing::route_into(
-        dev,
-        &mut ids,
-        &mut w,
-        Some(&mut counts),
-        &x,
-        cfg,
-        b.as_ref(),
-    )
-    .unwrap();
+    match masks {
+        None => routing::route_into(
+            dev,
+            &mut ids,
+            &mut w,
+            Some(&mut counts),
+            &x,
+            cfg,
+            b.as_ref(),
+        )
+        .unwrap(),
+        Some(m) => {
+            let words: Vec<u32> = m
+                .removed
+                .iter()
+                .flat_map(|r| routing::mask_words("test", "masks", e, r).unwrap())
+                .collect();
+            let mt = dev
+                .upload(&words, &[m.removed.len(), e.div_ceil(32)])
+                .unwrap();
+            let it = m.index.as_ref().map(|i| dev.upload(i, &[t]).unwrap());
+            let mut status = dev.zeros::<i32>(&[4]).unwrap();
+            routing::route_masked_into(
+                dev,
+                &mut ids,
+                &mut w,
+                Some(&mut counts),
+                &x,
+                cfg,
+                b.as_ref(),
+                routing::ExpertMasks {
+                    masks: &mt,
+                    index: it.as_ref(),
+                },
+                &mut status,
+            )
+            .unwrap();
+            routing::check_status(dev, "test", &mut status).unwrap();
+        }
+    }
     let (got_ids, got_w, got_counts) = (
         dev.download(&ids).unwrap(),
         dev.download(&w).unwrap(),
@@ -305,7 +367,8 @@ fn check_case<T: Float>(
 
     let l64: Vec<f64> = logits.iter().map(|v| v.to_f64()).collect();
     let b64: Option<Vec<f64>> = bias.map(|b| b.iter().map(|&v| f64::from(v)).collect());
-    let want = reference::route(&l64, e, cfg, b64.as_deref()).unwrap();
+    let removed = masks.map(|m| m.per_token(t, e));
+    let want = reference::route_masked(&l64, e, cfg, b64.as_deref(), removed.as_deref()).unwrap();
 
     let k = cfg.k;
     // Rules that rank raw logits decide exactly, ties included; the grouped sigmoid rule and
@@ -445,6 +508,188 @@ fn gpu_routing_matches_reference() {
     adversarial_routing::<f32>(&dev);
     adversarial_routing::<bf16>(&dev);
     adversarial_routing::<f16>(&dev);
+}
+
+#[test]
+fn masks_remove_experts_before_the_rule() {
+    let logits = ln(&[0.1, 0.2, 0.3, 0.4]);
+    let gone = |ids: &[usize]| (0..4).map(|e| ids.contains(&e)).collect::<Vec<bool>>();
+    let route = |cfg: &RouterConfig, removed: &[usize]| {
+        reference::route_masked(&logits, 4, cfg, None, Some(&gone(removed))).unwrap()
+    };
+    // Mixtral without expert 3: the top 2 of the rest, renormalised.
+    let r = route(&RouterConfig::mixtral(2), &[3]);
+    assert_eq!(r.ids, [2, 1]);
+    assert_weights(&r.weights, &[0.6, 0.4]);
+    // Qwen without renormalisation: the softmax runs over the remaining three.
+    let r = route(&RouterConfig::qwen(2, false), &[3]);
+    assert_weights(&r.weights, &[0.5, 1.0 / 3.0]);
+    // One expert left for K = 2: the second slot is unused, never a masked expert.
+    let r = route(&RouterConfig::mixtral(2), &[0, 1, 3]);
+    assert_eq!(r.ids, [2, -1]);
+    assert_weights(&r.weights, &[1.0, 0.0]);
+    let r = route(&RouterConfig::mixtral(2), &[0, 1, 2, 3]);
+    assert_eq!(r.ids, [-1, -1]);
+    // DeepSeek-V3's groups score over their remaining members: the example of
+    // deepseek_v3_drops_the_best_expert_of_a_weak_group without expert 2 leaves group 1 with
+    // one member (score -inf), so groups 2 and 0 stay and the top 2 of {0, 1, 4, 5} are 5, 0.
+    let bias = [0.1, 0.0, 0.3, 0.2, -0.5, 0.9, 0.95, -1.0];
+    let cfg = RouterConfig::deepseek_v3(2, 4, 2, true, 2.5);
+    let removed: Vec<bool> = (0..8).map(|e| e == 2).collect();
+    let r = reference::route_masked(&[0.0; 8], 8, &cfg, Some(&bias), Some(&removed)).unwrap();
+    assert_eq!(r.ids, [5, 0]);
+    assert_weights(&r.weights, &[1.25, 1.25]);
+}
+
+#[test]
+fn gpu_masked_routing_matches_reference() {
+    let Some(dev) = common::gpu("gpu_masked_routing_matches_reference") else {
+        return;
+    };
+    let mut rng = Rng::new(0x3a5c);
+    for e in [8usize, 60, 256] {
+        let t = 21;
+        // Mask 0: a random third; mask 1: all but 3 (fewer than K for most rules); mask 2:
+        // the first half (whole groups).
+        let third: Vec<usize> = (0..e).filter(|_| rng.below(3) == 0).collect();
+        let keep: Vec<usize> = (0..3).map(|_| rng.below(e as u64) as usize).collect();
+        let masks = Masks {
+            removed: vec![
+                third,
+                (0..e).filter(|x| !keep.contains(x)).collect(),
+                (0..e / 2).collect(),
+            ],
+            index: Some((0..t).map(|_| rng.below(4) as i32 - 1).collect()),
+        };
+        let layer_wide = Masks {
+            removed: masks.removed[..1].to_vec(),
+            index: None,
+        };
+        for (cfg, needs_bias) in rules(e) {
+            let logits: Vec<bf16> = rng.normal_vec(t * e, 2.0);
+            let bias: Vec<f32> = (0..e).map(|_| rng.uniform(-0.1, 0.1) as f32).collect();
+            let bias = needs_bias.then_some(&bias[..]);
+            check_masked_case(&dev, &logits, e, &cfg, bias, Some(0.05), Some(&masks));
+            check_masked_case(&dev, &logits, e, &cfg, bias, Some(0.05), Some(&layer_wide));
+        }
+    }
+}
+
+#[test]
+fn gpu_masks_and_given_routing_refuse_bad_input() {
+    let Some(dev) = common::gpu("gpu_masks_and_given_routing_refuse_bad_input") else {
+        return;
+    };
+    let (t, e, k) = (5usize, 40usize, 3usize);
+    let mut rng = Rng::new(11);
+    let x = dev
+        .upload(&rng.normal_vec::<f32>(t * e, 1.0), &[t, e])
+        .unwrap();
+    let cfg = RouterConfig::qwen(k, true);
+    let mut ids = dev.zeros::<i32>(&[t, k]).unwrap();
+    let mut w = dev.zeros::<f32>(&[t, k]).unwrap();
+    let mut status = dev.zeros::<i32>(&[4]).unwrap();
+    let words = routing::mask_words("test", "masks", e, &[1, 39]).unwrap();
+    let masks = dev.upload(&words, &[1, 2]).unwrap();
+    // A mask index out of range routes its token nowhere and is reported.
+    let index = dev.upload(&[0i32, -1, 1, 0, -2], &[t]).unwrap();
+    let m = routing::ExpertMasks {
+        masks: &masks,
+        index: Some(&index),
+    };
+    routing::route_masked_into(&dev, &mut ids, &mut w, None, &x, &cfg, None, m, &mut status)
+        .unwrap();
+    let got = dev.download(&ids).unwrap();
+    assert_eq!(&got[2 * k..3 * k], &[-1; 3]);
+    assert_eq!(&got[4 * k..5 * k], &[-1; 3]);
+    assert!(got[..2 * k].iter().all(|&i| i >= 0));
+    let err = routing::check_status(&dev, "test", &mut status).unwrap_err();
+    assert!(err.to_string().contains("2 mask_index"), "{err}");
+    routing::check_status(&dev, "test", &mut status).expect("reset by the check");
+    // Masks of the wrong width, an index of the wrong length.
+    let wide = dev.zeros::<u32>(&[1, 3]).unwrap();
+    let m = routing::ExpertMasks {
+        masks: &wide,
+        index: None,
+    };
+    let r =
+        routing::route_masked_into(&dev, &mut ids, &mut w, None, &x, &cfg, None, m, &mut status);
+    assert!(matches!(r, Err(Error::Shape { arg: "masks", .. })), "{r:?}");
+    let short = dev.zeros::<i32>(&[t - 1]).unwrap();
+    let m = routing::ExpertMasks {
+        masks: &masks,
+        index: Some(&short),
+    };
+    let r =
+        routing::route_masked_into(&dev, &mut ids, &mut w, None, &x, &cfg, None, m, &mut status);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Shape {
+                arg: "mask_index",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(routing::mask_words("test", "masks", e, &[40]).is_err());
+
+    // Given routing: out of range, repeated, NaN and infinite weights, -1 with a weight.
+    let gi: Vec<i32> = vec![0, 1, 2, 5, 40, -2, 7, 7, 3, 9, 8, -1, 39, 12, 39];
+    let mut gw: Vec<f32> = (0..t * k).map(|i| 0.1 + i as f32 * 0.01).collect();
+    gw[9] = f32::NAN;
+    gw[10] = f32::INFINITY;
+    gw[11] = 5.0;
+    let (want, bad) = reference::given(&gi, &gw, k, e);
+    assert_eq!(bad, [2, 2, 2]);
+    let (ti, tw) = (
+        dev.upload(&gi, &[t, k]).unwrap(),
+        dev.upload(&gw, &[t, k]).unwrap(),
+    );
+    routing::route_given_into(&dev, &mut ids, &mut w, &ti, &tw, e, &mut status).unwrap();
+    assert_eq!(dev.download(&ids).unwrap(), want.ids);
+    let got_w: Vec<f64> = dev
+        .download(&w)
+        .unwrap()
+        .iter()
+        .map(|&v| f64::from(v))
+        .collect();
+    assert_eq!(got_w, want.weights);
+    let err = routing::check_status(&dev, "test", &mut status)
+        .unwrap_err()
+        .to_string();
+    for what in [
+        "2 topk_ids: ids outside",
+        "2 topk_ids: ids repeated",
+        "2 topk_weights",
+    ] {
+        assert!(err.contains(what), "{err}");
+    }
+    // Shapes.
+    let tw2 = dev.zeros::<f32>(&[t, k - 1]).unwrap();
+    let r = routing::route_given_into(&dev, &mut ids, &mut w, &ti, &tw2, e, &mut status);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Shape {
+                arg: "topk_weights",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let ti3 = dev.zeros::<i32>(&[t, k, 1]).unwrap();
+    let r = routing::route_given_into(&dev, &mut ids, &mut w, &ti3, &tw, e, &mut status);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Shape {
+                arg: "topk_ids",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
 }
 
 #[test]

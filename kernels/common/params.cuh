@@ -44,11 +44,45 @@ struct RouteParams {
     float scale;           // multiplies every weight last
     float softcap;         // > 0: l = softcap * tanh(l / softcap); 0: off
     float top_p;           // the top-p rule's threshold
+    // Expert masks: bit e of a mask (word e / 32, bit e % 32) removes expert e before selection.
+    const uint32_t* masks;      // [mask_count, mask_words]; null: no masks
+    const int32_t* mask_index;  // [T] each token's mask, -1 for none; null: mask 0 for every token
+    int32_t* status;            // [kRouteStatusLen] counts (RouteStatus), accumulated; may be null
+    int32_t mask_words;         // ceil(E / 32)
+    int32_t mask_count;         // M >= 1 where masks is set
 };
-static_assert(sizeof(RouteParams) == 80, "mirror in src/params.rs");
+static_assert(sizeof(RouteParams) == 112, "mirror in src/params.rs");
 static_assert(offsetof(RouteParams, tokens) == 40, "mirror in src/params.rs");
 static_assert(offsetof(RouteParams, scale) == 68, "mirror in src/params.rs");
 static_assert(offsetof(RouteParams, top_p) == 76, "mirror in src/params.rs");
+static_assert(offsetof(RouteParams, masks) == 80, "mirror in src/params.rs");
+static_assert(offsetof(RouteParams, mask_words) == 104, "mirror in src/params.rs");
+
+// What the routing status counts, by index (src/routing/mod.rs reads them into an Err).
+enum RouteStatus : int32_t {
+    kGivenIdOutOfRange = 0,  // caller-given ids outside [-1, E_total)
+    kGivenIdRepeated = 1,    // caller-given ids repeated within a token's row
+    kGivenWeightBad = 2,     // caller-given weights that are NaN or infinite
+    kMaskIndexBad = 3,       // tokens whose mask index is outside [-1, M)
+    kRouteStatusLen = 4,
+};
+
+// Routing given by the caller, checked and copied into the layer's ids / weights: a slot whose
+// id is outside [-1, E_total), repeats an earlier slot's id, or has a NaN or infinite weight
+// becomes id -1, weight 0, and is counted in status; an id -1 keeps weight 0. One warp per token.
+struct RouteGivenParams {
+    int32_t* ids;              // [T, K] out
+    float* weights;            // [T, K] out
+    const int32_t* ids_in;     // [T, K]
+    const float* weights_in;   // [T, K]
+    int32_t* status;           // [kRouteStatusLen]
+    int32_t tokens;            // T
+    int32_t k;                 // K <= 32
+    int32_t experts;           // E_total
+    int32_t pad_;
+};
+static_assert(sizeof(RouteGivenParams) == 56, "mirror in src/params.rs");
+static_assert(offsetof(RouteGivenParams, tokens) == 40, "mirror in src/params.rs");
 
 enum RouteRule : int32_t {
     kSoftmaxTopK = 0,
@@ -353,10 +387,10 @@ struct DecodeParams {
     int32_t weight_at_input;      // 1: the routing weight scales the expert input (Llama 4)
     int32_t down_pass;            // decode_down_v2: slots whose h rows are staged at once (>= 1)
 };
-static_assert(sizeof(DecodeParams) == 712, "mirror in src/params.rs");
-static_assert(offsetof(DecodeParams, up) == 80, "mirror in src/params.rs");
-static_assert(offsetof(DecodeParams, x) == 592, "mirror in src/params.rs");
-static_assert(offsetof(DecodeParams, hidden) == 688, "mirror in src/params.rs");
+static_assert(sizeof(DecodeParams) == 744, "mirror in src/params.rs");
+static_assert(offsetof(DecodeParams, up) == 112, "mirror in src/params.rs");
+static_assert(offsetof(DecodeParams, x) == 624, "mirror in src/params.rs");
+static_assert(offsetof(DecodeParams, hidden) == 720, "mirror in src/params.rs");
 
 // Seeded uniform fill: out[i] = lo + (hi - lo) * u(seed, i), u a hash of the index in [0, 1),
 // rounded once to the dtype. Benches and the bench command fill weights of real shapes this way.

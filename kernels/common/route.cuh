@@ -38,12 +38,30 @@ __device__ __forceinline__ Cand warp_argmax(Cand c) {
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
 
+// Token `token`'s mask index: -1 for none (no masks, or the token asks for none), m in [0, M),
+// or -2 for an index outside [-1, M), which removes every expert (the callers count it once per
+// token in p.status).
+__device__ __forceinline__ int route_mask_of(const RouteParams& p, int64_t token) {
+    if (p.masks == nullptr) return -1;
+    const int m = p.mask_index != nullptr ? p.mask_index[token] : 0;
+    return m >= -1 && m < p.mask_count ? m : -2;
+}
+
+// Counts a bad mask index of `token` in p.status; one thread per token calls it.
+__device__ __forceinline__ void route_count_mask(const RouteParams& p, int64_t token) {
+    if (p.status != nullptr && route_mask_of(p, token) == -2) atomicAdd(&p.status[kMaskIndexBad], 1);
+}
+
 template <typename T, int VPT>
 __device__ __forceinline__ RouteChoice route_token(const RouteParams& p, int64_t token) {
     static_assert(VPT >= 1 && VPT <= 32, "avail is a 32-bit mask");
     const int lane = threadIdx.x & 31;
     const int E = p.experts;
     const T* row = static_cast<const T*>(p.logits) + token * E;
+    // Lane l holds experts l + 32 j: bit l of mask word j. A removed expert is never a
+    // candidate, and its logit counts as absent (-inf) in every sum and maximum.
+    const int mask = route_mask_of(p, token);
+    const uint32_t* mrow = mask >= 0 ? p.masks + int64_t(mask) * p.mask_words : nullptr;
 
     float raw[VPT];    // logits with NaN -> -inf, before the softcap: the rank of the logit rules
     float score[VPT];  // what weights come from
@@ -53,7 +71,8 @@ __device__ __forceinline__ RouteChoice route_token(const RouteParams& p, int64_t
     for (int j = 0; j < VPT; ++j) {
         const int e = lane + 32 * j;
         float v = -INFINITY;
-        if (e < E) {
+        const bool removed = mask == -2 || (mrow != nullptr && e < E && (mrow[j] >> lane & 1u));
+        if (e < E && !removed) {
             v = Float<T>::to_f32(row[e]);
             if (isnan(v)) v = -INFINITY;
             avail |= 1u << j;
@@ -145,7 +164,7 @@ __device__ __forceinline__ RouteChoice route_token(const RouteParams& p, int64_t
             if ((avail >> j & 1) && o.beats(c)) { c = o; c_score = score[j]; }
         }
         const Cand best = warp_argmax(c);
-        if (best.idx == INT_MAX) break;  // fewer candidates than k: refused on the host
+        if (best.idx == INT_MAX) break;  // fewer candidates than k: masks removed the rest
         const int owner = best.idx & 31;
         const float best_score = __shfl_sync(kFullMask, c_score, owner);
         if (lane == owner) avail &= ~(1u << (best.idx >> 5));

@@ -40,6 +40,21 @@ pub fn route(
     cfg: &RouterConfig,
     bias: Option<&[f64]>,
 ) -> Result<Routing> {
+    route_masked(logits, experts, cfg, bias, None)
+}
+
+/// [`route`] with experts removed before selection: `removed [T, E]` (token-major), true where a
+/// token's mask removes the expert. The rule runs on the experts that remain: the softmax is
+/// over them, a group's score is over its remaining members (-inf where fewer remain than the
+/// score sums), and a token left with fewer than K candidates gets unused slots (id -1,
+/// weight 0).
+pub fn route_masked(
+    logits: &[f64],
+    experts: usize,
+    cfg: &RouterConfig,
+    bias: Option<&[f64]>,
+    removed: Option<&[bool]>,
+) -> Result<Routing> {
     const OP: &str = "routing reference";
     cfg.validate(OP, experts, bias.map(<[f64]>::len))?;
     if !logits.len().is_multiple_of(experts) {
@@ -52,14 +67,26 @@ pub fn route(
     }
     let k = cfg.k;
     let tokens = logits.len() / experts;
+    if let Some(r) = removed
+        && r.len() != logits.len()
+    {
+        return Err(crate::Error::shape(
+            OP,
+            "removed",
+            format!("[T, E] = {} values", logits.len()),
+            format!("{} values", r.len()),
+        ));
+    }
     let mut out = Routing {
         ids: vec![-1; tokens * k],
         weights: vec![0.0; tokens * k],
         margin: vec![f64::INFINITY; tokens],
     };
+    let none = vec![false; experts];
     for t in 0..tokens {
         let row = &logits[t * experts..(t + 1) * experts];
-        let (ids, weights, margin) = route_token(row, cfg, bias);
+        let gone = removed.map_or(&none[..], |r| &r[t * experts..(t + 1) * experts]);
+        let (ids, weights, margin) = route_token(row, cfg, bias, gone);
         out.ids[t * k..t * k + ids.len()].copy_from_slice(&ids);
         out.weights[t * k..t * k + ids.len()].copy_from_slice(&weights);
         out.margin[t] = margin;
@@ -99,10 +126,20 @@ fn decision_gap(keys: &[f64], order: &[usize], n: usize) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-fn route_token(row: &[f64], cfg: &RouterConfig, bias: Option<&[f64]>) -> (Vec<i32>, Vec<f64>, f64) {
+fn route_token(
+    row: &[f64],
+    cfg: &RouterConfig,
+    bias: Option<&[f64]>,
+    removed: &[bool],
+) -> (Vec<i32>, Vec<f64>, f64) {
     let e = row.len();
-    // NaN counts as -inf; the softcap applies after that.
-    let raw: Vec<f64> = row.iter().map(|&v| nan_last(v)).collect();
+    // NaN counts as -inf; the softcap applies after that. A removed expert's logit is absent:
+    // -inf, and it is no candidate below.
+    let raw: Vec<f64> = row
+        .iter()
+        .zip(removed)
+        .map(|(&v, &r)| if r { f64::NEG_INFINITY } else { nan_last(v) })
+        .collect();
     let l: Vec<f64> = match cfg.softcap {
         Some(cap) => raw
             .iter()
@@ -111,8 +148,17 @@ fn route_token(row: &[f64], cfg: &RouterConfig, bias: Option<&[f64]>) -> (Vec<i3
         None => raw.clone(),
     };
     let softmax = || {
-        let m = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let ex: Vec<f64> = l.iter().map(|&v| (v - m).exp()).collect();
+        let m = l
+            .iter()
+            .zip(removed)
+            .filter(|(_, r)| !**r)
+            .map(|(&v, _)| v)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let ex: Vec<f64> = l
+            .iter()
+            .zip(removed)
+            .map(|(&v, &r)| if r { 0.0 } else { (v - m).exp() })
+            .collect();
         let s: f64 = ex.iter().sum();
         ex.into_iter().map(|v| v / s).collect::<Vec<f64>>()
     };
@@ -140,12 +186,10 @@ fn route_token(row: &[f64], cfg: &RouterConfig, bias: Option<&[f64]>) -> (Vec<i3
             let top2 = matches!(cfg.rule, RouterRule::SigmoidGroupTopK { .. });
             let gscore: Vec<f64> = (0..n_group)
                 .map(|g| {
-                    let members = ranked(&key, g * size..(g + 1) * size);
-                    nan_last(if top2 {
-                        key[members[0]] + key[members[1]]
-                    } else {
-                        key[members[0]]
-                    })
+                    let members = ranked(&key, (g * size..(g + 1) * size).filter(|&i| !removed[i]));
+                    // A member the mask removed counts as absent: -inf in the score.
+                    let nth = |n: usize| members.get(n).map_or(f64::NEG_INFINITY, |&i| key[i]);
+                    nan_last(if top2 { nth(0) + nth(1) } else { nth(0) })
                 })
                 .collect();
             let gorder = ranked(&gscore, 0..n_group);
@@ -159,6 +203,7 @@ fn route_token(row: &[f64], cfg: &RouterConfig, bias: Option<&[f64]>) -> (Vec<i3
         }
         None => (0..e).collect(),
     };
+    let candidates: Vec<usize> = candidates.into_iter().filter(|&i| !removed[i]).collect();
 
     let order = ranked(&key, candidates.into_iter());
     let chosen: Vec<usize> = match cfg.rule {
@@ -176,7 +221,7 @@ fn route_token(row: &[f64], cfg: &RouterConfig, bias: Option<&[f64]>) -> (Vec<i3
             }
             order[..n].to_vec()
         }
-        _ => order[..cfg.k].to_vec(),
+        _ => order[..cfg.k.min(order.len())].to_vec(),
     };
     margin = margin.min(decision_gap(&key, &order, chosen.len()));
 
@@ -291,4 +336,41 @@ pub fn router_logits(
         }
     }
     out
+}
+
+/// Caller-given routing as a layer takes it (`route_given` in kernels/routing.cu): `ids` and
+/// `weights` `[T, K]`; a slot whose id is outside [-1, `experts`), repeats an earlier slot's id in
+/// its row, or has a NaN or infinite weight becomes unused (id -1, weight 0); id -1 keeps weight
+/// 0. Returns the routing (margins infinite: nothing was decided) and the counts of the three
+/// kinds of bad slot, in that order (a repeat is counted only as a repeat).
+pub fn given(ids: &[i32], weights: &[f32], k: usize, experts: usize) -> (Routing, [usize; 3]) {
+    let mut bad = [0usize; 3];
+    let mut out = Routing {
+        ids: vec![-1; ids.len()],
+        weights: vec![0.0; ids.len()],
+        margin: vec![f64::INFINITY; ids.len() / k.max(1)],
+    };
+    for (row, (ids_row, w_row)) in ids.chunks(k).zip(weights.chunks(k)).enumerate() {
+        for (j, (&id, &w)) in ids_row.iter().zip(w_row).enumerate() {
+            let in_range = id >= -1 && usize::try_from(id).map_or(true, |e| e < experts);
+            if !in_range {
+                bad[0] += 1;
+                continue;
+            }
+            if id < 0 {
+                continue;
+            }
+            if ids_row[..j].contains(&id) {
+                bad[1] += 1;
+                continue;
+            }
+            if !w.is_finite() {
+                bad[2] += 1;
+                continue;
+            }
+            out.ids[row * k + j] = id;
+            out.weights[row * k + j] = f64::from(w);
+        }
+    }
+    (out, bad)
 }
