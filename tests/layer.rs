@@ -9,8 +9,8 @@ use half::bf16;
 use moe_kernels::activation::{GateLayout, GatedAct};
 use moe_kernels::gemm::{GemmVersion, ScaleAt};
 use moe_kernels::layer::{
-    Experts, LayerWeights, MoeConfig, MoeLayer, Path as GemmPath, SharedExpert, ZeroExpert,
-    reference,
+    Experts, ForwardOptions, LayerWeights, MoeConfig, MoeLayer, Path as GemmPath, SharedExpert,
+    ZeroExpert, reference,
 };
 use moe_kernels::model::{Model, TensorFile};
 use moe_kernels::rng::Rng;
@@ -395,6 +395,49 @@ fn check_against_cpu<T: Float>(
     t: usize,
     name: &str,
 ) -> usize {
+    check_masked_against_cpu(dev, layer, cfg, w, t, name, None)
+}
+
+/// Expert masks as a test sets them: `removed[m]` lists mask m's experts, `index` each token's
+/// mask (-1 for none; `None`: mask 0 for every token).
+struct TestMasks {
+    removed: Vec<Vec<usize>>,
+    index: Option<Vec<i32>>,
+}
+
+impl TestMasks {
+    /// A third of the E_total experts drawn at random; all but one; and, per token of `t`,
+    /// one of them or none.
+    fn draw(rng: &mut Rng, et: usize, t: usize) -> Self {
+        let third: Vec<usize> = (0..et).filter(|_| rng.below(3) == 0).collect();
+        let left = rng.below(et as u64) as usize;
+        TestMasks {
+            removed: vec![third, (0..et).filter(|&e| e != left).collect()],
+            index: Some((0..t).map(|_| rng.below(3) as i32 - 1).collect()),
+        }
+    }
+
+    /// `[T, E_total]`: whether token t's mask removes expert e.
+    fn per_token(&self, t: usize, et: usize) -> Vec<bool> {
+        (0..t)
+            .flat_map(|tok| {
+                let m = self.index.as_ref().map_or(0, |i| i[tok]);
+                (0..et).map(move |e| m >= 0 && self.removed[m as usize].contains(&e))
+            })
+            .collect()
+    }
+}
+
+/// [`check_against_cpu`] with expert masks: set on the layer, and removed in the CPU forward.
+fn check_masked_against_cpu<T: Float>(
+    dev: &Device,
+    layer: &mut MoeLayer<T>,
+    cfg: &MoeConfig,
+    w: &LayerWeights<T>,
+    t: usize,
+    name: &str,
+    masks: Option<&TestMasks>,
+) -> usize {
     let h = cfg.hidden;
     let mut rng = Rng::new(t as u64 + 3);
     let x: Vec<T> = uniform_x(&mut rng, t * h)
@@ -402,11 +445,27 @@ fn check_against_cpu<T: Float>(
         .map(|v| T::from_f64(v.to_f64()))
         .collect();
     let xf: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
-    let want = reference::forward(cfg, w, &xf).unwrap();
+    let controls = reference::Controls {
+        removed: masks.map(|m| m.per_token(t, cfg.experts_total())),
+        ..Default::default()
+    };
+    let want = reference::forward_with(cfg, w, &xf, &controls).unwrap();
     let xd = dev.upload(&x, &[t, h]).unwrap();
     let mut y = dev.filled_bytes::<T>(&[t, h], 0xff).unwrap();
-    layer.forward_into(dev, &mut y, &xd).unwrap();
+    let index = masks.and_then(|m| m.index.as_ref().map(|i| dev.upload(i, &[t]).unwrap()));
+    if let Some(m) = masks {
+        let lists: Vec<&[usize]> = m.removed.iter().map(Vec::as_slice).collect();
+        layer.set_expert_masks(dev, &lists).unwrap();
+    }
+    let opts = ForwardOptions {
+        mask_index: index.as_ref(),
+        ..Default::default()
+    };
+    layer.forward_with(dev, &mut y, &xd, opts).unwrap();
     layer.check(dev).unwrap();
+    if masks.is_some() {
+        layer.set_expert_masks(dev, &[]).unwrap();
+    }
     let got = dev.download(&y).unwrap();
     let ids = dev.download(layer.routing().0).unwrap();
     let k = cfg.k();
@@ -527,6 +586,83 @@ fn gpu_layer_replays_from_a_cuda_graph() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn gpu_graph_replays_with_new_masks() {
+    let Some(dev) = common::gpu("gpu_graph_replays_with_new_masks") else {
+        return;
+    };
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let (name, cfg) = &configs()[1];
+    let w = random_weights(cfg, 9);
+    let (h, et) = (cfg.hidden, cfg.experts_total());
+    let a: Vec<usize> = (0..et).step_by(3).collect();
+    let b: Vec<usize> = (0..et).filter(|e| e % 4 != 1).collect();
+    for (t, path) in [
+        (4, GemmPath::Decode),
+        (4, GemmPath::Gemv),
+        (40, GemmPath::Gemm),
+    ] {
+        let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
+        layer.set_path(path);
+        let mut rng = Rng::new(t as u64);
+        let xd = dev.upload(&uniform_x(&mut rng, t * h), &[t, h]).unwrap();
+        let first: Vec<i32> = (0..t as i32).map(|i| i % 2).collect();
+        let second: Vec<i32> = (0..t as i32).map(|i| 1 - i % 3).collect();
+        let mut index = dev.upload(&first, &[t]).unwrap();
+        let mut y = dev.zeros::<bf16>(&[t, h]).unwrap();
+        let mut run = |layer: &mut MoeLayer<bf16>, index: &moe_kernels::Tensor<i32>| {
+            let opts = ForwardOptions {
+                mask_index: Some(index),
+                ..Default::default()
+            };
+            layer.forward_with(&dev, &mut y, &xd, opts).unwrap();
+            dev.download(&y).unwrap()
+        };
+        // Eager results for masks (a, b) with the first index, then (b, a) with the second.
+        layer.set_expert_masks(&dev, &[&a, &b]).unwrap();
+        let eager1 = run(&mut layer, &index);
+        layer.set_expert_masks(&dev, &[&b, &a]).unwrap();
+        dev.upload_into(&mut index, &second).unwrap();
+        let eager2 = run(&mut layer, &index);
+        assert!(eager1 != eager2, "{name} T={t}: the masks changed nothing");
+
+        layer.set_expert_masks(&dev, &[&a, &b]).unwrap();
+        dev.upload_into(&mut index, &first).unwrap();
+        let mut yg = dev.zeros::<bf16>(&[t, h]).unwrap();
+        dev.stream()
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .unwrap();
+        let opts = ForwardOptions {
+            mask_index: Some(&index),
+            ..Default::default()
+        };
+        layer.forward_with(&dev, &mut yg, &xd, opts).unwrap();
+        let graph = dev
+            .stream()
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+            .unwrap()
+            .expect("a captured graph");
+        for (masks, idx, want) in [
+            ([&a, &b], &first, &eager1),
+            ([&b, &a], &second, &eager2),
+            ([&a, &b], &first, &eager1),
+        ] {
+            layer.set_expert_masks(&dev, &[masks[0], masks[1]]).unwrap();
+            dev.upload_into(&mut index, idx).unwrap();
+            dev.fill_bytes(&mut yg, 0xff).unwrap();
+            graph.launch().unwrap();
+            let got = dev.download(&yg).unwrap();
+            assert!(
+                got.iter()
+                    .zip(want)
+                    .all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{name} T={t} {path:?}: replay with new masks differs from the eager forward"
+            );
+        }
+        layer.check(&dev).unwrap();
     }
 }
 
@@ -1339,6 +1475,212 @@ fn gpu_decode_path_on_every_fixture_family_at_decode_sizes() {
         4 * compared >= 3 * total,
         "only {compared} of {total} tokens compared"
     );
+}
+
+#[test]
+fn gpu_masked_layer_matches_the_cpu_forward_on_every_fixture_family() {
+    let Some(dev) = common::gpu("gpu_masked_layer_matches_the_cpu_forward_on_every_fixture_family")
+    else {
+        return;
+    };
+    // Each fixture's block with two masks (a random third of the experts; all but one) and a
+    // mask or none per token: the decode path at T = 1 and 16, the planned GEMM at T = 20.
+    let mut rng = Rng::new(0x3a5c);
+    let (mut compared, mut total) = (0, 0);
+    for f in fixtures() {
+        let (cfg, w) = Model::open(&f.dir)
+            .unwrap()
+            .load_layer::<bf16>(f.layer)
+            .unwrap();
+        for (t, path) in [
+            (1, GemmPath::Auto),
+            (16, GemmPath::Auto),
+            (20, GemmPath::Gemm),
+        ] {
+            let mut layer = MoeLayer::<bf16>::new(&dev, &cfg, &w, t).unwrap();
+            layer.set_path(path);
+            let masks = TestMasks::draw(&mut rng, cfg.experts_total(), t);
+            let name = format!("{} masked", f.name);
+            compared +=
+                check_masked_against_cpu(&dev, &mut layer, &cfg, &w, t, &name, Some(&masks));
+            total += t;
+        }
+    }
+    assert!(
+        4 * compared >= 3 * total,
+        "only {compared} of {total} tokens compared"
+    );
+}
+
+#[test]
+fn gpu_given_routing_equals_the_layers_own_bit_for_bit() {
+    let Some(dev) = common::gpu("gpu_given_routing_equals_the_layers_own_bit_for_bit") else {
+        return;
+    };
+    use moe_kernels::layer::DecodeVersion as V;
+    for (name, cfg) in configs() {
+        let w = random_weights(&cfg, 21);
+        let (h, k) = (cfg.hidden, cfg.k());
+        for (t, path, version) in [
+            (1, GemmPath::Decode, V::V1),
+            (1, GemmPath::Decode, V::Auto),
+            (5, GemmPath::Decode, V::V2),
+            (5, GemmPath::Decode, V::V4),
+            (5, GemmPath::Decode, V::V5),
+            (5, GemmPath::Gemv, V::Auto),
+            (20, GemmPath::Gemm, V::Auto),
+        ] {
+            let mut layer = MoeLayer::<bf16>::new(&dev, &cfg, &w, t).unwrap();
+            layer.set_path(path);
+            layer.set_decode_version(version);
+            let mut rng = Rng::new(t as u64);
+            let xd = dev.upload(&uniform_x(&mut rng, t * h), &[t, h]).unwrap();
+            let (ids, wts, y) = forward_bits(&dev, &mut layer, &xd);
+            let gi = dev.upload(&ids, &[t, k]).unwrap();
+            let weights: Vec<f32> = wts.iter().map(|&b| f32::from_bits(b)).collect();
+            let gw = dev.upload(&weights, &[t, k]).unwrap();
+            let mut yg = dev.filled_bytes::<bf16>(&[t, h], 0xff).unwrap();
+            let opts = ForwardOptions {
+                routing: Some((&gi, &gw)),
+                ..Default::default()
+            };
+            layer.forward_with(&dev, &mut yg, &xd, opts).unwrap();
+            layer.check(&dev).unwrap();
+            let got: Vec<u16> = dev
+                .download(&yg)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert!(
+                got == y,
+                "{name} T={t} {path:?} {version:?}: given routing differs from the layer's own"
+            );
+            let (li, lw) = layer.routing();
+            assert_eq!(dev.download(li).unwrap(), ids, "{name} T={t}: ids kept");
+            assert_eq!(
+                dev.download(lw).unwrap(),
+                weights,
+                "{name} T={t}: weights kept"
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_given_routing_is_checked_and_reported() {
+    let Some(dev) = common::gpu("gpu_given_routing_is_checked_and_reported") else {
+        return;
+    };
+    // MoE++ (ids from E name the zero, copy and constant experts) with bad slots: out of range,
+    // repeated, a NaN weight. They run as unused slots, as the CPU forward takes them, and the
+    // check names them.
+    let (name, cfg) = &configs()[5];
+    let w = random_weights(cfg, 3);
+    let (h, k, et) = (cfg.hidden, cfg.k(), cfg.experts_total());
+    for (t, path) in [
+        (3, GemmPath::Decode),
+        (3, GemmPath::Gemv),
+        (20, GemmPath::Gemm),
+    ] {
+        let mut rng = Rng::new(t as u64 + 3);
+        let x = uniform_x(&mut rng, t * h);
+        let mut ids: Vec<i32> = (0..t * k).map(|i| ((i * 5 + 1) % et) as i32).collect();
+        let mut weights: Vec<f32> = (0..t * k).map(|i| 0.2 + 0.05 * (i % 7) as f32).collect();
+        ids[1] = et as i32; // out of range
+        ids[k + 2] = ids[k]; // repeated
+        weights[2 * k + 1] = f32::NAN;
+        ids[2 * k + 3] = -1; // unused: its weight is ignored
+        let (_, bad) = route_ref::given(&ids, &weights, k, et);
+        let xf: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+        let controls = reference::Controls {
+            given: Some((ids.clone(), weights.clone())),
+            ..Default::default()
+        };
+        let want = reference::forward_with(cfg, &w, &xf, &controls).unwrap();
+        let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
+        layer.set_path(path);
+        let xd = dev.upload(&x, &[t, h]).unwrap();
+        let (gi, gw) = (
+            dev.upload(&ids, &[t, k]).unwrap(),
+            dev.upload(&weights, &[t, k]).unwrap(),
+        );
+        let mut y = dev.filled_bytes::<bf16>(&[t, h], 0xff).unwrap();
+        let opts = ForwardOptions {
+            routing: Some((&gi, &gw)),
+            ..Default::default()
+        };
+        layer.forward_with(&dev, &mut y, &xd, opts).unwrap();
+        let err = layer.check(&dev).unwrap_err().to_string();
+        assert_eq!(bad, [1, 1, 1], "{name}");
+        for what in [
+            "1 topk_ids: ids outside",
+            "1 topk_ids: ids repeated",
+            "1 topk_weights",
+        ] {
+            assert!(err.contains(what), "{name} {path:?}: {err}");
+        }
+        layer.check(&dev).expect("the check resets");
+        let got = dev.download(&y).unwrap();
+        let scale = want.y.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (i, (g, r)) in got.iter().zip(&want.y).enumerate() {
+            let g = g.to_f64();
+            assert!(
+                (g - r).abs() <= 0.02 * scale + 0.02 * r.abs(),
+                "{name} T={t} {path:?}: y[{i}] = {g}, want {r}"
+            );
+        }
+        // Shapes: ids of another K, weights of another T; a mask index without masks.
+        let bad_ids = dev.zeros::<i32>(&[t, k + 1]).unwrap();
+        let opts = ForwardOptions {
+            routing: Some((&bad_ids, &gw)),
+            ..Default::default()
+        };
+        let e = layer.forward_with(&dev, &mut y, &xd, opts).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                moe_kernels::Error::Shape {
+                    arg: "topk_ids",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let bad_w = dev.zeros::<f32>(&[t + 1, k]).unwrap();
+        let opts = ForwardOptions {
+            routing: Some((&gi, &bad_w)),
+            ..Default::default()
+        };
+        let e = layer.forward_with(&dev, &mut y, &xd, opts).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                moe_kernels::Error::Shape {
+                    arg: "topk_weights",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let index = dev.zeros::<i32>(&[t]).unwrap();
+        let opts = ForwardOptions {
+            mask_index: Some(&index),
+            ..Default::default()
+        };
+        let e = layer.forward_with(&dev, &mut y, &xd, opts).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                moe_kernels::Error::Shape {
+                    arg: "mask_index",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(layer.set_expert_masks(&dev, &[&[et]]).is_err());
+    }
 }
 
 #[test]

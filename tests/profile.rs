@@ -5,7 +5,7 @@
 mod common;
 
 use half::bf16;
-use moe_kernels::layer::{MoeConfig, MoeLayer};
+use moe_kernels::layer::{ForwardOptions, MoeConfig, MoeLayer};
 use moe_kernels::profile::{self, Card, Emulator, LaunchRecord};
 use moe_kernels::routing::RouterConfig;
 
@@ -37,20 +37,86 @@ fn gpu_decode_dram_bytes_are_the_active_experts_bytes() {
     let mut y = dev.zeros::<bf16>(&[1, cfg.hidden]).unwrap();
     dev.synchronize().unwrap();
 
+    let records = counted(
+        &dev,
+        &emu,
+        &mut layer,
+        &mut y,
+        &x,
+        ForwardOptions::default(),
+    );
+    let own = chosen(&dev, &layer);
+    check_decode_bytes(&layer, &cfg, &records, &own, true);
+
+    // Masks add no weight traffic: with half the experts removed, the step reads the four it
+    // chooses among the rest, the router and the mask's words.
+    let removed: Vec<usize> = (0..cfg.experts).step_by(2).collect();
+    layer.set_expert_masks(&dev, &[&removed]).unwrap();
+    let records = counted(
+        &dev,
+        &emu,
+        &mut layer,
+        &mut y,
+        &x,
+        ForwardOptions::default(),
+    );
+    let masked = chosen(&dev, &layer);
+    assert!(masked.iter().all(|&e| e % 2 == 1), "{masked:?}");
+    check_decode_bytes(&layer, &cfg, &records, &masked, true);
+    layer.set_expert_masks(&dev, &[]).unwrap();
+
+    // Given routing replaces the router: the step reads the given experts' bytes alone (and
+    // the routing itself).
+    let ids = dev.upload(&[3i32, 9, 14, 0], &[1, 4]).unwrap();
+    let weights = dev.upload(&[0.4f32, 0.3, 0.2, 0.1], &[1, 4]).unwrap();
+    let opts = ForwardOptions {
+        routing: Some((&ids, &weights)),
+        ..Default::default()
+    };
+    let records = counted(&dev, &emu, &mut layer, &mut y, &x, opts);
+    check_decode_bytes(&layer, &cfg, &records, &[0, 3, 9, 14], false);
+}
+
+/// The launch records of one forward of `layer` with `opts`, checked.
+fn counted(
+    dev: &moe_kernels::Device,
+    emu: &Emulator,
+    layer: &mut MoeLayer<bf16>,
+    y: &mut moe_kernels::Tensor<bf16>,
+    x: &moe_kernels::Tensor<bf16>,
+    opts: ForwardOptions<'_>,
+) -> Vec<LaunchRecord> {
     emu.enable(true).unwrap();
     emu.take().unwrap();
-    let run = layer.forward_into(&dev, &mut y, &x);
+    let run = layer.forward_with(dev, y, x, opts);
     let sync = dev.synchronize();
     let records: Vec<LaunchRecord> = emu.take().unwrap();
     emu.enable(false).unwrap();
     run.unwrap();
     sync.unwrap();
-    layer.check(&dev).unwrap();
-    assert_eq!(records.len(), 3, "the decode path is three launches");
+    layer.check(dev).unwrap();
+    records
+}
 
+/// The distinct experts of the last forward's routing.
+fn chosen(dev: &moe_kernels::Device, layer: &MoeLayer<bf16>) -> Vec<i32> {
     let mut chosen: Vec<i32> = dev.download(layer.routing().0).unwrap();
     chosen.sort_unstable();
     chosen.dedup();
+    chosen
+}
+
+/// A decode step's counted DRAM bytes against the `chosen` experts' bytes and, when `router`,
+/// the router's: within 2% (distinct sectors and the L2 model's), the requested bytes within
+/// 25%, and every launch modelled.
+fn check_decode_bytes(
+    layer: &MoeLayer<bf16>,
+    cfg: &MoeConfig,
+    records: &[LaunchRecord],
+    chosen: &[i32],
+    router: bool,
+) {
+    assert_eq!(records.len(), 3, "the decode path is three launches");
     assert_eq!(chosen.len(), 4);
     let experts: usize = chosen
         .iter()
@@ -59,7 +125,11 @@ fn gpu_decode_dram_bytes_are_the_active_experts_bytes() {
             gu + d
         })
         .sum();
-    let router = cfg.experts * cfg.hidden * 2;
+    let router = if router {
+        cfg.experts * cfg.hidden * 2
+    } else {
+        0
+    };
     let expected = (experts + router) as f64;
     let sum = |f: fn(&LaunchRecord) -> f64| records.iter().map(f).sum::<f64>();
     let unique = sum(|r| r.dram.unique_read_bytes + r.dram.unique_write_bytes);

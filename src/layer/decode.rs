@@ -10,8 +10,14 @@
 //! for all the tokens that chose it (in passes of 8), not once per token. [`DecodeVersion::V4`]
 //! runs the down GEMV by expert too (`decode_down_v3`, raw dots per slot), then
 //! `decode_combine`: five launches.
+//!
+//! Routing given by the caller ([`ForwardOptions::routing`]) is checked into the layer's ids and
+//! weights by `route_given` in place of the router logits; the gate/up kernels then read it
+//! (null logits) instead of routing, and v3 to v5 skip their route launch.
 
-use super::gpu::{DecodeVersion, ExpertWeights, Logits, MoeLayer, RouterWeights, Stage};
+use super::gpu::{
+    DecodeVersion, ExpertWeights, ForwardOptions, Logits, MoeLayer, RouterWeights, Stage,
+};
 use super::{MoeConfig, ZeroExpert};
 use crate::activation::{GateLayout, GatedAct};
 use crate::device::{Device, Tensor};
@@ -197,19 +203,33 @@ impl<T: Float> MoeLayer<T> {
         dev: &Device,
         y: &mut Tensor<T>,
         x: &Tensor<T>,
+        opts: ForwardOptions<'_>,
         mark: &mut dyn FnMut(Stage) -> Result<()>,
     ) -> Result<()> {
         const OP: &str = "MoeLayer::forward (decode)";
-        let cfg = &self.cfg;
-        let (h, e, et, k) = (cfg.hidden, cfg.experts, cfg.experts_total(), cfg.k());
         let t = x.shape()[0];
+        let (h, e, et, k) = (
+            self.cfg.hidden,
+            self.cfg.experts,
+            self.cfg.experts_total(),
+            self.cfg.k(),
+        );
+        self.ids.set_shape(&[t, k])?;
+        self.weights.set_shape(&[t, k])?;
+        let masks = self.mask_fields(dev, &opts, t)?;
+        let given = opts.routing.is_some();
+        if let Some(given) = opts.routing {
+            // Into the layer's ids and weights, which every kernel below reads (null logits
+            // tell the gate/up kernel not to route).
+            self.take_routing(dev, given)?;
+        }
+        let cfg = &self.cfg;
         let (s, ld_h) = (self.decode.slots, self.decode.ld_h);
         let w = &self.w;
 
         // 1. The router logits, as the planned path computes them.
-        self.ids.set_shape(&[t, k])?;
-        self.weights.set_shape(&[t, k])?;
         let (logits_ptr, logits_dtype) = match (&w.router, &mut self.logits) {
+            _ if given => (0, T::DTYPE.name()),
             (RouterWeights::Model { w: rw, bias }, Logits::Model(logits)) => {
                 logits.set_shape(&[t, et])?;
                 routing::router_logits_into(dev, logits, x, rw, bias.as_ref())?;
@@ -270,14 +290,14 @@ impl<T: Float> MoeLayer<T> {
         let ptr = |o: Option<&Tensor<T>>| o.map_or(0, |t| t.device_ptr(dev));
         let ws = &mut self.decode;
         let params = DecodeParams {
-            route: crate::params::RouteParams {
+            route: masks.apply(crate::params::RouteParams {
                 ids: self.ids.device_ptr_mut(dev),
                 weights: self.weights.device_ptr_mut(dev),
                 counts: 0,
                 logits: logits_ptr,
                 bias: w.correction_bias.as_ref().map_or(0, |b| b.device_ptr(dev)),
                 ..route
-            },
+            }),
             up,
             down,
             shared_up,
@@ -328,27 +348,20 @@ impl<T: Float> MoeLayer<T> {
         };
         let v = if smem.is_some() { "v2_" } else { "" };
         let dtype = T::DTYPE.name();
-        if by_expert {
+        if by_expert && !given {
             // v3 routes every token once, before the gate/up kernel reads the ids.
             let func = dev.function(
                 OP,
                 Module::Routing,
                 &format!("route_{logits_dtype}_e{}", routing::route_capacity(et)),
             )?;
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    u32::try_from(t.div_ceil(4)).expect("T <= DECODE_TOKENS"),
-                    1,
-                    1,
-                ),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = routing::route_launch(t);
             // SAFETY: `route_{l}_e{N}` takes one RouteParams (params.route, as route_into fills
             // it: the rule validated with the layer's config, N >= E_total); logits [T, E_total]
             // of dtype l, ids and weights [T, K] of this layer (shaped above), the correction
-            // bias [E_total] where the rule reads it, counts null. Warp w of block b routes token
-            // 4b + w < T. All on this device.
+            // bias [E_total] where the rule reads it, counts null, and the masks, their index
+            // and the status as mask_fields checked them (or null). Warp w of block b routes
+            // token 4b + w < T. All on this device.
             unsafe { dev.launch(OP, &func, cfg, &params.route) }?;
         }
         mark(Stage::Route)?;
@@ -418,8 +431,10 @@ impl<T: Float> MoeLayer<T> {
         // SAFETY: `decode_gate_up_{v2_}{t}_{l}_e{N}` takes one DecodeParams (mirrored in
         // src/params.rs) and routes up to N >= E_total experts per token from logits [T,
         // E_total] of dtype l, as route_{l}_e{N} does (the rule validated with the layer's
-        // config). Block (x, y) handles token y / S < T and slot y % S: it writes ids/weights
-        // [T, K] at row y / S (column-0 blocks of slot 0), reads x [T, H], the slot's expert
+        // config, the masks as for the route launch), or with null logits reads ids/weights
+        // [T, K] that route_given checked above (ids in [-1, E_total)). Block (x, y) handles
+        // token y / S < T and slot y % S: it writes ids/weights [T, K] at row y / S (column-0
+        // blocks of slot 0, when it routes), reads x [T, H], the slot's expert
         // (an id the routing gave, in [0, E) for a GEMV; the shared expert is expert 0 of its
         // [1, 2Is, H]) through plain [E, 2I, H] weights or a packed layer's validated table and
         // blob, its bias [E, 2I], and writes h[y, j] for j < I (Is) < ld_h in the workspace of

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::gemm::{self, GemmOptions, GemmRows, GemmVersion};
 use crate::permute::{Plan, reference::padded_capacity};
 use crate::quant::{self, QuantGemvVersion, QuantLayer};
+use crate::routing;
 
 /// The most dynamic shared memory decode v5's gate/up kernel takes for act-order experts' rows
 /// of x (8 rows of H): beside its 19 KB of static shared memory, within every sm_80+ SM's
@@ -234,6 +235,23 @@ pub(super) struct SharedWs<T> {
     pub(super) gate_logits: Tensor<T>,
 }
 
+/// What a forward takes beside `x`: routing from the caller, and each token's expert mask.
+#[derive(Clone, Copy, Default)]
+pub struct ForwardOptions<'a> {
+    /// `topk_ids [T, K]` (i32) and `topk_weights [T, K]` (f32) on the device, used instead of
+    /// the layer's router (which does not run; masks do not apply). Checked on the device by
+    /// `route_given` (kernels/routing.cu): a slot whose id is outside [-1, E_total) (ids from E
+    /// on name the zero-computation experts), repeats an earlier id of its row, or has a NaN or
+    /// infinite weight runs as unused (-1, weight 0) and is counted; [`MoeLayer::check`] returns
+    /// the `Err`. The weights are the final ones: they multiply the expert outputs (the inputs
+    /// for Llama 4) as the router's would.
+    pub routing: Option<(&'a Tensor<i32>, &'a Tensor<f32>)>,
+    /// `[T]` (i32): each token's mask among [`MoeLayer::set_expert_masks`]'s, -1 for none. Without
+    /// it every token takes mask 0 where the layer has masks. An index outside [-1, M) routes
+    /// the token to no expert and is counted; [`MoeLayer::check`] returns the `Err`.
+    pub mask_index: Option<&'a Tensor<i32>>,
+}
+
 /// One MoE block on the device, in compute dtype `T` (bf16 or f16).
 pub struct MoeLayer<T: Float> {
     pub(super) cfg: MoeConfig,
@@ -258,6 +276,11 @@ pub struct MoeLayer<T: Float> {
     pub(super) shared: Option<SharedWs<T>>,
     /// The decode path's scratch, sized for DECODE_TOKENS.
     pub(super) decode: DecodeWs<T>,
+    /// `[M, ceil(E_total / 32)]` expert masks ([`MoeLayer::set_expert_masks`]), if any.
+    pub(super) masks: Option<Tensor<u32>>,
+    /// `[4]` what the routing kernels found in given routing and mask indices
+    /// ([`routing::check_status`]).
+    pub(super) route_status: Tensor<i32>,
 }
 
 fn to_model<S: Float, T: Float>(v: &[S]) -> Vec<T> {
@@ -582,7 +605,46 @@ impl<T: Float> MoeLayer<T> {
             scratch,
             shared,
             decode: DecodeWs::new(dev, cfg, max_tokens.min(Self::DECODE_TOKENS))?,
+            masks: None,
+            route_status: dev.zeros(&[4])?,
         })
+    }
+
+    /// Sets the layer's expert masks: `masks[m]` lists the experts (ids in [0, E_total)) that
+    /// mask m removes from routing; [`ForwardOptions::mask_index`] picks one per token, mask 0
+    /// by default. No masks (an empty slice) turns masking off. Writes the device buffer, and
+    /// allocates it only when the number of masks changes: with the same number a CUDA graph
+    /// captured earlier replays with the new masks. Call it outside a capture; inside one, or
+    /// from device code, write [`MoeLayer::expert_masks_mut`] instead (bit e % 32 of word e / 32
+    /// of row m removes expert e).
+    pub fn set_expert_masks(&mut self, dev: &Device, masks: &[&[usize]]) -> Result<()> {
+        const OP: &str = "MoeLayer::set_expert_masks";
+        let et = self.cfg.experts_total();
+        if masks.is_empty() {
+            self.masks = None;
+            return Ok(());
+        }
+        let mut words = Vec::with_capacity(masks.len() * et.div_ceil(32));
+        for m in masks {
+            words.extend(routing::mask_words(OP, "masks", et, m)?);
+        }
+        match &mut self.masks {
+            Some(t) if t.shape()[0] == masks.len() => dev.upload_into(t, &words),
+            _ => {
+                self.masks = Some(dev.upload(&words, &[masks.len(), et.div_ceil(32)])?);
+                Ok(())
+            }
+        }
+    }
+
+    /// The expert masks on the device, `[M, ceil(E_total / 32)]` u32, if set.
+    pub fn expert_masks(&self) -> Option<&Tensor<u32>> {
+        self.masks.as_ref()
+    }
+
+    /// The expert masks' device buffer, for a runtime that writes masks on its stream.
+    pub fn expert_masks_mut(&mut self) -> Option<&mut Tensor<u32>> {
+        self.masks.as_mut()
     }
 
     pub fn config(&self) -> &MoeConfig {
@@ -801,6 +863,31 @@ impl<T: Float> MoeLayer<T> {
         x: &Tensor<T>,
         mark: &mut dyn FnMut(Stage) -> Result<()>,
     ) -> Result<()> {
+        self.forward_with_marked(dev, y, x, ForwardOptions::default(), mark)
+    }
+
+    /// [`MoeLayer::forward_into`] with routing from the caller or per-token expert masks
+    /// ([`ForwardOptions`]). Given routing equal to the layer's own gives the same `y`, bit for
+    /// bit, on every path.
+    pub fn forward_with(
+        &mut self,
+        dev: &Device,
+        y: &mut Tensor<T>,
+        x: &Tensor<T>,
+        opts: ForwardOptions<'_>,
+    ) -> Result<()> {
+        self.forward_with_marked(dev, y, x, opts, &mut |_| Ok(()))
+    }
+
+    /// [`MoeLayer::forward_with`], calling `mark` as [`MoeLayer::forward_marked`] does.
+    pub fn forward_with_marked(
+        &mut self,
+        dev: &Device,
+        y: &mut Tensor<T>,
+        x: &Tensor<T>,
+        opts: ForwardOptions<'_>,
+        mark: &mut dyn FnMut(Stage) -> Result<()>,
+    ) -> Result<()> {
         const OP: &str = "MoeLayer::forward";
         let h = self.cfg.hidden;
         let (t, xh) = x.dims2(OP, "x", "[T, H]")?;
@@ -822,32 +909,108 @@ impl<T: Float> MoeLayer<T> {
         }
         x.check_device(OP, "x", dev)?;
         y.check_device(OP, "y", dev)?;
+        let k = self.cfg.k();
+        if let Some((ids, weights)) = opts.routing {
+            for (arg, shape) in [("topk_ids", ids.shape()), ("topk_weights", weights.shape())] {
+                if shape != [t, k] {
+                    return Err(Error::shape(
+                        OP,
+                        arg,
+                        format!("[T, K] = [{t}, {k}]"),
+                        format!("{shape:?}"),
+                    ));
+                }
+            }
+            ids.check_device(OP, "topk_ids", dev)?;
+            weights.check_device(OP, "topk_weights", dev)?;
+        }
+        if let Some(index) = opts.mask_index {
+            if self.masks.is_none() {
+                return Err(Error::shape(
+                    OP,
+                    "mask_index",
+                    "none (the layer has no expert masks: set_expert_masks)",
+                    format!("{:?}", index.shape()),
+                ));
+            }
+            if index.shape() != [t] {
+                return Err(Error::shape(
+                    OP,
+                    "mask_index",
+                    format!("[T] = [{t}]"),
+                    format!("{:?}", index.shape()),
+                ));
+            }
+            index.check_device(OP, "mask_index", dev)?;
+        }
         if t == 0 {
             return Ok(());
         }
         match self.path {
             Path::Auto | Path::Decode if t <= Self::DECODE_TOKENS => {
-                self.forward_decode(dev, y, x, mark)
+                self.forward_decode(dev, y, x, opts, mark)
             }
-            Path::Gemv => self.forward_planned(dev, y, x, true, mark),
-            _ => self.forward_planned(dev, y, x, false, mark),
+            Path::Gemv => self.forward_planned(dev, y, x, true, opts, mark),
+            _ => self.forward_planned(dev, y, x, false, opts, mark),
         }
     }
 
-    /// Reads the plans' status: an error if any id was out of range in the last forward. Waits
-    /// for the stream; call it outside a captured forward.
+    /// Given routing, checked on the device into the layer's ids and weights (`route_given`).
+    pub(super) fn take_routing(
+        &mut self,
+        dev: &Device,
+        (ids, weights): (&Tensor<i32>, &Tensor<f32>),
+    ) -> Result<()> {
+        routing::route_given_into(
+            dev,
+            &mut self.ids,
+            &mut self.weights,
+            ids,
+            weights,
+            self.cfg.experts_total(),
+            &mut self.route_status,
+        )
+    }
+
+    /// The routing controls' fields of the route kernels' parameters for `t` tokens: the masks
+    /// (checked) and the status, or zeros where the layer has no masks.
+    pub(super) fn mask_fields(
+        &mut self,
+        dev: &Device,
+        opts: &ForwardOptions<'_>,
+        t: usize,
+    ) -> Result<routing::MaskFields> {
+        let masks = self.masks.as_ref().map(|masks| {
+            (
+                routing::ExpertMasks {
+                    masks,
+                    index: opts.mask_index,
+                },
+                &mut self.route_status,
+            )
+        });
+        routing::mask_params("MoeLayer::forward", dev, masks, t, self.cfg.experts_total())
+    }
+
+    /// Reads what the forwards since the last check found on the device, and resets it: an error
+    /// for given routing with ids out of range or repeated or weights not finite, mask indices
+    /// out of range ([`ForwardOptions`]), ids out of range in a plan, or compressed codes no
+    /// packer gives. Waits for the stream; call it outside a captured forward.
     pub fn check(&mut self, dev: &Device) -> Result<()> {
-        self.plan.check(dev)?;
-        self.decode.check(dev)?;
+        let mut found = vec![
+            routing::check_status(dev, "MoeLayer::forward", &mut self.route_status),
+            self.plan.check(dev),
+            self.decode.check(dev),
+        ];
         for p in [&mut self.w.gate_up, &mut self.w.down] {
             if let ExpertWeights::Packed(q) = p {
-                q.check(dev)?;
+                found.push(q.check(dev));
             }
         }
-        match &self.shared {
-            Some(s) => s.plan.check(dev),
-            None => Ok(()),
+        if let Some(s) = &mut self.shared {
+            found.push(s.plan.check(dev));
         }
+        found.into_iter().collect()
     }
 
     /// The weights.

@@ -29,8 +29,8 @@ pub mod presets;
 pub mod reference;
 
 pub use gpu::{
-    DecodeVersion, DeviceWeights, ExpertWeights, MoeLayer, Path, RANDOM_TENSORS, RouterWeights,
-    Stage,
+    DecodeVersion, DeviceWeights, ExpertWeights, ForwardOptions, MoeLayer, Path, RANDOM_TENSORS,
+    RouterWeights, Stage,
 };
 
 use crate::activation::{GateLayout, GatedAct};

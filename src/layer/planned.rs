@@ -1,8 +1,9 @@
 //! Today's forward, through a routing plan: route, plan, gather, the grouped GEMV (sorted
 //! layout) or GEMM (padded layout) for gate/up and down, the shared expert, then the combine.
-//! Nine to thirteen launches and three memsets; every T.
+//! Nine to thirteen launches and three memsets; every T. Routing given by the caller replaces
+//! the router's two launches by one that checks it (`route_given`).
 
-use super::gpu::{ExpertWeights, Logits, MoeLayer, RouterWeights, Stage};
+use super::gpu::{ExpertWeights, ForwardOptions, Logits, MoeLayer, RouterWeights, Stage};
 use crate::activation::GateLayout;
 use crate::device::{Device, Tensor};
 use crate::dtype::Float;
@@ -20,43 +21,60 @@ impl<T: Float> MoeLayer<T> {
         y: &mut Tensor<T>,
         x: &Tensor<T>,
         gemv: bool,
+        opts: ForwardOptions<'_>,
         mark: &mut dyn FnMut(Stage) -> Result<()>,
     ) -> Result<()> {
         let (h, et, k) = (self.cfg.hidden, self.cfg.experts_total(), self.cfg.k());
         let t = x.shape()[0];
         let layout = if gemv { Layout::Sorted } else { Layout::Padded };
-        let cfg = &self.cfg;
-        let w = &mut self.w;
 
-        // Route.
+        // Route: the router, with the layer's masks, or the caller's routing, checked.
         self.ids.set_shape(&[t, k])?;
         self.weights.set_shape(&[t, k])?;
-        let corr = w.correction_bias.as_ref();
-        // The two arms differ only in the logits' dtype.
-        macro_rules! route {
-            ($rw:expr, $bias:expr, $logits:expr) => {{
-                $logits.set_shape(&[t, et])?;
-                routing::route_hidden_into(
-                    dev,
-                    &mut self.ids,
-                    &mut self.weights,
-                    $logits,
-                    x,
-                    $rw,
-                    $bias.as_ref(),
-                    &cfg.router,
-                    corr,
-                )?;
-            }};
-        }
-        match (&w.router, &mut self.logits) {
-            (RouterWeights::Model { w: rw, bias }, Logits::Model(logits)) => {
-                route!(rw, bias, logits)
+        if let Some(given) = opts.routing {
+            self.take_routing(dev, given)?;
+        } else {
+            let masks = self.masks.as_ref().map(|masks| {
+                (
+                    routing::ExpertMasks {
+                        masks,
+                        index: opts.mask_index,
+                    },
+                    &mut self.route_status,
+                )
+            });
+            let w = &self.w;
+            let corr = w.correction_bias.as_ref();
+            // The two arms differ only in the logits' dtype.
+            macro_rules! route {
+                ($rw:expr, $bias:expr, $logits:expr) => {{
+                    $logits.set_shape(&[t, et])?;
+                    routing::router_logits_into(dev, $logits, x, $rw, $bias.as_ref())?;
+                    routing::route_inner(
+                        dev,
+                        &mut self.ids,
+                        &mut self.weights,
+                        None,
+                        $logits,
+                        &self.cfg.router,
+                        corr,
+                        masks,
+                    )?;
+                }};
             }
-            (RouterWeights::F32 { w: rw, bias }, Logits::F32(logits)) => route!(rw, bias, logits),
-            _ => unreachable!("from_device sizes the logits for the router's dtype"),
+            match (&w.router, &mut self.logits) {
+                (RouterWeights::Model { w: rw, bias }, Logits::Model(logits)) => {
+                    route!(rw, bias, logits)
+                }
+                (RouterWeights::F32 { w: rw, bias }, Logits::F32(logits)) => {
+                    route!(rw, bias, logits)
+                }
+                _ => unreachable!("from_device sizes the logits for the router's dtype"),
+            }
         }
         mark(Stage::Route)?;
+        let cfg = &self.cfg;
+        let w = &mut self.w;
 
         self.plan.build(dev, &self.ids)?;
         mark(Stage::Plan)?;

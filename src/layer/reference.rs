@@ -59,8 +59,30 @@ fn gated_mlp<W: Float, S: Float>(
         .collect()
 }
 
+/// The routing controls of [`forward_with`], as the GPU layer's [`super::ForwardOptions`] gives
+/// them.
+#[derive(Clone, Debug, Default)]
+pub struct Controls {
+    /// Routing given by the caller: ids and weights `[T, K]` as [`route_ref::given`] takes them;
+    /// the router is not run.
+    pub given: Option<(Vec<i32>, Vec<f32>)>,
+    /// `[T, E_total]`, true where the token's mask removes the expert before selection
+    /// ([`route_ref::route_masked`]). Ignored with given routing.
+    pub removed: Option<Vec<bool>>,
+}
+
 /// The block on `x [T, H]` (f64 values, usually the model-dtype input widened).
 pub fn forward<S: Float>(cfg: &MoeConfig, w: &LayerWeights<S>, x: &[f64]) -> Result<Forward> {
+    forward_with(cfg, w, x, &Controls::default())
+}
+
+/// [`forward`] with routing given by the caller or experts masked.
+pub fn forward_with<S: Float>(
+    cfg: &MoeConfig,
+    w: &LayerWeights<S>,
+    x: &[f64],
+    controls: &Controls,
+) -> Result<Forward> {
     const OP: &str = "MoE layer reference";
     w.check(OP, cfg)?;
     let (h, i, e, et, k) = (
@@ -91,8 +113,30 @@ pub fn forward<S: Float>(cfg: &MoeConfig, w: &LayerWeights<S>, x: &[f64]) -> Res
     let router = widen(&w.router);
     let router_bias = w.router_bias.as_deref().map(widen);
     let correction = w.correction_bias.as_deref().map(widen);
-    let logits = route_ref::router_logits(x, &router, router_bias.as_deref(), (tokens, et, h));
-    let routing = route_ref::route(&logits, et, &cfg.router, correction.as_deref())?;
+    let routing = match &controls.given {
+        Some((ids, weights)) => {
+            if ids.len() != tokens * k || weights.len() != tokens * k {
+                return Err(Error::shape(
+                    OP,
+                    "given",
+                    format!("ids and weights of [T, K] = [{tokens}, {k}]"),
+                    format!("{} ids, {} weights", ids.len(), weights.len()),
+                ));
+            }
+            route_ref::given(ids, weights, k, et).0
+        }
+        None => {
+            let logits =
+                route_ref::router_logits(x, &router, router_bias.as_deref(), (tokens, et, h));
+            route_ref::route_masked(
+                &logits,
+                et,
+                &cfg.router,
+                correction.as_deref(),
+                controls.removed.as_deref(),
+            )?
+        }
+    };
 
     let mut y = vec![0.0; tokens * h];
     let mut decoded: HashMap<usize, (Vec<f32>, Vec<f32>)> = HashMap::new();
