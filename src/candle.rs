@@ -337,6 +337,64 @@ impl MoeBlock {
         Ok(into_candle(y, &self.cdev))
     }
 
+    /// [`MoeBlock::forward`] with the routing given: candle `ids [T, K]` (i32, -1 for an unused
+    /// slot) and `weights [T, K]` (f32) on this block's device, used instead of the block's
+    /// router as [`crate::layer::ForwardOptions::routing`] describes. Waits for the stream and
+    /// returns an `Err` naming `topk_ids` or `topk_weights` where the device check found ids
+    /// out of range or repeated, or weights that are not finite.
+    pub fn forward_routed(
+        &self,
+        x: &cc::Tensor,
+        ids: &cc::Tensor,
+        weights: &cc::Tensor,
+    ) -> Result<cc::Tensor> {
+        const OP: &str = "candle::MoeBlock::forward_routed";
+        let (t, h) = x
+            .dims2()
+            .map_err(|_| Error::shape(OP, "x", "[T, H]", format!("{:?}", x.dims())))?;
+        let mut block = self.block.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *block {
+            Block::Bf16(l) => self.forward_routed_as(l, x, ids, weights, t, h),
+            Block::F16(l) => self.forward_routed_as(l, x, ids, weights, t, h),
+        }
+    }
+
+    fn forward_routed_as<T: CandleElem + Float>(
+        &self,
+        l: &mut MoeLayer<T>,
+        x: &cc::Tensor,
+        ids: &cc::Tensor,
+        weights: &cc::Tensor,
+        t: usize,
+        h: usize,
+    ) -> Result<cc::Tensor> {
+        const OP: &str = "candle::MoeBlock::forward_routed";
+        let mut y = self.dev.zeros::<T>(&[t, h])?;
+        with_view(&self.dev, OP, "x", x, |xv| {
+            with_view::<i32, _>(&self.dev, OP, "topk_ids", ids, |iv| {
+                with_view::<f32, _>(&self.dev, OP, "topk_weights", weights, |wv| {
+                    let opts = crate::layer::ForwardOptions {
+                        routing: Some((iv, wv)),
+                        mask_index: None,
+                    };
+                    l.forward_with(&self.dev, &mut y, xv, opts)
+                })
+            })
+        })?;
+        l.check(&self.dev)?;
+        Ok(into_candle(y, &self.cdev))
+    }
+
+    /// Sets the block's expert masks ([`MoeLayer::set_expert_masks`]): mask 0 removes its
+    /// experts from every token's routing in later forwards; none turns masking off.
+    pub fn set_expert_masks(&self, masks: &[&[usize]]) -> Result<()> {
+        let mut block = self.block.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *block {
+            Block::Bf16(l) => l.set_expert_masks(&self.dev, masks),
+            Block::F16(l) => l.set_expert_masks(&self.dev, masks),
+        }
+    }
+
     /// `y = block(x)` into the existing candle tensor `y [T, H]`, in place: no allocation and no
     /// copy (candle's in-place op hands over `y`'s storage for writing).
     pub fn forward_into(&self, y: &cc::Tensor, x: &cc::Tensor) -> Result<()> {

@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use moe_kernels::layer::{MoeLayer, reference};
+use moe_kernels::layer::{ForwardOptions, MoeLayer, reference};
 use moe_kernels::model::{Model, OwnedTensor, TensorFile, write_tensors};
-use moe_kernels::routing::reference as route_ref;
+use moe_kernels::routing::{self, reference as route_ref};
 use moe_kernels::{DType, Device, Error, Float, kernels};
 
 /// Where the block runs.
@@ -57,6 +57,14 @@ pub struct ForwardArgs {
     /// agree except at near-ties, and the output within 3% of its scale. Runs on cuda.
     #[arg(long)]
     pub check: bool,
+    /// Expert ids (comma-separated, in [0, E_total)) removed from every token's routing; the
+    /// router's rule runs on the experts that remain.
+    #[arg(long, value_delimiter = ',', conflicts_with = "topk_ids")]
+    pub mask_experts: Vec<usize>,
+    /// A safetensors file with `topk_ids [T, K]` (i64 or i32; -1 for an unused slot) and
+    /// `topk_weights [T, K]` f32: the routing to run instead of the layer's router.
+    #[arg(long)]
+    pub topk_ids: Option<PathBuf>,
 }
 
 /// The block's result on the host.
@@ -70,6 +78,21 @@ pub fn run(args: &ForwardArgs) -> Result<(), Error> {
     let model = Model::open(&args.model)?;
     let cfg = model.layer_config(args.layer)?;
     let (x, tokens) = read_input(&args.input, cfg.hidden)?;
+    let et = cfg.experts_total();
+    // Checked here, so that a bad mask or routing file is refused before anything runs.
+    routing::mask_words("forward", "--mask-experts", et, &args.mask_experts)?;
+    let controls = reference::Controls {
+        given: args
+            .topk_ids
+            .as_deref()
+            .map(|p| read_routing(p, tokens, cfg.k(), et))
+            .transpose()?,
+        removed: (!args.mask_experts.is_empty()).then(|| {
+            (0..tokens)
+                .flat_map(|_| (0..et).map(|e| args.mask_experts.contains(&e)))
+                .collect()
+        }),
+    };
     let dtype = args.dtype.map_or(model.dtype, DtypeArg::dtype);
 
     // --check compares the cuda path with the cpu one, so it needs cuda.
@@ -109,15 +132,23 @@ pub fn run(args: &ForwardArgs) -> Result<(), Error> {
             }
         },
     };
+    let run = Run {
+        model: &model,
+        layer: args.layer,
+        x: &x,
+        tokens,
+        controls: &controls,
+        mask: &args.mask_experts,
+    };
     let r = match (&device, dtype) {
-        (None, DType::F32) => on_cpu::<f32>(&model, args.layer, &x)?,
-        (None, DType::BF16) => on_cpu::<bf16>(&model, args.layer, &x)?,
-        (None, _) => on_cpu::<f16>(&model, args.layer, &x)?,
-        (Some(dev), DType::F16) => on_gpu::<f16>(dev, &model, args.layer, &x, tokens)?,
-        (Some(dev), _) => on_gpu::<bf16>(dev, &model, args.layer, &x, tokens)?,
+        (None, DType::F32) => run.on_cpu::<f32>()?,
+        (None, DType::BF16) => run.on_cpu::<bf16>()?,
+        (None, _) => run.on_cpu::<f16>()?,
+        (Some(dev), DType::F16) => run.on_gpu::<f16>(dev)?,
+        (Some(dev), _) => run.on_gpu::<bf16>(dev)?,
     };
     if args.check {
-        check_against_cpu(&model, args.layer, &x, dtype, &r)?;
+        run.check_against_cpu(dtype, &r)?;
     }
 
     // Each row's ids ascending, the weights in the same order.
@@ -204,25 +235,134 @@ fn read_input(path: &Path, hidden: usize) -> Result<(Vec<f32>, usize), Error> {
     Ok((x, tokens))
 }
 
-fn on_cpu<S: Float>(model: &Model, layer: usize, x: &[f32]) -> Result<Outcome, Error> {
-    let (cfg, w) = model.load_layer::<S>(layer)?;
-    // The input in the compute dtype, as the GPU path sees it.
-    let xs: Vec<f64> = x.iter().map(|&v| S::from_f32(v).to_f64()).collect();
-    let f = reference::forward(&cfg, &w, &xs)?;
-    Ok(Outcome {
-        y: f.y.iter().map(|&v| v as f32).collect(),
-        ids: f.routing.ids,
-        weights: f.routing.weights.iter().map(|&v| v as f32).collect(),
-    })
+/// Reads `topk_ids` and `topk_weights` `[T, K]` from `path` and refuses what the layer would
+/// not run: another shape, ids outside [-1, E_total) or repeated within a row, weights that are
+/// not finite.
+fn read_routing(
+    path: &Path,
+    tokens: usize,
+    k: usize,
+    experts: usize,
+) -> Result<(Vec<i32>, Vec<f32>), Error> {
+    let file = TensorFile::open(path)?;
+    let bad = |what: &str, expected: String, got: String| Error::Checkpoint {
+        file: path.display().to_string(),
+        what: what.into(),
+        expected,
+        got,
+    };
+    let ids_raw = file.raw("topk_ids")?;
+    ids_raw.expect_shape(&[tokens, k])?;
+    let weights_raw = file.raw("topk_weights")?;
+    weights_raw.expect_shape(&[tokens, k])?;
+    if weights_raw.dtype != safetensors::Dtype::F32 {
+        return Err(bad(
+            "tensor `topk_weights` dtype",
+            "F32".into(),
+            format!("{:?}", weights_raw.dtype),
+        ));
+    }
+    let weights: Vec<f32> = weights_raw.to_vec()?;
+    let mut ids = Vec::with_capacity(tokens * k);
+    for (i, id) in ids_raw.to_i64()?.into_iter().enumerate() {
+        let (t, slot) = (i / k, i % k);
+        let id = i32::try_from(id)
+            .ok()
+            .filter(|&v| v >= -1 && usize::try_from(v).map_or(true, |e| e < experts))
+            .ok_or_else(|| {
+                bad(
+                    "tensor `topk_ids`",
+                    format!("ids in [-1, {experts}) (-1: an unused slot)"),
+                    format!("{id} at [{t}, {slot}]"),
+                )
+            })?;
+        if id >= 0 && ids[t * k..].contains(&id) {
+            return Err(bad(
+                "tensor `topk_ids`",
+                "each expert at most once per token".into(),
+                format!("{id} again at [{t}, {slot}]"),
+            ));
+        }
+        ids.push(id);
+    }
+    if let Some(p) = weights.iter().position(|w| !w.is_finite()) {
+        return Err(bad(
+            "tensor `topk_weights`",
+            "finite values".into(),
+            format!("{} at [{}, {}]", weights[p], p / k, p % k),
+        ));
+    }
+    Ok((ids, weights))
 }
 
-/// Compares the GPU result with the CPU forward on the same input, rounded to the compute
-/// dtype as the GPU saw it, over weights held exactly in f32.
+/// One forward's inputs and routing controls.
+struct Run<'a> {
+    model: &'a Model,
+    layer: usize,
+    x: &'a [f32],
+    tokens: usize,
+    controls: &'a reference::Controls,
+    /// The experts removed from every token (`--mask-experts`).
+    mask: &'a [usize],
+}
+
+impl Run<'_> {
+    fn on_cpu<S: Float>(&self) -> Result<Outcome, Error> {
+        let (cfg, w) = self.model.load_layer::<S>(self.layer)?;
+        // The input in the compute dtype, as the GPU path sees it.
+        let xs: Vec<f64> = self.x.iter().map(|&v| S::from_f32(v).to_f64()).collect();
+        let f = reference::forward_with(&cfg, &w, &xs, self.controls)?;
+        Ok(Outcome {
+            y: f.y.iter().map(|&v| v as f32).collect(),
+            ids: f.routing.ids,
+            weights: f.routing.weights.iter().map(|&v| v as f32).collect(),
+        })
+    }
+
+    fn on_gpu<T: Float>(&self, dev: &Device) -> Result<Outcome, Error> {
+        let (cfg, w) = self.model.load_layer::<T>(self.layer)?;
+        let tokens = self.tokens;
+        let mut moe = MoeLayer::<T>::new(dev, &cfg, &w, tokens)?;
+        if !self.mask.is_empty() {
+            moe.set_expert_masks(dev, &[self.mask])?;
+        }
+        let xs: Vec<T> = self.x.iter().map(|&v| T::from_f32(v)).collect();
+        let xd = dev.upload(&xs, &[tokens, cfg.hidden])?;
+        let mut y = dev.zeros::<T>(&[tokens, cfg.hidden])?;
+        let given = match &self.controls.given {
+            Some((ids, weights)) => Some((
+                dev.upload(ids, &[tokens, cfg.k()])?,
+                dev.upload(weights, &[tokens, cfg.k()])?,
+            )),
+            None => None,
+        };
+        let opts = ForwardOptions {
+            routing: given.as_ref().map(|(i, w)| (i, w)),
+            mask_index: None,
+        };
+        moe.forward_with(dev, &mut y, &xd, opts)?;
+        moe.check(dev)?;
+        let (ids, weights) = moe.routing();
+        Ok(Outcome {
+            y: dev.download(&y)?.iter().map(|v| v.to_f32()).collect(),
+            ids: dev.download(ids)?,
+            weights: dev.download(weights)?,
+        })
+    }
+
+    /// Compares the GPU result with the CPU forward on the same input, rounded to the compute
+    /// dtype as the GPU saw it, over weights held exactly in f32.
+    fn check_against_cpu(&self, dtype: DType, gpu: &Outcome) -> Result<(), Error> {
+        check_against_cpu(self.model, self.layer, self.x, dtype, self.controls, gpu)
+    }
+}
+
 fn check_against_cpu(
     model: &Model,
     layer: usize,
     x: &[f32],
     dtype: DType,
+    controls: &reference::Controls,
     gpu: &Outcome,
 ) -> Result<(), Error> {
     let (cfg, w) = model.load_layer::<f32>(layer)?;
@@ -233,7 +373,7 @@ fn check_against_cpu(
             _ => bf16::from_f32(v).to_f64(),
         })
         .collect();
-    let f = reference::forward(&cfg, &w, &xs)?;
+    let f = reference::forward_with(&cfg, &w, &xs, controls)?;
     let (h, k) = (cfg.hidden, cfg.k());
     let scale = f.y.iter().fold(0f64, |m, v| m.max(v.abs()));
     let (mut max_err, mut compared, mut ties) = (0f64, 0, 0);
@@ -277,26 +417,4 @@ fn check_against_cpu(
         });
     }
     Ok(())
-}
-
-fn on_gpu<T: Float>(
-    dev: &Device,
-    model: &Model,
-    layer: usize,
-    x: &[f32],
-    tokens: usize,
-) -> Result<Outcome, Error> {
-    let (cfg, w) = model.load_layer::<T>(layer)?;
-    let mut moe = MoeLayer::<T>::new(dev, &cfg, &w, tokens)?;
-    let xs: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
-    let xd = dev.upload(&xs, &[tokens, cfg.hidden])?;
-    let mut y = dev.zeros::<T>(&[tokens, cfg.hidden])?;
-    moe.forward_into(dev, &mut y, &xd)?;
-    moe.check(dev)?;
-    let (ids, weights) = moe.routing();
-    Ok(Outcome {
-        y: dev.download(&y)?.iter().map(|v| v.to_f32()).collect(),
-        ids: dev.download(ids)?,
-        weights: dev.download(weights)?,
-    })
 }

@@ -105,6 +105,65 @@ fn gpu_candle_block_equals_the_owned_forward_with_no_copy() {
 }
 
 #[test]
+fn gpu_candle_block_takes_given_routing_and_masks() {
+    let Some((dev, cdev)) = devices("gpu_candle_block_takes_given_routing_and_masks") else {
+        return;
+    };
+    let dir = common::fixtures_dir().join("qwen2_moe");
+    let model = Model::open(&dir).unwrap();
+    let layer = model.moe_layers().unwrap()[0];
+    let (cfg, w) = model.load_layer::<f32>(layer).unwrap();
+    let (t, h, k) = (3, cfg.hidden, cfg.k());
+    let mut rng = Rng::new(7);
+    let x: Vec<bf16> = (0..t * h)
+        .map(|_| bf16::from_f64(rng.uniform(-1.0, 1.0)))
+        .collect();
+    // The owned layer's routing, given back through candle tensors: the same bits.
+    let mut owned = MoeLayer::<bf16>::new(&dev, &cfg, &w, 16).unwrap();
+    let mut y = dev.zeros::<bf16>(&[t, h]).unwrap();
+    owned
+        .forward_into(&dev, &mut y, &dev.upload(&x, &[t, h]).unwrap())
+        .unwrap();
+    let want = bits(&dev.download(&y).unwrap());
+    let ids = dev.download(owned.routing().0).unwrap();
+    let weights = dev.download(owned.routing().1).unwrap();
+    let block = MoeBlock::new(&cdev, &cfg, &w, cc::DType::BF16, 16).unwrap();
+    let xc = cc::Tensor::from_vec(x, (t, h), &cdev).unwrap();
+    let ic = cc::Tensor::from_vec(ids.clone(), (t, k), &cdev).unwrap();
+    let wc = cc::Tensor::from_vec(weights.clone(), (t, k), &cdev).unwrap();
+    let got: Vec<bf16> = block
+        .forward_routed(&xc, &ic, &wc)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(bits(&got), want, "given routing through candle");
+    // Weights of another dtype, ids of another shape, a repeated id.
+    let wb = wc.to_dtype(cc::DType::BF16).unwrap();
+    let e = block.forward_routed(&xc, &ic, &wb).unwrap_err();
+    assert!(e.to_string().contains("topk_weights"), "{e}");
+    let i2 = ic.narrow(1, 0, k - 1).unwrap().contiguous().unwrap();
+    let e = block.forward_routed(&xc, &i2, &wc).unwrap_err();
+    assert!(e.to_string().contains("topk_ids"), "{e}");
+    let mut rep = ids.clone();
+    rep[1] = rep[0];
+    let ir = cc::Tensor::from_vec(rep, (t, k), &cdev).unwrap();
+    let e = block.forward_routed(&xc, &ir, &wc).unwrap_err();
+    assert!(e.to_string().contains("repeated"), "{e}");
+    // A mask on the first chosen expert: the block's output changes.
+    block.set_expert_masks(&[&[ids[0] as usize]]).unwrap();
+    let masked: Vec<bf16> = block
+        .forward(&xc)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_ne!(bits(&masked), want, "the mask changed nothing");
+}
+
+#[test]
 fn gpu_candle_routing_plan_and_grouped_gemm_equal_the_crates_ops() {
     let Some((dev, cdev)) =
         devices("gpu_candle_routing_plan_and_grouped_gemm_equal_the_crates_ops")

@@ -256,6 +256,108 @@ fn forward_on_cpu_reproduces_the_fixture() {
 }
 
 #[test]
+fn forward_takes_given_routing_and_expert_masks() {
+    // transformers' own routing given back (the fixture's topk_ids and topk_weights): the same
+    // output as the router's.
+    let want = TensorFile::open(&fixture("qwen2_moe").join("io.safetensors")).unwrap();
+    let io = fixture("qwen2_moe").join("io.safetensors");
+    let io = io.to_str().unwrap();
+    let (ok, stdout, err, out) =
+        forward_fixture("qwen2_moe", &["--device", "cpu", "--topk-ids", io]);
+    assert!(ok, "{stdout}{err}");
+    let got = TensorFile::open(&out).unwrap();
+    let y: Vec<f32> = got.raw("output").unwrap().to_vec().unwrap();
+    let r: Vec<f32> = want.raw("output").unwrap().to_vec().unwrap();
+    let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (a, b) in y.iter().zip(&r) {
+        assert!((a - b).abs() <= 1e-5 * scale, "{a} vs {b}");
+    }
+    // Masking two of the experts the router chose for token 0: no token gets them.
+    let chosen = want.raw("topk_ids").unwrap().to_i64().unwrap();
+    let masked = format!("{},{}", chosen[0], chosen[1]);
+    let (ok, stdout, err, out) =
+        forward_fixture("qwen2_moe", &["--device", "cpu", "--mask-experts", &masked]);
+    assert!(ok, "{stdout}{err}");
+    let ids = TensorFile::open(&out)
+        .unwrap()
+        .raw("topk_ids")
+        .unwrap()
+        .to_i64()
+        .unwrap();
+    let _ = std::fs::remove_file(&out);
+    assert_eq!(ids.len(), chosen.len());
+    assert!(
+        ids.iter().all(|&i| i != chosen[0] && i != chosen[1]),
+        "{ids:?} holds a masked expert ({masked})"
+    );
+    // Bad controls: an expert out of range, both controls at once, a routing file of another
+    // shape or with a repeated id.
+    let (ok, _, err, _) = forward_fixture("qwen2_moe", &["--device", "cpu", "--mask-experts", "8"]);
+    assert!(
+        !ok && err.contains("--mask-experts") && err.contains("[0, 8)"),
+        "{err}"
+    );
+    let (ok, _, err, _) = forward_fixture(
+        "qwen2_moe",
+        &["--device", "cpu", "--mask-experts", "1", "--topk-ids", io],
+    );
+    assert!(!ok && err.contains("--topk-ids"), "{err}");
+    let tmp = std::env::temp_dir().join(format!("moe-kernels-topk-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let (t, k) = (7, 4);
+    let ids_i64: Vec<i64> = chosen.clone();
+    let w: Vec<f32> = want.raw("topk_weights").unwrap().to_vec().unwrap();
+    for (file, ids, shape, needle) in [
+        (
+            "short.safetensors",
+            ids_i64[..k * (t - 1)].to_vec(),
+            [t - 1, k],
+            "shape",
+        ),
+        (
+            "repeat.safetensors",
+            {
+                let mut v = ids_i64.clone();
+                v[1] = v[0];
+                v
+            },
+            [t, k],
+            "at most once",
+        ),
+        (
+            "range.safetensors",
+            {
+                let mut v = ids_i64.clone();
+                v[5] = 8;
+                v
+            },
+            [t, k],
+            "[-1, 8)",
+        ),
+    ] {
+        let path = tmp.join(file);
+        let n = shape[0] * shape[1];
+        write_tensors(
+            &path,
+            &[
+                ("topk_ids", OwnedTensor::i64(&shape, &ids)),
+                ("topk_weights", OwnedTensor::f32(&shape, &w[..n])),
+            ],
+        )
+        .unwrap();
+        let (ok, _, err, _) = forward_fixture(
+            "qwen2_moe",
+            &["--device", "cpu", "--topk-ids", path.to_str().unwrap()],
+        );
+        assert!(
+            !ok && err.contains(needle) && err.lines().count() == 1,
+            "{file}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
 fn forward_defaults_to_cuda_or_says_why_not() {
     let (ok, stdout, err, _) = forward_fixture("olmoe", &[]);
     assert!(ok, "{stdout}{err}");
@@ -682,5 +784,21 @@ fn gpu_forward_check_on_every_fixture() {
             "{name}: {}",
             check.unwrap_or_else(|| panic!("{name}: no check line in {stdout}"))
         );
+    }
+    // The routing controls through the command: experts masked, and transformers' own routing
+    // given back (the fixture's topk_ids and topk_weights).
+    for name in ["deepseek_v3", "gpt_oss", "qwen2_moe"] {
+        let io = common::fixtures_dir().join(name).join("io.safetensors");
+        for extra in [
+            ["--mask-experts", "0,3"],
+            ["--topk-ids", io.to_str().unwrap()],
+        ] {
+            let args = [
+                "--device", "cuda", "--dtype", "bf16", "--check", extra[0], extra[1],
+            ];
+            let (ok, stdout, err, out) = forward_fixture(name, &args);
+            let _ = std::fs::remove_file(&out);
+            assert!(ok, "{name} {extra:?}: {stdout}{err}");
+        }
     }
 }

@@ -56,6 +56,28 @@ moe_status moe_layer_dims(const moe_layer* layer, int64_t* hidden, int64_t* top_
 moe_status moe_layer_forward(moe_layer* layer, uint64_t x, uint64_t y, int64_t tokens, uint64_t topk_ids,
                              uint64_t topk_weights);
 
+/* moe_layer_forward with routing controls, device pointers or 0. given_ids (int32 [T, K]) and
+ * given_weights (float [T, K]), both or neither: the routing to run instead of the layer's
+ * router (id -1: an unused slot; ids from E name zero-computation experts; the weights multiply
+ * the expert outputs). Slots with ids outside [-1, E_total), repeated in a row, or with NaN or
+ * infinite weights run as unused; moe_layer_check reports them. mask_index (int32 [T]): each
+ * token's expert mask (moe_layer_set_expert_masks), -1 for none; 0: mask 0 for every token
+ * when masks are set. Returns before the work is done. */
+moe_status moe_layer_forward_routed(moe_layer* layer, uint64_t x, uint64_t y, int64_t tokens, uint64_t given_ids,
+                                    uint64_t given_weights, uint64_t mask_index);
+
+/* Sets `masks` expert masks: mask m removes the counts[m] experts listed next in `removed`
+ * (ids in [0, E_total)); the router's rule then runs on the experts that remain. masks = 0 turns
+ * masking off. Keeps the device buffer when the number of masks is unchanged, so that a
+ * captured graph replays with the new masks. Not inside a stream capture. */
+moe_status moe_layer_set_expert_masks(moe_layer* layer, const int32_t* removed, const int64_t* counts,
+                                      int64_t masks);
+
+/* Waits for the layer's stream and reports what its forwards found on the device since the
+ * last check (given routing out of range, repeated or not finite; mask indices out of range):
+ * MOE_ERROR_DEVICE_CHECK with the message, and resets it. Not inside a stream capture. */
+moe_status moe_layer_check(moe_layer* layer);
+
 /* The same block on the CPU in f64 (slow: for checks), on host arrays x and y [T, H] of float. */
 moe_status moe_layer_forward_host(const moe_layer* layer, const float* x, float* y, int64_t tokens);
 

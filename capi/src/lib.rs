@@ -17,7 +17,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaContext;
 use half::{bf16, f16};
 use moe_kernels::device::{TensorView, TensorViewMut};
-use moe_kernels::layer::{MoeConfig, MoeLayer, reference};
+use moe_kernels::layer::{ForwardOptions, MoeConfig, MoeLayer, reference};
 use moe_kernels::model::Model;
 use moe_kernels::{Device, Error, Float};
 
@@ -231,6 +231,14 @@ pub unsafe extern "C" fn moe_layer_dims(
     })
 }
 
+/// The routing controls of `moe_layer_forward_routed`: device pointers, 0 where absent.
+#[derive(Clone, Copy, Default)]
+struct Controls {
+    given_ids: u64,
+    given_weights: u64,
+    mask_index: u64,
+}
+
 /// The forward in dtype `T` on raw device pointers.
 fn forward<T: Float>(
     dev: &Device,
@@ -239,18 +247,38 @@ fn forward<T: Float>(
     p: [u64; 4],
     t: usize,
 ) -> Result<(), (Status, String)> {
-    const F: &str = "moe_layer_forward";
+    forward_ex(
+        "moe_layer_forward",
+        dev,
+        block,
+        cfg,
+        p,
+        t,
+        Controls::default(),
+    )
+}
+
+/// [`forward`] with the routing controls.
+fn forward_ex<T: Float>(
+    func: &'static str,
+    dev: &Device,
+    block: &mut MoeLayer<T>,
+    cfg: &MoeConfig,
+    p: [u64; 4],
+    t: usize,
+    c: Controls,
+) -> Result<(), (Status, String)> {
     let [x, y, ids, weights] = p;
     let (h, k) = (cfg.hidden, cfg.k());
     if x == 0 {
-        return Err(null(F, "x"));
+        return Err(null(func, "x"));
     }
     if y == 0 {
-        return Err(null(F, "y"));
+        return Err(null(func, "y"));
     }
     if t > block.max_tokens() {
         return Err(arg(
-            F,
+            func,
             "tokens",
             format!("at most {} (max_tokens)", block.max_tokens()),
             t,
@@ -261,7 +289,7 @@ fn forward<T: Float>(
     }
     // A view's refusal names the C argument it came from.
     let named = |name: &'static str| {
-        move |e: Error| (status_of(&e), format!("{F}: argument `{name}`: {e}"))
+        move |e: Error| (status_of(&e), format!("{func}: argument `{name}`: {e}"))
     };
     // SAFETY (each view): the header's contract: the pointers address T * H (T * K) elements of
     // their dtype in the layer's device memory, live until the work on the stream is done; the
@@ -277,7 +305,35 @@ fn forward<T: Float>(
         .then(|| unsafe { TensorViewMut::<f32>::from_raw(dev, weights, t * k, &[t, k]) })
         .transpose()
         .map_err(named("topk_weights"))?;
-    block.forward_into(dev, &mut yv, &xv).map_err(crate_err)?;
+    if (c.given_ids == 0) != (c.given_weights == 0) {
+        return Err(arg(
+            func,
+            "given_ids, given_weights",
+            "both device pointers, or both 0",
+            format!("{:#x} and {:#x}", c.given_ids, c.given_weights),
+        ));
+    }
+    // SAFETY (each view): as above; given ids and weights are int32 and float [T, K], the mask
+    // index int32 [T].
+    let giv = (c.given_ids != 0)
+        .then(|| unsafe { TensorView::<i32>::from_raw(dev, c.given_ids, t * k, &[t, k]) })
+        .transpose()
+        .map_err(named("given_ids"))?;
+    let gwv = (c.given_weights != 0)
+        .then(|| unsafe { TensorView::<f32>::from_raw(dev, c.given_weights, t * k, &[t, k]) })
+        .transpose()
+        .map_err(named("given_weights"))?;
+    let miv = (c.mask_index != 0)
+        .then(|| unsafe { TensorView::<i32>::from_raw(dev, c.mask_index, t, &[t]) })
+        .transpose()
+        .map_err(named("mask_index"))?;
+    let opts = ForwardOptions {
+        routing: giv.as_deref().zip(gwv.as_deref()),
+        mask_index: miv.as_deref(),
+    };
+    block
+        .forward_with(dev, &mut yv, &xv, opts)
+        .map_err(crate_err)?;
     let (rid, rw) = block.routing();
     if let Some(v) = idv.as_mut() {
         dev.copy_into(v, rid).map_err(crate_err)?;
@@ -308,6 +364,106 @@ pub unsafe extern "C" fn moe_layer_forward(
             Block::Bf16(b) => forward(&l.dev, b, &l.cfg, p, t),
             Block::F16(b) => forward(&l.dev, b, &l.cfg, p, t),
         }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn moe_layer_forward_routed(
+    layer: *mut Layer,
+    x: u64,
+    y: u64,
+    tokens: i64,
+    given_ids: u64,
+    given_weights: u64,
+    mask_index: u64,
+) -> Status {
+    const F: &str = "moe_layer_forward_routed";
+    guard(|| {
+        // SAFETY: a layer from moe_layer_open, or null; the caller does not share it between
+        // threads during the call.
+        let l = unsafe { layer.as_mut() }.ok_or_else(|| null(F, "layer"))?;
+        let t = usize::try_from(tokens).map_err(|_| arg(F, "tokens", ">= 0", tokens))?;
+        let p = [x, y, 0, 0];
+        let c = Controls {
+            given_ids,
+            given_weights,
+            mask_index,
+        };
+        match &mut l.block {
+            Block::Bf16(b) => forward_ex(F, &l.dev, b, &l.cfg, p, t, c),
+            Block::F16(b) => forward_ex(F, &l.dev, b, &l.cfg, p, t, c),
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn moe_layer_set_expert_masks(
+    layer: *mut Layer,
+    removed: *const i32,
+    counts: *const i64,
+    masks: i64,
+) -> Status {
+    const F: &str = "moe_layer_set_expert_masks";
+    guard(|| {
+        // SAFETY: a layer from moe_layer_open, or null; not shared during the call.
+        let l = unsafe { layer.as_mut() }.ok_or_else(|| null(F, "layer"))?;
+        let m = usize::try_from(masks).map_err(|_| arg(F, "masks", ">= 0", masks))?;
+        if m > 0 && counts.is_null() {
+            return Err(null(F, "counts"));
+        }
+        let counts: Vec<usize> = if m == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: the caller's array of `masks` int64 (non-null, checked).
+            unsafe { std::slice::from_raw_parts(counts, m) }
+                .iter()
+                .map(|&n| usize::try_from(n).map_err(|_| arg(F, "counts", "counts >= 0", n)))
+                .collect::<Result<_, _>>()?
+        };
+        let total: usize = counts.iter().sum();
+        if total > 0 && removed.is_null() {
+            return Err(null(F, "removed"));
+        }
+        let ids: Vec<usize> = if total == 0 {
+            Vec::new()
+        } else {
+            let et = l.cfg.experts_total();
+            // SAFETY: the caller's array of sum(counts) int32 (non-null, checked).
+            unsafe { std::slice::from_raw_parts(removed, total) }
+                .iter()
+                .map(|&e| {
+                    usize::try_from(e)
+                        .ok()
+                        .filter(|&v| v < et)
+                        .ok_or_else(|| arg(F, "removed", format!("expert ids in [0, {et})"), e))
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let mut lists: Vec<&[usize]> = Vec::with_capacity(m);
+        let mut start = 0;
+        for n in counts {
+            lists.push(&ids[start..start + n]);
+            start += n;
+        }
+        match &mut l.block {
+            Block::Bf16(b) => b.set_expert_masks(&l.dev, &lists),
+            Block::F16(b) => b.set_expert_masks(&l.dev, &lists),
+        }
+        .map_err(crate_err)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn moe_layer_check(layer: *mut Layer) -> Status {
+    const F: &str = "moe_layer_check";
+    guard(|| {
+        // SAFETY: a layer from moe_layer_open, or null; not shared during the call.
+        let l = unsafe { layer.as_mut() }.ok_or_else(|| null(F, "layer"))?;
+        match &mut l.block {
+            Block::Bf16(b) => b.check(&l.dev),
+            Block::F16(b) => b.check(&l.dev),
+        }
+        .map_err(crate_err)
     })
 }
 

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::ffi::CStr;
 
 use moe_kernels_c::{
-    Status, moe_last_error, moe_layer_destroy, moe_layer_dims, moe_layer_forward, moe_layer_open,
+    Status, moe_last_error, moe_layer_check, moe_layer_destroy, moe_layer_dims, moe_layer_forward,
+    moe_layer_forward_routed, moe_layer_open, moe_layer_set_expert_masks,
 };
 
 /// `name -> parameter count` of every `moe_*` function in `text`, found by `start`.
@@ -120,6 +121,21 @@ fn bad_arguments_come_back_as_codes_and_messages() {
             Status::Null
         );
         assert!(last().contains("`layer`"), "{}", last());
+        assert_eq!(
+            moe_layer_forward_routed(std::ptr::null_mut(), 1, 1, 1, 0, 0, 0),
+            Status::Null
+        );
+        assert!(
+            last().contains("moe_layer_forward_routed: argument `layer`"),
+            "{}",
+            last()
+        );
+        assert_eq!(
+            moe_layer_set_expert_masks(std::ptr::null_mut(), std::ptr::null(), std::ptr::null(), 0),
+            Status::Null
+        );
+        assert!(last().contains("`layer`"), "{}", last());
+        assert_eq!(moe_layer_check(std::ptr::null_mut()), Status::Null);
         let (mut a, mut b, mut c) = (0, 0, 0);
         assert_eq!(
             moe_layer_dims(std::ptr::null(), &mut a, &mut b, &mut c),

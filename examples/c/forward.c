@@ -127,7 +127,53 @@ int main(int argc, char** argv) {
         failures++;
     }
 
+    /* The routing the layer chose, given back: the same output, bit for bit. */
+    CUdeviceptr dy2;
+    CU(cuMemAlloc(&dy2, n * 2));
+    s = moe_layer_forward_routed(layer, dx, dy2, t, dids, dweights, 0);
+    if (s != MOE_OK || moe_layer_check(layer) != MOE_OK) {
+        fprintf(stderr, "moe_layer_forward_routed: %d: %s\n", (int)s, moe_last_error());
+        return 1;
+    }
+    uint16_t* yb2 = malloc(n * 2);
+    CU(cuMemcpyDtoHAsync(yb2, dy2, n * 2, stream));
+    CU(cuStreamSynchronize(stream));
+    if (memcmp(yb, yb2, n * 2) == 0) {
+        printf("ok    forward_routed: the layer's own routing given back gives the same bits\n");
+    } else {
+        printf("FAIL  forward_routed: the layer's own routing given back gives other bits\n");
+        failures++;
+    }
+
+    /* Token 0's first expert masked: no token chooses it. */
+    const int32_t removed[1] = {ids[0]};
+    const int64_t counts[1] = {1};
+    s = moe_layer_set_expert_masks(layer, removed, counts, 1);
+    if (s == MOE_OK) s = moe_layer_forward(layer, dx, dy2, t, dids, 0);
+    if (s != MOE_OK || moe_layer_check(layer) != MOE_OK) {
+        fprintf(stderr, "masked forward: %d: %s\n", (int)s, moe_last_error());
+        return 1;
+    }
+    int32_t* ids2 = malloc((size_t)(t * top_k) * 4);
+    CU(cuMemcpyDtoHAsync(ids2, dids, (size_t)(t * top_k) * 4, stream));
+    CU(cuStreamSynchronize(stream));
+    int masked_ok = 1;
+    for (int64_t i = 0; i < t * top_k; ++i) masked_ok &= ids2[i] != removed[0];
+    if (masked_ok) {
+        printf("ok    set_expert_masks: expert %d chosen by no token\n", (int)removed[0]);
+    } else {
+        printf("FAIL  set_expert_masks: expert %d still chosen\n", (int)removed[0]);
+        failures++;
+    }
+    moe_layer_set_expert_masks(layer, NULL, NULL, 0);
+
     /* The refusals. */
+    expect("given ids without weights", moe_layer_forward_routed(layer, dx, dy, t, dids, 0, 0), MOE_ERROR_ARGUMENT,
+           "both device pointers");
+    expect("mask index without masks", moe_layer_forward_routed(layer, dx, dy, t, 0, 0, dids), MOE_ERROR_ARGUMENT,
+           "`mask_index`");
+    expect("masked expert out of range", moe_layer_set_expert_masks(layer, (const int32_t[]){100000}, counts, 1),
+           MOE_ERROR_ARGUMENT, "`removed`");
     expect("null x", moe_layer_forward(layer, 0, dy, t, 0, 0), MOE_ERROR_NULL, "`x`");
     expect("null layer", moe_layer_forward(NULL, dx, dy, t, 0, 0), MOE_ERROR_NULL, "`layer`");
     expect("too many tokens", moe_layer_forward(layer, dx, dy, max_tokens + 1, 0, 0), MOE_ERROR_ARGUMENT,
@@ -167,12 +213,15 @@ int main(int argc, char** argv) {
     CU(cuMemFree(dy));
     CU(cuMemFree(dids));
     CU(cuMemFree(dweights));
+    CU(cuMemFree(dy2));
     CU(cuStreamDestroy(stream));
     CU(cuDevicePrimaryCtxRelease(cu_dev));
     free(x);
     free(xb);
     free(yb);
     free(ids);
+    free(ids2);
+    free(yb2);
     free(want);
     printf("%s\n", failures == 0 ? "c example: all passed" : "c example: FAILURES");
     return failures == 0 ? 0 : 1;
