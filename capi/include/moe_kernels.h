@@ -69,7 +69,8 @@ moe_status moe_layer_forward_routed(moe_layer* layer, uint64_t x, uint64_t y, in
 /* Sets `masks` expert masks: mask m removes the counts[m] experts listed next in `removed`
  * (ids in [0, E_total)); the router's rule then runs on the experts that remain. masks = 0 turns
  * masking off. Keeps the device buffer when the number of masks is unchanged, so that a
- * captured graph replays with the new masks. Not inside a stream capture. */
+ * captured graph replays with the new masks; another number frees it, and a graph captured
+ * before must be captured again. Not inside a stream capture. */
 moe_status moe_layer_set_expert_masks(moe_layer* layer, const int32_t* removed, const int64_t* counts,
                                       int64_t masks);
 

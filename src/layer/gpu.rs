@@ -614,7 +614,9 @@ impl<T: Float> MoeLayer<T> {
     /// mask m removes from routing; [`ForwardOptions::mask_index`] picks one per token, mask 0
     /// by default. No masks (an empty slice) turns masking off. Writes the device buffer, and
     /// allocates it only when the number of masks changes: with the same number a CUDA graph
-    /// captured earlier replays with the new masks. Call it outside a capture; inside one, or
+    /// captured earlier replays with the new masks, while a change of number (or to none)
+    /// frees the buffer such a graph reads, so capture it again. Call it outside a capture;
+    /// inside one, or
     /// from device code, write [`MoeLayer::expert_masks_mut`] instead (bit e % 32 of word e / 32
     /// of row m removes expert e).
     pub fn set_expert_masks(&mut self, dev: &Device, masks: &[&[usize]]) -> Result<()> {
