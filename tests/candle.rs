@@ -139,11 +139,14 @@ fn gpu_candle_block_takes_given_routing_and_masks() {
         .to_vec1()
         .unwrap();
     assert_eq!(bits(&got), want, "given routing through candle");
-    // Weights of another dtype, ids of another shape, a repeated id.
-    let wb = wc.to_dtype(cc::DType::BF16).unwrap();
+    // Weights of another dtype, ids of another shape, a repeated id (made on the host: the
+    // emulator runs none of candle's own kernels).
+    let wb: Vec<bf16> = weights.iter().map(|&v| bf16::from_f32(v)).collect();
+    let wb = cc::Tensor::from_vec(wb, (t, k), &cdev).unwrap();
     let e = block.forward_routed(&xc, &ic, &wb).unwrap_err();
     assert!(e.to_string().contains("topk_weights"), "{e}");
-    let i2 = ic.narrow(1, 0, k - 1).unwrap().contiguous().unwrap();
+    let narrow: Vec<i32> = ids.chunks(k).flat_map(|r| r[..k - 1].to_vec()).collect();
+    let i2 = cc::Tensor::from_vec(narrow, (t, k - 1), &cdev).unwrap();
     let e = block.forward_routed(&xc, &i2, &wc).unwrap_err();
     assert!(e.to_string().contains("topk_ids"), "{e}");
     let mut rep = ids.clone();
