@@ -233,6 +233,9 @@ memcheck routing gpu_routing_matches_reference
 racecheck routing gpu_routing_matches_reference
 memcheck permute gpu_plan_matches_reference_bit_for_bit
 racecheck permute gpu_plan_matches_reference_bit_for_bit
+memcheck layer gpu_graph_replays_with_new_adapter_ids
+racecheck layer gpu_graph_replays_with_new_adapter_ids
+memcheck layer gpu_mole_matches_the_cpu_forward
 EOF
 }
 

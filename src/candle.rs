@@ -376,6 +376,7 @@ impl MoeBlock {
                     let opts = crate::layer::ForwardOptions {
                         routing: Some((iv, wv)),
                         mask_index: None,
+                        adapter_ids: None,
                     };
                     l.forward_with(&self.dev, &mut y, xv, opts)
                 })

@@ -339,6 +339,7 @@ impl Run<'_> {
         let opts = ForwardOptions {
             routing: given.as_ref().map(|(i, w)| (i, w)),
             mask_index: None,
+            adapter_ids: None,
         };
         moe.forward_with(dev, &mut y, &xd, opts)?;
         moe.check(dev)?;

@@ -18,6 +18,7 @@ pub enum Module {
     Fill,
     Quant,
     Decode,
+    Lora,
 }
 
 impl Module {
@@ -30,6 +31,7 @@ impl Module {
         Module::Fill,
         Module::Quant,
         Module::Decode,
+        Module::Lora,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +44,7 @@ impl Module {
             Module::Fill => "fill",
             Module::Quant => "quant",
             Module::Decode => "decode",
+            Module::Lora => "lora",
         }
     }
 
@@ -56,6 +59,7 @@ impl Module {
             Module::Fill => images::FILL,
             Module::Quant => images::QUANT,
             Module::Decode => images::DECODE,
+            Module::Lora => images::LORA,
         }
     }
 }

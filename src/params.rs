@@ -455,3 +455,40 @@ const _: () = assert!(offset_of!(DecodeParams, x) == 624);
 const _: () = assert!(offset_of!(DecodeParams, hidden) == 720);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for DecodeParams {}
+
+/// See `LoraParams` in params.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct LoraParams {
+    pub inp: u64,
+    pub out: u64,
+    pub s: u64,
+    pub a: u64,
+    pub b: u64,
+    pub scales: u64,
+    pub adapter_ids: u64,
+    pub counts: u64,
+    pub seg_offsets: u64,
+    pub row_slots: u64,
+    pub row_weights: u64,
+    pub status: u64,
+    pub tokens: i32,
+    pub k: i32,
+    pub segments: i32,
+    pub a_experts: i32,
+    pub adapters: i32,
+    pub rank: i32,
+    pub r_total: i32,
+    pub d_in: i32,
+    pub d_out: i32,
+    pub split: i32,
+    pub rows_per_block: i32,
+    pub by_token: i32,
+    pub vec: i32,
+    pub count_status: i32,
+}
+const _: () = assert!(size_of::<LoraParams>() == 152);
+const _: () = assert!(offset_of!(LoraParams, tokens) == 96);
+const _: () = assert!(offset_of!(LoraParams, count_status) == 148);
+// SAFETY: plain old data with the C layout the kernels declare; passed by value.
+unsafe impl DeviceRepr for LoraParams {}

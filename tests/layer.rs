@@ -12,6 +12,7 @@ use moe_kernels::layer::{
     Experts, ForwardOptions, LayerWeights, MoeConfig, MoeLayer, Path as GemmPath, SharedExpert,
     ZeroExpert, reference,
 };
+use moe_kernels::lora::{LoraAdapters, MoleConfig, MoleFfn, MoleWeights, mole_reference};
 use moe_kernels::model::{Model, TensorFile};
 use moe_kernels::rng::Rng;
 use moe_kernels::routing::{RouterConfig, RouterRule, reference as route_ref};
@@ -531,12 +532,39 @@ fn gpu_layer_workspace_serves_every_smaller_batch() {
     }
 }
 
+/// What `forward` enqueues on the device's stream, captured into a CUDA graph.
+fn capture(dev: &Device, forward: impl FnOnce()) -> cudarc::driver::CudaGraph {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    dev.stream()
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    forward();
+    dev.stream()
+        .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+        .unwrap()
+        .expect("a captured graph")
+}
+
+/// Launches `graph` over a poisoned `y` and says whether it wrote `want`, bit for bit.
+fn replay_gives(
+    dev: &Device,
+    graph: &cudarc::driver::CudaGraph,
+    y: &mut moe_kernels::Tensor<bf16>,
+    want: &[bf16],
+) -> bool {
+    dev.fill_bytes(y, 0xff).unwrap();
+    graph.launch().unwrap();
+    let got = dev.download(y).unwrap();
+    got.iter()
+        .zip(want)
+        .all(|(p, q)| p.to_bits() == q.to_bits())
+}
+
 #[test]
 fn gpu_layer_replays_from_a_cuda_graph() {
     let Some(dev) = common::gpu("gpu_layer_replays_from_a_cuda_graph") else {
         return;
     };
-    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     for (name, cfg) in [&configs()[1], &configs()[2]] {
         let w = random_weights(cfg, 9);
         // The decode path and the planned GEMV at decode sizes, the GEMM v2 at prefill.
@@ -562,26 +590,11 @@ fn gpu_layer_replays_from_a_cuda_graph() {
             layer.forward_into(&dev, &mut y, &xd).unwrap();
             let eager2 = dev.download(&y).unwrap();
 
-            dev.stream()
-                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .unwrap();
-            layer.forward_into(&dev, &mut y, &xd).unwrap();
-            let graph = dev
-                .stream()
-                .end_capture(
-                    CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
-                )
-                .unwrap()
-                .expect("a captured graph");
+            let graph = capture(&dev, || layer.forward_into(&dev, &mut y, &xd).unwrap());
             for (x, want) in [(&x1, &eager1), (&x2, &eager2), (&x1, &eager1)] {
                 dev.upload_into(&mut xd, x).unwrap();
-                dev.fill_bytes(&mut y, 0xff).unwrap();
-                graph.launch().unwrap();
-                let got = dev.download(&y).unwrap();
                 assert!(
-                    got.iter()
-                        .zip(want)
-                        .all(|(p, q)| p.to_bits() == q.to_bits()),
+                    replay_gives(&dev, &graph, &mut y, want),
                     "{name} T={t} {path:?}: graph replay differs from the eager forward"
                 );
             }
@@ -594,7 +607,6 @@ fn gpu_graph_replays_with_new_masks() {
     let Some(dev) = common::gpu("gpu_graph_replays_with_new_masks") else {
         return;
     };
-    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let (name, cfg) = &configs()[1];
     let w = random_weights(cfg, 9);
     let (h, et) = (cfg.hidden, cfg.experts_total());
@@ -632,19 +644,13 @@ fn gpu_graph_replays_with_new_masks() {
         layer.set_expert_masks(&dev, &[&a, &b]).unwrap();
         dev.upload_into(&mut index, &first).unwrap();
         let mut yg = dev.zeros::<bf16>(&[t, h]).unwrap();
-        dev.stream()
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .unwrap();
         let opts = ForwardOptions {
             mask_index: Some(&index),
             ..Default::default()
         };
-        layer.forward_with(&dev, &mut yg, &xd, opts).unwrap();
-        let graph = dev
-            .stream()
-            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
-            .unwrap()
-            .expect("a captured graph");
+        let graph = capture(&dev, || {
+            layer.forward_with(&dev, &mut yg, &xd, opts).unwrap()
+        });
         for (masks, idx, want) in [
             ([&a, &b], &first, &eager1),
             ([&b, &a], &second, &eager2),
@@ -652,13 +658,8 @@ fn gpu_graph_replays_with_new_masks() {
         ] {
             layer.set_expert_masks(&dev, &[masks[0], masks[1]]).unwrap();
             dev.upload_into(&mut index, idx).unwrap();
-            dev.fill_bytes(&mut yg, 0xff).unwrap();
-            graph.launch().unwrap();
-            let got = dev.download(&yg).unwrap();
             assert!(
-                got.iter()
-                    .zip(want)
-                    .all(|(p, q)| p.to_bits() == q.to_bits()),
+                replay_gives(&dev, &graph, &mut yg, want),
                 "{name} T={t} {path:?}: replay with new masks differs from the eager forward"
             );
         }
@@ -1787,6 +1788,391 @@ fn gpu_layer_runs_on_borrowed_buffers_and_the_runtimes_stream() {
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{name} T={t}: borrowed buffers on the runtime's stream differ from owned ones"
             );
+        }
+    }
+}
+
+/// Runs `layer` (with adapters set) on `t` random tokens with per-token adapter `ids` and
+/// compares every token with the CPU forward given the GPU's own routing, so near-ties in the
+/// router do not matter.
+fn check_lora_against_cpu(
+    dev: &Device,
+    layer: &mut MoeLayer<bf16>,
+    cfg: &MoeConfig,
+    w: &LayerWeights<bf16>,
+    lora: &LoraAdapters<bf16>,
+    ids: &[i32],
+    name: &str,
+) {
+    let (h, k, t) = (cfg.hidden, cfg.k(), ids.len());
+    let mut rng = Rng::new(t as u64 + 7);
+    let x = uniform_x(&mut rng, t * h);
+    let xf: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+    let xd = dev.upload(&x, &[t, h]).unwrap();
+    let idd = dev.upload(ids, &[t]).unwrap();
+    let mut y = dev.filled_bytes::<bf16>(&[t, h], 0xff).unwrap();
+    let opts = ForwardOptions {
+        adapter_ids: Some(&idd),
+        ..Default::default()
+    };
+    layer.forward_with(dev, &mut y, &xd, opts).unwrap();
+    layer.check(dev).unwrap();
+    let got = dev.download(&y).unwrap();
+    let (gids, gweights) = layer.routing();
+    let controls = reference::Controls {
+        given: Some((dev.download(gids).unwrap(), dev.download(gweights).unwrap())),
+        ..Default::default()
+    };
+    assert_eq!(controls.given.as_ref().unwrap().0.len(), t * k);
+    let want = reference::forward_lora(cfg, w, &xf, &controls, Some((lora, ids))).unwrap();
+    let base = reference::forward_with(cfg, w, &xf, &controls).unwrap();
+    let scale = want.y.iter().fold(0f64, |m, v| m.max(v.abs()));
+    // The deltas must matter: well beyond the tolerance somewhere.
+    let moved = want
+        .y
+        .iter()
+        .zip(&base.y)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        ids.iter().all(|&a| a < 0) || moved > 0.1 * scale,
+        "{name} T={t}: the adapters move the output by only {moved} (scale {scale})"
+    );
+    for (i, (g, r)) in got.iter().zip(&want.y).enumerate() {
+        let g = g.to_f64();
+        assert!(
+            (g - r).abs() <= 0.02 * scale + 0.02 * r.abs(),
+            "{name} T={t}: token {} col {}: got {g}, want {r} (scale {scale}, without LoRA {})",
+            i / h,
+            i % h,
+            base.y[i]
+        );
+    }
+}
+
+/// Per-token adapter ids over `adapters`, with some tokens on none (-1).
+fn adapter_ids(rng: &mut Rng, t: usize, adapters: usize) -> Vec<i32> {
+    (0..t)
+        .map(|_| rng.below(adapters as u64 + 1) as i32 - 1)
+        .collect()
+}
+
+#[test]
+fn gpu_lora_experts_match_the_cpu_forward() {
+    let Some(dev) = common::gpu("gpu_lora_experts_match_the_cpu_forward") else {
+        return;
+    };
+    let all = configs();
+    // Gate layouts (first, interleaved), expert biases, input weights (Llama 4), shared and
+    // zero-computation experts with top-p's unused slots; ranks from 1 (odd) to the limit.
+    for (c, rank, cases) in [
+        (
+            0,
+            8,
+            vec![
+                (1, GemmPath::Auto),
+                (16, GemmPath::Auto),
+                (256, GemmPath::Auto),
+            ],
+        ),
+        (3, 3, vec![(1, GemmPath::Auto), (16, GemmPath::Gemm)]),
+        (4, 16, vec![(5, GemmPath::Auto), (40, GemmPath::Gemm)]),
+        (5, 1, vec![(16, GemmPath::Gemv), (33, GemmPath::Auto)]),
+        (1, 256, vec![(2, GemmPath::Decode)]),
+    ] {
+        let (name, cfg) = &all[c];
+        let w = random_weights(cfg, 21);
+        let lora = LoraAdapters::<bf16>::random(
+            cfg.experts,
+            cfg.hidden,
+            cfg.intermediate,
+            3,
+            rank,
+            c as u64,
+        );
+        let max_t = cases.iter().map(|c| c.0).max().unwrap();
+        let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, max_t).unwrap();
+        layer.set_lora(&dev, Some(&lora)).unwrap();
+        assert_eq!(layer.lora(), Some((3, rank)));
+        let mut rng = Rng::new(c as u64 + 40);
+        for (t, path) in cases {
+            layer.set_path(path);
+            let ids = adapter_ids(&mut rng, t, 3);
+            check_lora_against_cpu(&dev, &mut layer, cfg, &w, &lora, &ids, name);
+        }
+    }
+    // The v2 GEMM reads x through the plan: the gate/up shrink does too. And packed experts.
+    let (name, cfg) = &all[0];
+    let w = random_weights(cfg, 22);
+    let lora = LoraAdapters::<bf16>::random(cfg.experts, cfg.hidden, cfg.intermediate, 2, 8, 5);
+    let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, 64).unwrap();
+    layer.set_lora(&dev, Some(&lora)).unwrap();
+    layer.set_gemm_version(&dev, GemmVersion::V2).unwrap();
+    layer.set_path(GemmPath::Gemm);
+    let mut rng = Rng::new(3);
+    let ids = adapter_ids(&mut rng, 64, 2);
+    check_lora_against_cpu(&dev, &mut layer, cfg, &w, &lora, &ids, name);
+    let wq = packed(cfg, &w, "int4-g32");
+    let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &wq, 20).unwrap();
+    layer.set_lora(&dev, Some(&lora)).unwrap();
+    for t in [3, 20] {
+        let ids = adapter_ids(&mut rng, t, 2);
+        check_lora_against_cpu(&dev, &mut layer, cfg, &wq, &lora, &ids, "int4-g32");
+    }
+}
+
+#[test]
+fn gpu_graph_replays_with_new_adapter_ids() {
+    let Some(dev) = common::gpu("gpu_graph_replays_with_new_adapter_ids") else {
+        return;
+    };
+    let (name, cfg) = &configs()[3];
+    let w = random_weights(cfg, 9);
+    let lora = LoraAdapters::<bf16>::random(cfg.experts, cfg.hidden, cfg.intermediate, 4, 8, 1);
+    let h = cfg.hidden;
+    for (t, path) in [(4, GemmPath::Auto), (40, GemmPath::Gemm)] {
+        let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
+        layer.set_lora(&dev, Some(&lora)).unwrap();
+        layer.set_path(path);
+        let mut rng = Rng::new(t as u64);
+        let xd = dev.upload(&uniform_x(&mut rng, t * h), &[t, h]).unwrap();
+        let first = adapter_ids(&mut rng, t, 4);
+        let second: Vec<i32> = first.iter().map(|&a| (a + 2) % 4).collect();
+        let mut ids = dev.upload(&first, &[t]).unwrap();
+        let mut y = dev.zeros::<bf16>(&[t, h]).unwrap();
+        let mut eager = Vec::new();
+        for v in [&first, &second] {
+            dev.upload_into(&mut ids, v).unwrap();
+            let opts = ForwardOptions {
+                adapter_ids: Some(&ids),
+                ..Default::default()
+            };
+            layer.forward_with(&dev, &mut y, &xd, opts).unwrap();
+            eager.push(dev.download(&y).unwrap());
+        }
+        assert!(
+            eager[0] != eager[1],
+            "{name} T={t}: the adapters changed nothing"
+        );
+
+        dev.upload_into(&mut ids, &first).unwrap();
+        let mut yg = dev.zeros::<bf16>(&[t, h]).unwrap();
+        let opts = ForwardOptions {
+            adapter_ids: Some(&ids),
+            ..Default::default()
+        };
+        let graph = capture(&dev, || {
+            layer.forward_with(&dev, &mut yg, &xd, opts).unwrap()
+        });
+        for (v, want) in [(&second, &eager[1]), (&first, &eager[0])] {
+            dev.upload_into(&mut ids, v).unwrap();
+            assert!(
+                replay_gives(&dev, &graph, &mut yg, want),
+                "{name} T={t} {path:?}: replay with new adapter ids differs from the eager forward"
+            );
+        }
+        layer.check(&dev).unwrap();
+    }
+}
+
+#[test]
+fn lora_refuses_bad_adapters_and_ids() {
+    let (_, cfg) = &configs()[0];
+    let (e, h, i) = (cfg.experts, cfg.hidden, cfg.intermediate);
+    let w = random_weights(cfg, 4);
+    let good = LoraAdapters::<bf16>::random(e, h, i, 2, 4, 1);
+    fn text<T>(r: moe_kernels::Result<T>) -> String {
+        r.map(|_| ()).unwrap_err().to_string()
+    }
+    // Host checks first: they need no device (the CPU forward takes the same adapters).
+    let x = vec![0.25; 2 * h];
+    let ids = [0, 1];
+    let cpu = |l: &LoraAdapters<bf16>, ids: &[i32]| {
+        let c = reference::Controls::default();
+        reference::forward_lora(cfg, &w, &x, &c, Some((l, ids))).map(|_| ())
+    };
+    for (rank, what) in [(0, "rank"), (257, "rank")] {
+        let bad = LoraAdapters {
+            rank,
+            ..good.clone()
+        };
+        let msg = text(cpu(&bad, &ids));
+        assert!(msg.contains(what) && msg.contains("1..=256"), "{msg}");
+    }
+    let mut bad = good.clone();
+    bad.gate_up_b.pop();
+    assert!(text(cpu(&bad, &ids)).contains("gate_up_b"));
+    let bad = LoraAdapters {
+        down_a: LoraAdapters::<bf16>::random(e, h, i + 8, 2, 4, 1).down_a,
+        ..good.clone()
+    };
+    assert!(text(cpu(&bad, &ids)).contains("down_a"));
+    let bad = LoraAdapters {
+        scales: vec![1.0, f32::NAN],
+        ..good.clone()
+    };
+    assert!(text(cpu(&bad, &ids)).contains("scales"));
+    assert!(text(cpu(&good, &[0])).contains("adapter_ids"));
+    // MoLE: the router must score the L adapters, and its k must fit them.
+    let mole = MoleConfig {
+        hidden: h,
+        intermediate: i,
+        router: RouterConfig::mixtral(1),
+        act: GatedAct::Silu,
+        gate_layout: GateLayout::GateFirst,
+    };
+    let mw = MoleWeights::<bf16>::random(&mole, 3, 4, 2);
+    mw.check("test", &mole).unwrap();
+    let mut bad = mw.clone();
+    bad.router.truncate(2 * h);
+    assert!(text(bad.check("test", &mole)).contains("router"));
+    let wide = MoleConfig {
+        router: RouterConfig::mixtral(4),
+        ..mole.clone()
+    };
+    assert!(text(mw.check("test", &wide)).contains("`k`"));
+    let bad = MoleWeights {
+        experts: LoraAdapters {
+            rank: 300,
+            ..mw.experts.clone()
+        },
+        ..mw.clone()
+    };
+    assert!(text(mole_reference(&mole, &bad, &x, None)).contains("rank"));
+
+    let Some(dev) = common::gpu("lora_refuses_bad_adapters_and_ids") else {
+        return;
+    };
+    let t = 4;
+    let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, t).unwrap();
+    let xd = dev
+        .upload(&uniform_x(&mut Rng::new(1), t * h), &[t, h])
+        .unwrap();
+    let mut y = dev.zeros::<bf16>(&[t, h]).unwrap();
+    let idd = dev.upload(&[0, 1, -1, 0], &[t]).unwrap();
+    let mut run = |layer: &mut MoeLayer<bf16>, ids: &moe_kernels::Tensor<i32>| {
+        let opts = ForwardOptions {
+            adapter_ids: Some(ids),
+            ..Default::default()
+        };
+        layer
+            .forward_with(&dev, &mut y, &xd, opts)
+            .map(|_| dev.download(&y).unwrap())
+    };
+    let msg = text(run(&mut layer, &idd));
+    assert!(
+        msg.contains("adapter_ids") && msg.contains("set_lora"),
+        "{msg}"
+    );
+    let bad = LoraAdapters {
+        rank: 0,
+        ..good.clone()
+    };
+    let msg = text(layer.set_lora(&dev, Some(&bad)));
+    assert!(msg.contains("rank"), "{msg}");
+    layer.set_lora(&dev, Some(&good)).unwrap();
+    let short = dev.upload(&[0, 1, -1], &[3]).unwrap();
+    let msg = text(run(&mut layer, &short));
+    assert!(
+        msg.contains("adapter_ids") && msg.contains("[T] = [4]"),
+        "{msg}"
+    );
+    // Ids out of range run as no adapter, and check() names them.
+    let want = run(&mut layer, &dev.upload(&[0, -1, -1, 0], &[t]).unwrap()).unwrap();
+    let got = run(&mut layer, &dev.upload(&[0, 2, -7, 0], &[t]).unwrap()).unwrap();
+    let msg = text(layer.check(&dev));
+    assert!(msg.contains("adapter_ids: 2 tokens"), "{msg}");
+    assert!(
+        got.iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    layer.check(&dev).unwrap();
+}
+
+#[test]
+fn gpu_mole_matches_the_cpu_forward() {
+    let Some(dev) = common::gpu("gpu_mole_matches_the_cpu_forward") else {
+        return;
+    };
+    // LLaVA-MoLE's top-1, and top-2 without renormalisation; SwiGLU and gpt-oss's interleaved
+    // activation.
+    for (name, router, act, gate_layout, rank) in [
+        (
+            "mole top-1",
+            RouterConfig::mixtral(1),
+            GatedAct::Silu,
+            GateLayout::GateFirst,
+            8,
+        ),
+        (
+            "mole top-2 interleaved",
+            RouterConfig::qwen(2, false),
+            GatedAct::GPT_OSS,
+            GateLayout::Interleaved,
+            4,
+        ),
+    ] {
+        let cfg = MoleConfig {
+            hidden: 64,
+            intermediate: 32,
+            router,
+            act,
+            gate_layout,
+        };
+        let w = MoleWeights::<bf16>::random(&cfg, 6, rank, 17);
+        let mut ffn = MoleFfn::<bf16>::new(&dev, &cfg, &w, 256).unwrap();
+        for t in [1, 16, 256] {
+            let mut rng = Rng::new(t as u64);
+            let x = uniform_x(&mut rng, t * cfg.hidden);
+            let xf: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+            let xd = dev.upload(&x, &[t, cfg.hidden]).unwrap();
+            let mut y = dev.filled_bytes::<bf16>(&[t, cfg.hidden], 0xff).unwrap();
+            ffn.forward_into(&dev, &mut y, &xd).unwrap();
+            ffn.check(&dev).unwrap();
+            let got = dev.download(&y).unwrap();
+            let (ids, weights) = ffn.routing();
+            let (ids, weights) = (dev.download(ids).unwrap(), dev.download(weights).unwrap());
+            let (want, routing) = mole_reference(&cfg, &w, &xf, Some((&ids, &weights))).unwrap();
+            // The adapters matter: without their deltas the output moves well past the
+            // tolerance.
+            let mut plain = w.clone();
+            plain.experts.scales.iter_mut().for_each(|s| *s = 0.0);
+            let (base, _) = mole_reference(&cfg, &plain, &xf, Some((&ids, &weights))).unwrap();
+            let moved = want
+                .iter()
+                .zip(&base)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            let used: std::collections::BTreeSet<i32> = routing.ids.iter().copied().collect();
+            assert!(
+                t < 16 || used.len() >= 3,
+                "{name} T={t}: adapters used {used:?}"
+            );
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            assert!(
+                moved > 0.1 * scale,
+                "{name} T={t}: adapters move y by {moved} only"
+            );
+            // A captured forward replays on new input as the eager one ran.
+            if t == 16 {
+                let other = uniform_x(&mut rng, t * cfg.hidden);
+                let mut xg = dev.upload(&other, &[t, cfg.hidden]).unwrap();
+                let mut yg = dev.zeros::<bf16>(&[t, cfg.hidden]).unwrap();
+                let graph = capture(&dev, || ffn.forward_into(&dev, &mut yg, &xg).unwrap());
+                dev.upload_into(&mut xg, &x).unwrap();
+                assert!(
+                    replay_gives(&dev, &graph, &mut yg, &got),
+                    "{name}: graph replay differs from the eager forward"
+                );
+            }
+            for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                let g = g.to_f64();
+                assert!(
+                    (g - r).abs() <= 0.02 * scale + 0.02 * r.abs(),
+                    "{name} T={t}: token {} col {}: got {g}, want {r} (scale {scale})",
+                    i / cfg.hidden,
+                    i % cfg.hidden
+                );
+            }
         }
     }
 }

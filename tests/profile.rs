@@ -6,6 +6,7 @@ mod common;
 
 use half::bf16;
 use moe_kernels::layer::{ForwardOptions, MoeConfig, MoeLayer};
+use moe_kernels::lora::LoraAdapters;
 use moe_kernels::profile::{self, Card, Emulator, LaunchRecord};
 use moe_kernels::routing::RouterConfig;
 
@@ -75,6 +76,109 @@ fn gpu_decode_dram_bytes_are_the_active_experts_bytes() {
     };
     let records = counted(&dev, &emu, &mut layer, &mut y, &x, opts);
     check_decode_bytes(&layer, &cfg, &records, &[0, 3, 9, 14], false);
+}
+
+/// LoRA at decode sizes: the adapter kernels read each chosen (expert, adapter)'s A and B once,
+/// however many tokens share the pair; what else they read is the rows they work on.
+#[test]
+fn gpu_lora_reads_each_chosen_pair_once() {
+    let Some((dev, emu)) = emulator("gpu_lora_reads_each_chosen_pair_once") else {
+        return;
+    };
+    emu.register_resources().unwrap();
+    // Qwen3-30B-A3B's expert shapes, 16 experts, top-4, adapters of rank 16.
+    let cfg = MoeConfig::new(2048, 768, 16, RouterConfig::qwen(4, true));
+    let (h, i, r, t) = (cfg.hidden, cfg.intermediate, 16, 4);
+    let mut layer = MoeLayer::<bf16>::random(&dev, &cfg, t, 3).unwrap();
+    let lora = LoraAdapters::<bf16>::random(cfg.experts, h, i, 2, r, 5);
+    layer.set_lora(&dev, Some(&lora)).unwrap();
+    let mut x = dev.zeros::<bf16>(&[t, h]).unwrap();
+    dev.fill_uniform(&mut x, 11, -1.0, 1.0).unwrap();
+    let mut y = dev.zeros::<bf16>(&[t, h]).unwrap();
+    // Ten pairs: adapter 0 on experts 0..=5 (1 and 2 shared by two tokens), adapter 1 on 0, 1,
+    // 6, 7; the last token has no adapter.
+    let ids = dev
+        .upload(
+            &[0i32, 1, 2, 3, 1, 2, 4, 5, 0, 1, 6, 7, 8, 9, 10, 11],
+            &[t, 4],
+        )
+        .unwrap();
+    let weights = dev.upload(&[0.25f32; 16], &[t, 4]).unwrap();
+    let adapters = dev.upload(&[0i32, 0, 1, -1], &[t]).unwrap();
+    let pairs = 10;
+    dev.synchronize().unwrap();
+    let opts = ForwardOptions {
+        routing: Some((&ids, &weights)),
+        adapter_ids: Some(&adapters),
+        ..Default::default()
+    };
+    let records = counted(&dev, &emu, &mut layer, &mut y, &x, opts);
+    let lora_records: Vec<&LaunchRecord> = records
+        .iter()
+        .filter(|r| r.kernel.starts_with("lora_"))
+        .collect();
+    assert_eq!(
+        lora_records.len(),
+        4,
+        "shrink and expand for gate/up and down"
+    );
+    let pair = layer.lora_pair_bytes().unwrap();
+    assert_eq!(pair, (2 * r * h + 2 * i * r + r * i + h * r) * 2);
+    let expected = pairs * pair;
+    // The rows with an adapter: x and the gate/up rows (read, added to), h and the down rows;
+    // s in f32.
+    let rows = 12;
+    let rows_bytes = rows * (h + 2 * i + i + h) * 2 + rows * 3 * r * 4;
+    let read = |f: fn(&LaunchRecord) -> f64| lora_records.iter().map(|r| f(r)).sum::<f64>();
+    let unique = read(|r| r.dram.unique_read_bytes);
+    let l2 = read(|r| r.dram.l2_read_bytes);
+    println!(
+        "LoRA pairs {pairs} x {pair} B = {expected} B, rows {rows_bytes} B; DRAM read: unique \
+         {unique:.0}, L2 model {l2:.0}"
+    );
+    for got in [unique, l2] {
+        assert!(
+            got >= expected as f64 && got <= (expected + rows_bytes + 4096) as f64,
+            "LoRA DRAM reads {got} against {expected} B of pairs and {rows_bytes} B of rows"
+        );
+    }
+    // The whole forward with adapters (the planned GEMV path) beside the same step without
+    // them (the decode path), modelled.
+    let opts = ForwardOptions {
+        routing: Some((&ids, &weights)),
+        ..Default::default()
+    };
+    let base = counted(&dev, &emu, &mut layer, &mut y, &x, opts);
+    layer.set_path(moe_kernels::layer::Path::Gemv);
+    let gemv = counted(&dev, &emu, &mut layer, &mut y, &x, opts);
+    for card in ["h100", "h200"] {
+        let card = Card::parse(card).unwrap();
+        for rec in &lora_records {
+            let m = profile::model(rec, &card).unwrap();
+            println!(
+                "{}: {} {:.2} us modelled ({})",
+                card.name, rec.kernel, m.us, m.limiter
+            );
+        }
+        let chain = |recs: &[LaunchRecord]| {
+            let ms: Vec<_> = recs
+                .iter()
+                .map(|r| profile::model(r, &card).unwrap())
+                .collect();
+            profile::chain_us(&ms)
+        };
+        println!(
+            "{}: forward with adapters {} launches, {:.1} us modelled; without, {} launches, \
+             {:.1} us (decode path), {} launches, {:.1} us (the GEMV path)",
+            card.name,
+            records.len(),
+            chain(&records),
+            base.len(),
+            chain(&base),
+            gemv.len(),
+            chain(&gemv)
+        );
+    }
 }
 
 /// The launch records of one forward of `layer` with `opts`, checked.

@@ -330,6 +330,7 @@ fn forward_ex<T: Float>(
     let opts = ForwardOptions {
         routing: giv.as_deref().zip(gwv.as_deref()),
         mask_index: miv.as_deref(),
+        adapter_ids: None,
     };
     block
         .forward_with(dev, &mut yv, &xv, opts)

@@ -392,6 +392,51 @@ static_assert(offsetof(DecodeParams, up) == 112, "mirror in src/params.rs");
 static_assert(offsetof(DecodeParams, x) == 624, "mirror in src/params.rs");
 static_assert(offsetof(DecodeParams, hidden) == 720, "mirror in src/params.rs");
 
+// LoRA on a plan's rows (kernels/lora.cu). Segment g holds the rows [seg_offsets[g],
+// seg_offsets[g] + counts[g]) of one layout; row r is slot row_slots[r] (token slot / K), -1 for
+// none. With per-token adapter ids, segment g is expert g and a row takes its token's adapter;
+// without (LLaVA-MoLE), segment g is adapter g on the one dense expert (a_experts = 1).
+//   lora_shrink: s[r, j] = sum_d A[a, e, j, d] * in[r, d] for j < r_total (2 * rank for gate/up)
+//   lora_expand: out[r, c] += scale[a] * w(slot) * sum_j< rank B[a, e, c, j] * s[r, half(c) * rank + j]
+// A row whose adapter is -1 or out of range is left alone; the gate/up shrink's block (0, 0, 0)
+// counts the tokens whose id is outside [-1, L) in status.
+struct LoraParams {
+    const void* in;               // shrink: [R, d_in] rows, or [T, d_in] read at slot / K (by_token)
+    void* out;                    // expand: [R, d_out], added to in place
+    float* s;                     // [R, r_total] shrink out, expand in
+    const void* a;                // [L, a_experts, r_total, d_in]
+    const void* b;                // [L, a_experts, d_out, rank]
+    const float* scales;          // [L]
+    const int32_t* adapter_ids;   // [T] per token, -1 for none; null: the segment is the adapter
+    const int32_t* counts;        // [segments] rows per segment (each <= T)
+    const int32_t* seg_offsets;   // [segments + 1] first row of each segment
+    const int32_t* row_slots;     // [R] slot of each row, -1 for padding
+    const float* row_weights;     // [T * K] expand: scales each slot's delta (Llama 4's input
+                                  // weights), or null
+    int32_t* status;              // [1] tokens with an adapter id outside [-1, L)
+    int32_t tokens;               // T
+    int32_t k;                    // K
+    int32_t segments;             // gridDim.y
+    int32_t a_experts;            // experts in A and B: E, or 1 for a dense FFN
+    int32_t adapters;             // L
+    int32_t rank;                 // 1..=256
+    int32_t r_total;              // columns of s: rank, or 2 * rank for gate/up
+    int32_t d_in;                 // shrink's row length
+    int32_t d_out;                // expand's row length
+    int32_t split;                // expand: kLoraOne, or the GateLayout of out's columns + 1
+    int32_t rows_per_block;       // rows of a segment per block (gridDim.z chunks), 1..=kLoraRows
+    int32_t by_token;             // shrink: in is [T, d_in], read through the slot
+    int32_t vec;                  // 16-byte loads: d_in % 8 == 0 and in, a 16-byte aligned
+    int32_t count_status;         // 1 in the launch that counts bad adapter ids
+};
+static_assert(sizeof(LoraParams) == 152, "mirror in src/params.rs");
+static_assert(offsetof(LoraParams, tokens) == 96, "mirror in src/params.rs");
+static_assert(offsetof(LoraParams, count_status) == 148, "mirror in src/params.rs");
+
+constexpr int kLoraOne = 0;       // expand: every column reads s[r, 0 .. rank)
+constexpr int kLoraRows = 64;     // the most rows of a segment one block takes
+constexpr int kLoraMaxRank = 256;
+
 // Seeded uniform fill: out[i] = lo + (hi - lo) * u(seed, i), u a hash of the index in [0, 1),
 // rounded once to the dtype. Benches and the bench command fill weights of real shapes this way.
 struct FillParams {

@@ -7,6 +7,7 @@ use crate::device::{Device, Tensor};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::gemm::{self, GemmOptions, GemmRows, GemmVersion};
+use crate::lora::{DeviceLora, LoraAdapters, LoraDims};
 use crate::permute::{Plan, reference::padded_capacity};
 use crate::quant::{self, QuantGemvVersion, QuantLayer};
 use crate::routing;
@@ -23,7 +24,8 @@ pub enum Path {
     Auto,
     /// The decode path (src/layer/decode.rs): three launches, routing fused into the gate/up
     /// GEMV and the combine into the down GEMV; above [`MoeLayer::DECODE_TOKENS`] tokens it
-    /// falls back to [`Path::Gemm`].
+    /// falls back to [`Path::Gemm`]. A forward with LoRA adapter ids takes [`Path::Gemv`]
+    /// instead (the decode kernels take no adapters), as does [`Path::Auto`].
     Decode,
     /// Through the routing plan with the grouped GEMV over the sorted layout, any T.
     Gemv,
@@ -250,6 +252,10 @@ pub struct ForwardOptions<'a> {
     /// it every token takes mask 0 where the layer has masks. An index outside [-1, M) routes
     /// the token to no expert and is counted; [`MoeLayer::check`] returns the `Err`.
     pub mask_index: Option<&'a Tensor<i32>>,
+    /// `[T]` (i32): each token's LoRA adapter among [`MoeLayer::set_lora`]'s, -1 for none. An id
+    /// outside [-1, L) runs the token without an adapter and is counted; [`MoeLayer::check`]
+    /// returns the `Err`.
+    pub adapter_ids: Option<&'a Tensor<i32>>,
 }
 
 /// One MoE block on the device, in compute dtype `T` (bf16 or f16).
@@ -281,6 +287,14 @@ pub struct MoeLayer<T: Float> {
     /// `[4]` what the routing kernels found in given routing and mask indices
     /// ([`routing::check_status`]).
     pub(super) route_status: Tensor<i32>,
+    /// LoRA adapters on the routed experts ([`MoeLayer::set_lora`]), if any.
+    pub(super) lora: Option<LoraWs<T>>,
+}
+
+/// The adapters and the gate/up rows before the activation, `[rows, 2I]`, where their deltas go.
+pub(super) struct LoraWs<T> {
+    pub(super) adapters: DeviceLora<T>,
+    pub(super) hpre: Tensor<T>,
 }
 
 fn to_model<S: Float, T: Float>(v: &[S]) -> Vec<T> {
@@ -607,7 +621,58 @@ impl<T: Float> MoeLayer<T> {
             decode: DecodeWs::new(dev, cfg, max_tokens.min(Self::DECODE_TOKENS))?,
             masks: None,
             route_status: dev.zeros(&[4])?,
+            lora: None,
         })
+    }
+
+    /// Attaches LoRA adapters to the routed experts ([`crate::lora`]), rounded to `T`, or
+    /// removes them (`None`). A forward given [`ForwardOptions::adapter_ids`] adds each token's
+    /// adapter's deltas to its experts' gate, up and down products; it runs on the planned path
+    /// (the GEMV up to [`MoeLayer::DECODE_TOKENS`] tokens, where the decode path would run,
+    /// else the layer's GEMM). Adapter ids are read on the device, so a captured graph replays
+    /// with new ones; new adapters reallocate and need a new capture.
+    pub fn set_lora<S: Float>(
+        &mut self,
+        dev: &Device,
+        adapters: Option<&LoraAdapters<S>>,
+    ) -> Result<()> {
+        const OP: &str = "MoeLayer::set_lora";
+        let Some(adapters) = adapters else {
+            self.lora = None;
+            return Ok(());
+        };
+        let cfg = &self.cfg;
+        let dims = LoraDims {
+            experts: cfg.experts,
+            hidden: cfg.hidden,
+            inter: cfg.intermediate,
+        };
+        let rows = self.a.capacity() / cfg.hidden;
+        dev.preload(
+            OP,
+            &[
+                crate::kernels::Module::Lora,
+                crate::kernels::Module::Activation,
+            ],
+        )?;
+        self.lora = Some(LoraWs {
+            adapters: DeviceLora::new(dev, OP, adapters, dims, rows)?,
+            hpre: dev.zeros(&[rows, 2 * cfg.intermediate])?,
+        });
+        Ok(())
+    }
+
+    /// The adapters' count and rank, if the layer has LoRA adapters.
+    pub fn lora(&self) -> Option<(usize, usize)> {
+        self.lora
+            .as_ref()
+            .map(|l| (l.adapters.adapters, l.adapters.rank))
+    }
+
+    /// Bytes of one (expert, adapter)'s A and B over gate, up and down, if the layer has LoRA
+    /// adapters: what a forward reads once for each pair its tokens choose.
+    pub fn lora_pair_bytes(&self) -> Option<usize> {
+        self.lora.as_ref().map(|l| l.adapters.pair_bytes())
     }
 
     /// Sets the layer's expert masks: `masks[m]` lists the experts (ids in [0, E_total)) that
@@ -835,6 +900,10 @@ impl<T: Float> MoeLayer<T> {
         self.a = dev.zeros(&[rows, h])?;
         self.hmid = dev.zeros(&[rows, i])?;
         self.out = dev.zeros(&[rows, h])?;
+        if let Some(l) = &mut self.lora {
+            l.adapters.set_rows(dev, rows)?;
+            l.hpre = dev.zeros(&[rows, 2 * i])?;
+        }
         self.version = version;
         Ok(())
     }
@@ -945,8 +1014,36 @@ impl<T: Float> MoeLayer<T> {
             }
             index.check_device(OP, "mask_index", dev)?;
         }
+        if let Some(ids) = opts.adapter_ids {
+            if self.lora.is_none() {
+                return Err(Error::shape(
+                    OP,
+                    "adapter_ids",
+                    "none (the layer has no LoRA adapters: set_lora)",
+                    format!("{:?}", ids.shape()),
+                ));
+            }
+            if ids.shape() != [t] {
+                return Err(Error::shape(
+                    OP,
+                    "adapter_ids",
+                    format!("[T] = [{t}]"),
+                    format!("{:?}", ids.shape()),
+                ));
+            }
+            ids.check_device(OP, "adapter_ids", dev)?;
+        }
         if t == 0 {
             return Ok(());
+        }
+        if opts.adapter_ids.is_some() {
+            // LoRA runs on the planned path; the decode kernels take no adapters yet.
+            let gemv = match self.path {
+                Path::Gemv => true,
+                Path::Gemm => false,
+                Path::Auto | Path::Decode => t <= Self::DECODE_TOKENS,
+            };
+            return self.forward_planned(dev, y, x, gemv, opts, mark);
         }
         match self.path {
             Path::Auto | Path::Decode if t <= Self::DECODE_TOKENS => {
@@ -1011,6 +1108,9 @@ impl<T: Float> MoeLayer<T> {
         }
         if let Some(s) = &mut self.shared {
             found.push(s.plan.check(dev));
+        }
+        if let Some(l) = &mut self.lora {
+            found.push(l.adapters.check(dev, "MoeLayer::forward"));
         }
         found.into_iter().collect()
     }

@@ -4,11 +4,12 @@
 //! the router's two launches by one that checks it (`route_given`).
 
 use super::gpu::{ExpertWeights, ForwardOptions, Logits, MoeLayer, RouterWeights, Stage};
-use crate::activation::GateLayout;
+use crate::activation::{self, GateLayout};
 use crate::device::{Device, Tensor};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::gemm::{self, Epilogue, GemmOptions, GemmRows, GemmVersion, ScaleAt};
+use crate::lora::{LoraRows, Proj};
 use crate::permute::{self, CombineInputs, Layout, Plan};
 use crate::routing;
 
@@ -89,6 +90,9 @@ impl<T: Float> MoeLayer<T> {
         let rows = self.plan.rows(layout);
         self.hmid.set_shape(&[rows, cfg.intermediate])?;
         self.out.set_shape(&[rows, h])?;
+        // LoRA: the gate/up GEMM writes the rows before the activation, the deltas go in, then
+        // the activation; the down delta goes into the down GEMM's rows.
+        let mut lora = opts.adapter_ids.and(self.lora.as_mut());
         // v2 reads the plain experts' gate/up rows through the plan; the others gather them.
         let indexed = !gemv
             && self.version == GemmVersion::V2
@@ -97,20 +101,33 @@ impl<T: Float> MoeLayer<T> {
             self.a.set_shape(&[rows, h])?;
             permute::gather_into(dev, &mut self.a, x, &mut self.plan, layout)?;
         }
+        let input_weights =
+            (cfg.weight_at == ScaleAt::Input).then_some((&self.weights, ScaleAt::Input));
+        let gated = Epilogue::Gated {
+            act: cfg.act,
+            layout: cfg.gate_layout,
+        };
         let up = GemmOptions {
             bias: w.gate_up_bias.as_ref(),
-            epilogue: Epilogue::Gated {
-                act: cfg.act,
-                layout: cfg.gate_layout,
+            epilogue: if lora.is_some() {
+                Epilogue::None
+            } else {
+                gated
             },
-            row_weights: (cfg.weight_at == ScaleAt::Input)
-                .then_some((&self.weights, ScaleAt::Input)),
+            row_weights: input_weights,
+        };
+        let gate_up_out = match &mut lora {
+            Some(l) => {
+                l.hpre.set_shape(&[rows, 2 * cfg.intermediate])?;
+                &mut l.hpre
+            }
+            None => &mut self.hmid,
         };
         w.gate_up.run(
             dev,
             gemv,
             self.version,
-            &mut self.hmid,
+            gate_up_out,
             if indexed {
                 GemmRows::Indexed(x)
             } else {
@@ -120,11 +137,34 @@ impl<T: Float> MoeLayer<T> {
             up,
             self.scratch.as_mut(),
         )?;
+        let lora_rows = |row_weights| -> Result<LoraRows<'_>> {
+            Ok(LoraRows {
+                counts: &self.plan.counts,
+                offsets: match layout {
+                    Layout::Padded => &self.plan.padded_offsets,
+                    _ => &self.plan.offsets,
+                },
+                row_slots: self.plan.maps("MoeLayer::forward", layout)?.0,
+                tokens: t,
+                k,
+                adapter_ids: opts.adapter_ids,
+                row_weights,
+            })
+        };
+        if let Some(l) = &mut lora {
+            let (input, by_token) = if indexed { (x, true) } else { (&self.a, false) };
+            let on = lora_rows(input_weights.map(|(w, _)| w))?;
+            let proj = Proj::GateUp(cfg.gate_layout);
+            l.adapters
+                .apply(dev, proj, &on, input, by_token, &mut l.hpre)?;
+            activation::gated_act_into(dev, &mut self.hmid, &l.hpre, cfg.act, cfg.gate_layout)?;
+        }
         mark(Stage::Gemm1)?;
 
         // The routing weight goes into the down GEMM's epilogue unless zero-computation experts
-        // need it in the combine.
-        let fold_weights = cfg.weight_at == ScaleAt::Output && cfg.zero_experts.is_empty();
+        // need it in the combine, or a LoRA delta still has to be added to the rows.
+        let fold_weights =
+            cfg.weight_at == ScaleAt::Output && cfg.zero_experts.is_empty() && lora.is_none();
         let down = GemmOptions {
             bias: w.down_bias.as_ref(),
             epilogue: Epilogue::None,
@@ -140,6 +180,11 @@ impl<T: Float> MoeLayer<T> {
             down,
             self.scratch.as_mut(),
         )?;
+        if let Some(l) = &mut lora {
+            let on = lora_rows(None)?;
+            l.adapters
+                .apply(dev, Proj::Down, &on, &self.hmid, false, &mut self.out)?;
+        }
         mark(Stage::Gemm2)?;
 
         if let (Some(s), Some(gate_up), Some(sdown)) =

@@ -9,6 +9,8 @@ use crate::activation::{GateLayout, GatedAct};
 use crate::dtype::Float;
 use crate::error::{Error, Result};
 use crate::gemm::ScaleAt;
+use crate::lora::reference::Pair;
+use crate::lora::{LoraAdapters, LoraDims};
 use crate::routing::reference::{self as route_ref, Routing};
 
 /// The block's output and the routing that produced it.
@@ -21,9 +23,10 @@ pub struct Forward {
 }
 
 /// One gated MLP on `x`: `down · act(gate · s x + b_g, up · s x + b_u) + b_d`, where
-/// `gate_up [2I, H]` holds gate and up rows in `layout` and `s` scales the input.
+/// `gate_up [2I, H]` holds gate and up rows in `layout` and `s` scales the input; a LoRA pair
+/// adds its deltas to the three products (the gate/up ones scaled by `s` with them).
 #[allow(clippy::too_many_arguments)] // the MLP's parts, one for one
-fn gated_mlp<W: Float, S: Float>(
+pub(crate) fn gated_mlp<W: Float, S: Float>(
     x: &[f64],
     gate_up: &[W],
     gate_up_bias: Option<&[S]>,
@@ -32,13 +35,16 @@ fn gated_mlp<W: Float, S: Float>(
     layout: GateLayout,
     act: GatedAct,
     scale_in: f64,
+    lora: Option<Pair<'_, S>>,
 ) -> Vec<f64> {
     let h = x.len();
     let i = gate_up.len() / (2 * h);
+    let gate_up_delta = lora.map(|p| p.gate_up(x, layout));
     let z = |row: usize| -> f64 {
         let w = &gate_up[row * h..(row + 1) * h];
         let dot: f64 = w.iter().zip(x).map(|(a, b)| a.to_f64() * b).sum();
-        scale_in * dot + gate_up_bias.map_or(0.0, |b| b[row].to_f64())
+        let delta = gate_up_delta.as_ref().map_or(0.0, |d| d[row]);
+        scale_in * (dot + delta) + gate_up_bias.map_or(0.0, |b| b[row].to_f64())
     };
     let hidden: Vec<f64> = (0..i)
         .map(|j| {
@@ -50,11 +56,13 @@ fn gated_mlp<W: Float, S: Float>(
             act.eval(z(g), z(u))
         })
         .collect();
+    let down_delta = lora.map(|p| p.down(&hidden));
     (0..h)
         .map(|c| {
             let w = &down[c * i..(c + 1) * i];
             let dot: f64 = w.iter().zip(&hidden).map(|(a, b)| a.to_f64() * b).sum();
-            dot + down_bias.map_or(0.0, |b| b[c].to_f64())
+            let delta = down_delta.as_ref().map_or(0.0, |d| d[c]);
+            dot + delta + down_bias.map_or(0.0, |b| b[c].to_f64())
         })
         .collect()
 }
@@ -83,6 +91,18 @@ pub fn forward_with<S: Float>(
     x: &[f64],
     controls: &Controls,
 ) -> Result<Forward> {
+    forward_lora(cfg, w, x, controls, None)
+}
+
+/// [`forward_with`] with LoRA adapters on the routed experts and each token's adapter id
+/// (`[T]`, -1 or out of range for none).
+pub fn forward_lora<S: Float>(
+    cfg: &MoeConfig,
+    w: &LayerWeights<S>,
+    x: &[f64],
+    controls: &Controls,
+    lora: Option<(&LoraAdapters<S>, &[i32])>,
+) -> Result<Forward> {
     const OP: &str = "MoE layer reference";
     w.check(OP, cfg)?;
     let (h, i, e, et, k) = (
@@ -109,6 +129,24 @@ pub fn forward_with<S: Float>(
         ));
     }
     let tokens = x.len() / h;
+    if let Some((adapters, ids)) = lora {
+        adapters.check(
+            OP,
+            LoraDims {
+                experts: e,
+                hidden: h,
+                inter: i,
+            },
+        )?;
+        if ids.len() != tokens {
+            return Err(Error::shape(
+                OP,
+                "adapter_ids",
+                format!("[T] = [{tokens}]"),
+                format!("{} values", ids.len()),
+            ));
+        }
+    }
     let widen = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| f64::from(a)).collect() };
     let router = widen(&w.router);
     let router_bias = w.router_bias.as_deref().map(widen);
@@ -159,6 +197,7 @@ pub fn forward_with<S: Float>(
                     .as_deref()
                     .map(|b| &b[id * 2 * i..(id + 1) * 2 * i]);
                 let down_bias = w.down_bias.as_deref().map(|b| &b[id * h..(id + 1) * h]);
+                let pair = lora.and_then(|(l, ids)| l.pair(ids[t], id, e, h, i));
                 let o = match &w.experts {
                     Experts::Plain { gate_up, down } => gated_mlp(
                         xt,
@@ -169,6 +208,7 @@ pub fn forward_with<S: Float>(
                         cfg.gate_layout,
                         cfg.act,
                         scale_in,
+                        pair,
                     ),
                     Experts::Packed { gate_up, down } => {
                         // Each chosen expert decoded once, by the formats' reference decoders.
@@ -184,6 +224,7 @@ pub fn forward_with<S: Float>(
                             cfg.gate_layout,
                             cfg.act,
                             scale_in,
+                            pair,
                         )
                     }
                 };
@@ -231,6 +272,7 @@ pub fn forward_with<S: Float>(
                 GateLayout::GateFirst,
                 cfg.act,
                 1.0,
+                None,
             );
             let g = if shared.gated {
                 let gw = w.shared_gate.as_deref().expect("checked");
