@@ -10,12 +10,13 @@
 //   column c reads. w is the slot's routing weight where it scales the expert input (Llama 4),
 //   else 1. f32 accumulation; out is read, added to and rounded once.
 //
-// Grid: (tiles of 32 rank rows or 32 columns, segments, chunks of rows_per_block rows), 256
-// threads. A block takes one chunk of one segment and, for each distinct adapter among its
-// rows, reads that (expert, adapter)'s A rows or B columns of its tile once and applies them to
-// every row of the chunk that uses it: with rows_per_block >= T (decode), every A and B byte of
-// a chosen (expert, adapter) is loaded once per forward. A row's ids come from smem; the
-// adapter loop is uniform over the block.
+// Grid: (tiles of 32 rank rows or 32 columns, chunks), 256 threads. The chunks of rows_per_block
+// rows of every segment form one list (lora_locate); a block takes one chunk and, for each
+// distinct adapter among its rows, reads that (expert, adapter)'s B columns of its tile once
+// and its A rows once per 16 rows, and applies them to every row of the chunk that uses it:
+// with rows_per_block = T <= 16 (decode), every A and B byte of a chosen (expert, adapter) is
+// loaded once per forward. A row's ids come from smem; the adapter loop is uniform over the
+// block.
 //
 // History
 //   v1: CUDA cores. The shrink gives each warp four rank rows and up to 16 rows of a chunk at a
@@ -34,14 +35,55 @@ constexpr int kLoraThreads = 256;
 constexpr int kLoraTile = 32;       // rank rows (shrink) or columns (expand) per block
 constexpr int kLoraGroup = 16;      // rows a shrink warp sums at once
 
-// The rows of this block's chunk and each one's adapter (-1: nothing to do), in smem. Returns
-// the number of rows; 0 when the chunk is past the segment.
-__device__ __forceinline__ int lora_chunk(const LoraParams& p, int* rows, int* adapters) {
-    const int g = blockIdx.y;
-    const int count = p.counts[g];
-    const int first = blockIdx.z * p.rows_per_block;
-    if (first >= count) return 0;
-    const int n = min(p.rows_per_block, count - first);
+// The chunks of all segments in one list, segments in order, segment g in
+// ceil(counts[g] / rows_per_block) chunks: block y takes the y-th (the grid has one block per
+// chunk that T*K rows can fill, so none is idle past the list's end but the last few). An
+// exclusive block scan of the chunk counts finds it; `scan` holds kLoraThreads / 32 + 2 ints.
+// Returns false past the end of the list.
+__device__ __forceinline__ bool lora_locate(const LoraParams& p, int* scan, int& seg, int& chunk) {
+    const int per = (p.segments + blockDim.x - 1) / blockDim.x;
+    const int first = threadIdx.x * per;
+    int mine = 0;
+    for (int q = 0; q < per; ++q) {
+        const int g = first + q;
+        if (g < p.segments) mine += (p.counts[g] + p.rows_per_block - 1) / p.rows_per_block;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int incl = mine;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const int v = __shfl_up_sync(kFullMask, incl, off);
+        if (lane >= off) incl += v;
+    }
+    if (lane == 31) scan[warp] = incl;
+    if (threadIdx.x == 0) scan[kLoraThreads / 32] = -1;
+    __syncthreads();
+    int base = 0;
+    for (int w = 0; w < warp; ++w) base += scan[w];
+    int c = int(blockIdx.y) - (base + incl - mine);
+    if (c >= 0 && c < mine) {
+        for (int q = 0; q < per && first + q < p.segments; ++q) {
+            const int g = first + q;
+            const int n = (p.counts[g] + p.rows_per_block - 1) / p.rows_per_block;
+            if (c < n) {
+                scan[kLoraThreads / 32] = g;
+                scan[kLoraThreads / 32 + 1] = c;
+                break;
+            }
+            c -= n;
+        }
+    }
+    __syncthreads();
+    seg = scan[kLoraThreads / 32];
+    chunk = scan[kLoraThreads / 32 + 1];
+    return seg >= 0;
+}
+
+// The rows of chunk `chunk` of segment `g` and each one's adapter (-1: nothing to do), in smem.
+// Returns the number of rows.
+__device__ __forceinline__ int lora_chunk(const LoraParams& p, int g, int chunk, int* rows, int* adapters) {
+    const int first = chunk * p.rows_per_block;
+    const int n = min(p.rows_per_block, p.counts[g] - first);
     const int base = p.seg_offsets[g] + first;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const int r = base + i;
@@ -58,9 +100,9 @@ __device__ __forceinline__ int lora_chunk(const LoraParams& p, int* rows, int* a
     return n;
 }
 
-// Block (0, 0, 0) of the counting launch: tokens whose adapter id is outside [-1, L).
+// Block (0, 0) of the counting launch: tokens whose adapter id is outside [-1, L).
 __device__ __forceinline__ void lora_count_bad(const LoraParams& p) {
-    if (!p.count_status || !p.adapter_ids || blockIdx.x || blockIdx.y || blockIdx.z) return;
+    if (!p.count_status || !p.adapter_ids || blockIdx.x || blockIdx.y) return;
     for (int t = threadIdx.x; t < p.tokens; t += blockDim.x) {
         const int a = p.adapter_ids[t];
         if (a < -1 || a >= p.adapters) atomicAdd(p.status, 1);
@@ -102,11 +144,13 @@ __device__ __forceinline__ void lora_shrink_v1(const LoraParams& p) {
     __shared__ int rows[kLoraRows];
     __shared__ int adapters[kLoraRows];
     __shared__ int list[kLoraRows + 1];
+    __shared__ int scan[kLoraThreads / 32 + 2];
     lora_count_bad(p);
-    const int n = lora_chunk(p, rows, adapters);
-    if (n == 0) return;
+    int g, chunk;
+    if (!lora_locate(p, scan, g, chunk)) return;
+    const int n = lora_chunk(p, g, chunk, rows, adapters);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int e = p.adapter_ids ? blockIdx.y : 0;
+    const int e = p.adapter_ids ? g : 0;
     const T* in = static_cast<const T*>(p.in);
     const bool vec = p.vec;
     for (int i = 0; i < n; ++i) {
@@ -167,9 +211,11 @@ __device__ __forceinline__ void lora_expand_v1(const LoraParams& p) {
     __shared__ int list[kLoraRows + 1];
     // B's tile as f32, rows `stride` apart: odd, so the 32 lanes' columns fall in 32 banks.
     __shared__ float bs[kLoraTile * (kLoraMaxRank + 1)];
-    const int n = lora_chunk(p, rows, adapters);
-    if (n == 0) return;
-    const int e = p.adapter_ids ? blockIdx.y : 0;
+    __shared__ int scan[kLoraThreads / 32 + 2];
+    int g, chunk;
+    if (!lora_locate(p, scan, g, chunk)) return;
+    const int n = lora_chunk(p, g, chunk, rows, adapters);
+    const int e = p.adapter_ids ? g : 0;
     const int rank = p.rank, stride = rank | 1;
     const int c0 = blockIdx.x * kLoraTile;
     const int cols = min(kLoraTile, p.d_out - c0);

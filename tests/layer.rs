@@ -1795,22 +1795,25 @@ fn gpu_layer_runs_on_borrowed_buffers_and_the_runtimes_stream() {
 /// Runs `layer` (with adapters set) on `t` random tokens with per-token adapter `ids` and
 /// compares every token with the CPU forward given the GPU's own routing, so near-ties in the
 /// router do not matter.
-fn check_lora_against_cpu(
+fn check_lora_against_cpu<T: Float>(
     dev: &Device,
-    layer: &mut MoeLayer<bf16>,
+    layer: &mut MoeLayer<T>,
     cfg: &MoeConfig,
-    w: &LayerWeights<bf16>,
-    lora: &LoraAdapters<bf16>,
+    w: &LayerWeights<T>,
+    lora: &LoraAdapters<T>,
     ids: &[i32],
     name: &str,
 ) {
     let (h, k, t) = (cfg.hidden, cfg.k(), ids.len());
     let mut rng = Rng::new(t as u64 + 7);
-    let x = uniform_x(&mut rng, t * h);
+    let x: Vec<T> = uniform_x(&mut rng, t * h)
+        .into_iter()
+        .map(|v| T::from_f64(v.to_f64()))
+        .collect();
     let xf: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
     let xd = dev.upload(&x, &[t, h]).unwrap();
     let idd = dev.upload(ids, &[t]).unwrap();
-    let mut y = dev.filled_bytes::<bf16>(&[t, h], 0xff).unwrap();
+    let mut y = dev.filled_bytes::<T>(&[t, h], 0xff).unwrap();
     let opts = ForwardOptions {
         adapter_ids: Some(&idd),
         ..Default::default()
@@ -1900,6 +1903,17 @@ fn gpu_lora_experts_match_the_cpu_forward() {
             check_lora_against_cpu(&dev, &mut layer, cfg, &w, &lora, &ids, name);
         }
     }
+    // More experts than a block has threads: each thread of the chunk list's scan sums two.
+    let wide = MoeConfig::new(64, 32, 300, RouterConfig::mixtral(2));
+    let w = random_weights(&wide, 23);
+    let lora = LoraAdapters::<bf16>::random(300, 64, 32, 3, 4, 7);
+    let mut layer = MoeLayer::<bf16>::new(&dev, &wide, &w, 256).unwrap();
+    layer.set_lora(&dev, Some(&lora)).unwrap();
+    let mut rng = Rng::new(5);
+    for t in [16, 256] {
+        let ids = adapter_ids(&mut rng, t, 3);
+        check_lora_against_cpu(&dev, &mut layer, &wide, &w, &lora, &ids, "E=300");
+    }
     // The v2 GEMM reads x through the plan: the gate/up shrink does too. And packed experts.
     let (name, cfg) = &all[0];
     let w = random_weights(cfg, 22);
@@ -1911,6 +1925,17 @@ fn gpu_lora_experts_match_the_cpu_forward() {
     let mut rng = Rng::new(3);
     let ids = adapter_ids(&mut rng, 64, 2);
     check_lora_against_cpu(&dev, &mut layer, cfg, &w, &lora, &ids, name);
+    // f16 layer and adapters.
+    let (wh, lh) = (
+        to_f16(&w),
+        LoraAdapters::<half::f16>::random(cfg.experts, cfg.hidden, cfg.intermediate, 2, 8, 6),
+    );
+    let mut layer = MoeLayer::<half::f16>::new(&dev, cfg, &wh, 16).unwrap();
+    layer.set_lora(&dev, Some(&lh)).unwrap();
+    for t in [1, 16] {
+        let ids = adapter_ids(&mut rng, t, 2);
+        check_lora_against_cpu(&dev, &mut layer, cfg, &wh, &lh, &ids, "mixtral-like f16");
+    }
     let wq = packed(cfg, &w, "int4-g32");
     let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &wq, 20).unwrap();
     layer.set_lora(&dev, Some(&lora)).unwrap();

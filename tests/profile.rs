@@ -160,6 +160,16 @@ fn gpu_lora_reads_each_chosen_pair_once() {
                 card.name, rec.kernel, m.us, m.limiter
             );
         }
+        for (what, recs) in [("with adapters", &records), ("GEMV path without", &gemv)] {
+            let each: Vec<String> = recs
+                .iter()
+                .map(|r| {
+                    let m = profile::model(r, &card).unwrap();
+                    format!("{} {:.1}", r.kernel, m.us)
+                })
+                .collect();
+            println!("{} {what}: {}", card.name, each.join(", "));
+        }
         let chain = |recs: &[LaunchRecord]| {
             let ms: Vec<_> = recs
                 .iter()

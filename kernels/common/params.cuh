@@ -398,7 +398,7 @@ static_assert(offsetof(DecodeParams, hidden) == 720, "mirror in src/params.rs");
 // without (LLaVA-MoLE), segment g is adapter g on the one dense expert (a_experts = 1).
 //   lora_shrink: s[r, j] = sum_d A[a, e, j, d] * in[r, d] for j < r_total (2 * rank for gate/up)
 //   lora_expand: out[r, c] += scale[a] * w(slot) * sum_j< rank B[a, e, c, j] * s[r, half(c) * rank + j]
-// A row whose adapter is -1 or out of range is left alone; the gate/up shrink's block (0, 0, 0)
+// A row whose adapter is -1 or out of range is left alone; the gate/up shrink's block (0, 0)
 // counts the tokens whose id is outside [-1, L) in status.
 struct LoraParams {
     const void* in;               // shrink: [R, d_in] rows, or [T, d_in] read at slot / K (by_token)
@@ -416,7 +416,7 @@ struct LoraParams {
     int32_t* status;              // [1] tokens with an adapter id outside [-1, L)
     int32_t tokens;               // T
     int32_t k;                    // K
-    int32_t segments;             // gridDim.y
+    int32_t segments;             // G
     int32_t a_experts;            // experts in A and B: E, or 1 for a dense FFN
     int32_t adapters;             // L
     int32_t rank;                 // 1..=256
@@ -424,7 +424,7 @@ struct LoraParams {
     int32_t d_in;                 // shrink's row length
     int32_t d_out;                // expand's row length
     int32_t split;                // expand: kLoraOne, or the GateLayout of out's columns + 1
-    int32_t rows_per_block;       // rows of a segment per block (gridDim.z chunks), 1..=kLoraRows
+    int32_t rows_per_block;       // rows of a segment per block (a chunk), 1..=kLoraRows
     int32_t by_token;             // shrink: in is [T, d_in], read through the slot
     int32_t vec;                  // 16-byte loads: d_in % 8 == 0 and in, a 16-byte aligned
     int32_t count_status;         // 1 in the launch that counts bad adapter ids

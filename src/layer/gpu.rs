@@ -25,7 +25,8 @@ pub enum Path {
     /// The decode path (src/layer/decode.rs): three launches, routing fused into the gate/up
     /// GEMV and the combine into the down GEMV; above [`MoeLayer::DECODE_TOKENS`] tokens it
     /// falls back to [`Path::Gemm`]. A forward with LoRA adapter ids takes [`Path::Gemv`]
-    /// instead (the decode kernels take no adapters), as does [`Path::Auto`].
+    /// instead up to that many tokens (the decode kernels take no adapters), with this path
+    /// or [`Path::Auto`].
     Decode,
     /// Through the routing plan with the grouped GEMV over the sorted layout, any T.
     Gemv,

@@ -13,10 +13,10 @@
 //! added to the down GEMM's rows before the combine weighs them.
 //!
 //! Kernels (kernels/lora.cu): `lora_shrink` (`s = A v`, f32) and `lora_expand`
-//! (`out += scale · B s`). A block takes one chunk of an expert's rows and reads each
-//! (expert, adapter)'s A and B tile once for every row of the chunk that uses it; at decode
-//! sizes the chunk is the whole expert, so each chosen pair's A and B bytes are read once per
-//! forward.
+//! (`out += scale · B s`). A block takes one chunk of up to 64 of an expert's rows and reads
+//! each (expert, adapter)'s B tile once and its A rows once per 16 rows of the chunk that use
+//! them; at decode sizes (T <= 16) the chunk is the whole expert, so each chosen pair's A and B
+//! bytes are read once per forward.
 
 mod mole;
 pub mod reference;
@@ -292,7 +292,39 @@ impl<T: Float> DeviceLora<T> {
                 format!("{out_rows} rows, {} slots", rows.row_slots.capacity()),
             ));
         }
+        if rows.offsets.numel() <= segments
+            || rows.adapter_ids.is_some_and(|a| a.numel() < rows.tokens)
+            || rows
+                .row_weights
+                .is_some_and(|w| w.numel() < rows.tokens * rows.k)
+        {
+            return Err(Error::shape(
+                OP,
+                "rows",
+                format!(
+                    "{} offsets, [T] = [{}] adapter ids, [T, K] row weights",
+                    segments + 1,
+                    rows.tokens
+                ),
+                format!(
+                    "{} offsets, {:?} adapter ids, {:?} row weights",
+                    rows.offsets.numel(),
+                    rows.adapter_ids.map(Tensor::shape),
+                    rows.row_weights.map(Tensor::shape)
+                ),
+            ));
+        }
         let chunk = rows.tokens.clamp(1, CHUNK_ROWS);
+        // One block per chunk a segment can have: sum_g ceil(count_g / chunk) <= T*K / chunk + G.
+        let chunks = (rows.tokens * rows.k) / chunk + segments;
+        if chunks > 65_535 {
+            return Err(Error::shape(
+                OP,
+                "rows",
+                "at most 65535 chunks of rows (T*K / 64 + experts)",
+                format!("{chunks}"),
+            ));
+        }
         let i32_of = |v: usize| i32::try_from(v).expect("sizes checked at upload");
         let in_ptr = input.device_ptr(dev);
         let a_ptr = a.device_ptr(dev);
@@ -326,20 +358,18 @@ impl<T: Float> DeviceLora<T> {
             count_status: i32::from(matches!(proj, Proj::GateUp(_))),
         };
         let grid = |tiles: usize| LaunchConfig {
-            grid_dim: (
-                tiles as u32,
-                segments as u32,
-                rows.tokens.div_ceil(chunk) as u32,
-            ),
+            grid_dim: (tiles as u32, chunks as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let shrink = dev.function(OP, Module::Lora, &format!("lora_shrink_{}", T::DTYPE))?;
-        // SAFETY: `lora_shrink_{dtype}` takes one LoraParams (mirrored in src/params.rs). The
-        // plan's segments hold at most T rows each, their rows are below R (out's rows, checked
-        // against s and row_slots); `in` has the rows the slots or rows name (checked), A is
-        // [L, E, r_total, d_in] and s [>= R, 2r]. Adapter ids outside [0, L) and slots outside
-        // [0, T*K) are skipped in the kernel.
+        // SAFETY: `lora_shrink_{dtype}` takes one LoraParams (mirrored in src/params.rs).
+        // The callers pass this forward's plan (built from [T, K] ids with no id twice in a
+        // row): G segments whose rows lie below R, out's rows, each at most T of them, so the
+        // grid's chunks cover every row. R is checked against s and row_slots, the offsets,
+        // adapter ids and row weights against G, T and T*K; `in` has the rows the slots or rows
+        // name (checked), A is [L, E, r_total, d_in] and s [>= R, 2r]. Adapter ids outside
+        // [0, L) and slots outside [0, T*K) are skipped in the kernel.
         unsafe { dev.launch(OP, &shrink, grid(r_total.div_ceil(TILE)), &p) }?;
         p.count_status = 0;
         let expand = dev.function(OP, Module::Lora, &format!("lora_expand_{}", T::DTYPE))?;
