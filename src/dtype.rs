@@ -93,3 +93,9 @@ macro_rules! half_float {
 }
 half_float!(bf16);
 half_float!(f16);
+
+/// `v` rounded once to `T` (through f32, exact for every stored dtype): host weights in the
+/// storage dtype made ready to upload in the compute dtype.
+pub(crate) fn to_model<S: Float, T: Float>(v: &[S]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x.to_f32())).collect()
+}

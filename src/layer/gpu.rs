@@ -4,7 +4,7 @@
 use super::decode::DecodeWs;
 use super::{Experts, LayerWeights, MoeConfig, ZeroExpert};
 use crate::device::{Device, Tensor};
-use crate::dtype::{DType, Float};
+use crate::dtype::{DType, Float, to_model};
 use crate::error::{Error, Result};
 use crate::gemm::{self, GemmOptions, GemmRows, GemmVersion};
 use crate::lora::{DeviceLora, LoraAdapters, LoraDims};
@@ -296,10 +296,6 @@ pub struct MoeLayer<T: Float> {
 pub(super) struct LoraWs<T> {
     pub(super) adapters: DeviceLora<T>,
     pub(super) hpre: Tensor<T>,
-}
-
-fn to_model<S: Float, T: Float>(v: &[S]) -> Vec<T> {
-    v.iter().map(|&x| T::from_f32(x.to_f32())).collect()
 }
 
 impl<T: Float> MoeLayer<T> {
@@ -996,43 +992,34 @@ impl<T: Float> MoeLayer<T> {
             ids.check_device(OP, "topk_ids", dev)?;
             weights.check_device(OP, "topk_weights", dev)?;
         }
-        if let Some(index) = opts.mask_index {
-            if self.masks.is_none() {
-                return Err(Error::shape(
-                    OP,
-                    "mask_index",
-                    "none (the layer has no expert masks: set_expert_masks)",
-                    format!("{:?}", index.shape()),
-                ));
+        // Per-token `[T]` controls, each refused where the layer lacks what it selects.
+        for (arg, given, have, missing) in [
+            (
+                "mask_index",
+                opts.mask_index,
+                self.masks.is_some(),
+                "none (the layer has no expert masks: set_expert_masks)",
+            ),
+            (
+                "adapter_ids",
+                opts.adapter_ids,
+                self.lora.is_some(),
+                "none (the layer has no LoRA adapters: set_lora)",
+            ),
+        ] {
+            let Some(v) = given else { continue };
+            if !have {
+                return Err(Error::shape(OP, arg, missing, format!("{:?}", v.shape())));
             }
-            if index.shape() != [t] {
+            if v.shape() != [t] {
                 return Err(Error::shape(
                     OP,
-                    "mask_index",
+                    arg,
                     format!("[T] = [{t}]"),
-                    format!("{:?}", index.shape()),
+                    format!("{:?}", v.shape()),
                 ));
             }
-            index.check_device(OP, "mask_index", dev)?;
-        }
-        if let Some(ids) = opts.adapter_ids {
-            if self.lora.is_none() {
-                return Err(Error::shape(
-                    OP,
-                    "adapter_ids",
-                    "none (the layer has no LoRA adapters: set_lora)",
-                    format!("{:?}", ids.shape()),
-                ));
-            }
-            if ids.shape() != [t] {
-                return Err(Error::shape(
-                    OP,
-                    "adapter_ids",
-                    format!("[T] = [{t}]"),
-                    format!("{:?}", ids.shape()),
-                ));
-            }
-            ids.check_device(OP, "adapter_ids", dev)?;
+            v.check_device(OP, arg, dev)?;
         }
         if t == 0 {
             return Ok(());

@@ -27,7 +27,7 @@ use cudarc::driver::LaunchConfig;
 
 use crate::activation::GateLayout;
 use crate::device::{Device, Tensor};
-use crate::dtype::Float;
+use crate::dtype::{Float, to_model};
 use crate::error::{Error, Result};
 use crate::kernels::Module;
 use crate::params::LoraParams;
@@ -218,10 +218,7 @@ impl<T: Float> DeviceLora<T> {
             dims.hidden,
             dims.inter,
         );
-        let up = |v: &[S], shape: &[usize]| -> Result<Tensor<T>> {
-            let v: Vec<T> = v.iter().map(|&x| T::from_f32(x.to_f32())).collect();
-            dev.upload(&v, shape)
-        };
+        let up = |v: &[S], shape: &[usize]| dev.upload(&to_model::<S, T>(v), shape);
         Ok(DeviceLora {
             adapters: l,
             rank: r,

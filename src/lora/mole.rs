@@ -11,7 +11,7 @@
 use super::{DeviceLora, LoraAdapters, LoraDims, LoraRows, Proj};
 use crate::activation::{self, GateLayout, GatedAct};
 use crate::device::{Device, Tensor};
-use crate::dtype::Float;
+use crate::dtype::{Float, to_model};
 use crate::error::{Error, Result};
 use crate::gemm::{self, Epilogue, GemmOptions};
 use crate::permute::{self, CombineInputs, Layout, Plan, reference::padded_capacity};
@@ -211,10 +211,7 @@ impl<T: Float> MoleFfn<T> {
         let slots = max_tokens * k;
         let block_m = gemm::BLOCK_M;
         let rows = padded_capacity(slots, 1, block_m).max(slots);
-        let up = |v: &[S], shape: &[usize]| -> Result<Tensor<T>> {
-            let v: Vec<T> = v.iter().map(|&x| T::from_f32(x.to_f32())).collect();
-            dev.upload(&v, shape)
-        };
+        let up = |v: &[S], shape: &[usize]| dev.upload(&to_model::<S, T>(v), shape);
         dev.preload(
             OP,
             &[
@@ -228,10 +225,7 @@ impl<T: Float> MoleFfn<T> {
         Ok(MoleFfn {
             cfg: cfg.clone(),
             max_tokens,
-            router: dev.upload(
-                &w.router.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>(),
-                &[l, h],
-            )?,
+            router: dev.upload(&to_model::<f32, T>(&w.router), &[l, h])?,
             gate_up: up(&w.gate_up, &[1, 2 * i, h])?,
             down: up(&w.down, &[1, h, i])?,
             lora: DeviceLora::new(dev, OP, &w.experts, cfg.dims(), rows)?,
