@@ -10,6 +10,9 @@ use moe_kernels::lora::LoraAdapters;
 use moe_kernels::profile::{self, Card, Emulator, LaunchRecord};
 use moe_kernels::routing::RouterConfig;
 
+/// The emulator records every launch of the process: the tests here take turns.
+static RECORDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn emulator(test: &str) -> Option<(moe_kernels::Device, Emulator)> {
     let dev = common::gpu(test)?;
     match Emulator::find() {
@@ -29,6 +32,7 @@ fn gpu_decode_dram_bytes_are_the_active_experts_bytes() {
     let Some((dev, emu)) = emulator("gpu_decode_dram_bytes_are_the_active_experts_bytes") else {
         return;
     };
+    let _turn = RECORDING.lock().unwrap_or_else(|e| e.into_inner());
     emu.register_resources().unwrap();
     // Qwen3-30B-A3B's expert shapes, 16 experts, top-4.
     let cfg = MoeConfig::new(2048, 768, 16, RouterConfig::qwen(4, true));
@@ -85,6 +89,7 @@ fn gpu_lora_reads_each_chosen_pair_once() {
     let Some((dev, emu)) = emulator("gpu_lora_reads_each_chosen_pair_once") else {
         return;
     };
+    let _turn = RECORDING.lock().unwrap_or_else(|e| e.into_inner());
     emu.register_resources().unwrap();
     // Qwen3-30B-A3B's expert shapes, 16 experts, top-4, adapters of rank 16.
     let cfg = MoeConfig::new(2048, 768, 16, RouterConfig::qwen(4, true));
