@@ -52,6 +52,15 @@
 // The host runs v3 (route, gate/up v3, down v2) or v4 (route, gate/up v3, down v3, combine) at
 // T >= 2; at T = 1 each chosen expert has one token and both run v2.
 //
+// LoRA adapters on the routed experts (p.lora, DecodeLora in params.cuh; null gate_up_b: none),
+// in v2 to v5: the host routes first and runs lora_shrink in decode mode (kernels/lora.cu) on x
+// before gate/up and on h before down; each kernel adds a slot's expand term, scale * B[row] . s,
+// to the dot of weight row `row` before its epilogue (decode_lora): gate/up before the bias and
+// the activation, down before the routing weight (v2) or into the raw partial dot (v3 to v5,
+// which decode_combine weights). v2 and v3 split the rank over the warp's lanes ahead of the
+// warp's reduction; v5 sums it on the lane that holds the output. v1 takes none (the host runs
+// the planned path there).
+//
 // History
 //   v1: one warp per output column, 16-byte loads, x[t] re-read from L1/L2 by every warp.
 //   v2: the staged activation and the chunk decoders (SASS per int4 weight 137 -> 4.0), gate and
@@ -65,6 +74,7 @@
 //       token), the tokens routed once by the routing kernel; v4: the down GEMV likewise, with
 //       the slots summed by a combine launch.
 
+#include "chosen.cuh"
 #include "dtype.cuh"
 #include "epilogue.cuh"
 #include "params.cuh"
@@ -77,6 +87,50 @@ namespace moe {
 
 constexpr int kDecodeWarps = 8;  // output columns per block, one per warp
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
+
+// Part `part` of `parts` of the dot b[0, rank) . s[0, rank) (f32), over chunks of 8, chunk c in
+// part c % parts. Not inlined: the by-expert kernels sit at their register bound, and inlined
+// into their epilogues the LoRA term spilled (v3 plain and v5 int4 gate/up, 4 to 8 bytes).
+template <typename T>
+static __device__ __noinline__ float lora_row_dot(const T* b, const float* s, int rank, int part, int parts) {
+    float acc = 0.f;
+    if (rank % 8 == 0) {
+        // 16-byte loads of b, 32-byte of s: both rows start at multiples of 8 elements.
+        for (int q = part * 8; q < rank; q += parts * 8) {
+            float w[8];
+            load8(b + q, w);
+            const float4 s0 = *reinterpret_cast<const float4*>(s + q);
+            const float4 s1 = *reinterpret_cast<const float4*>(s + q + 4);
+            const float v[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+#pragma unroll
+            for (int u = 0; u < 8; ++u) acc = fmaf(w[u], v[u], acc);
+        }
+    } else {
+        for (int q = part * 8; q < rank; q += parts * 8)
+            for (int u = q; u < min(q + 8, rank); ++u) acc = fmaf(Float<T>::to_f32(b[u]), s[u], acc);
+    }
+    return acc;
+}
+
+// The LoRA term of weight row `row` of routed expert e for slot `slot` (token slot / K), or
+// part `part` of `parts` of it (lora_row_dot; parts = 32: the warp's lanes, summed by the
+// caller's reduction; 1: the whole term on one thread): scale[a] * B[a, e, row, :] . s[slot,
+// half * rank ..][0, rank), a the token's adapter. Gate/up (down false): B rows in the layer's
+// gate layout, half 0 for the gate's row, 1 for the up's; down: half 0. 0 without adapters or
+// for an id outside [0, L) (the shrink launch counted it).
+template <typename T>
+__device__ __forceinline__ float decode_lora(const DecodeParams& p, bool down, int e, int row, int slot, int half,
+                                             int part, int parts) {
+    const DecodeLora& l = p.lora;
+    if (l.gate_up_b == nullptr) return 0.f;
+    const int a = l.adapter_ids[slot / p.route.k];
+    if (a < 0 || a >= l.adapters) return 0.f;
+    const int rank = l.rank;
+    const int64_t rows = down ? p.hidden : p.up.g.n;
+    const T* b = static_cast<const T*>(down ? l.down_b : l.gate_up_b) + ((int64_t(a) * p.experts + e) * rows + row) * rank;
+    const float* sv = l.s + int64_t(slot) * (down ? rank : 2 * rank) + half * rank;
+    return lora_row_dot(b, sv, rank, part, parts) * l.scales[a];
+}
 
 // This lane's share of x[0, Kd) . W_e[row, :] (plain or packed); the caller sums the warp.
 template <typename T>
@@ -332,6 +386,11 @@ __device__ __forceinline__ void decode_gate_up_v2(const DecodeParams& p) {
     const int rows[2] = {weight_row(up.g, j, 0), weight_row(up.g, j, 1)};
     float a[2];
     dot_rows_v2<T, 2>(up, id, s_q, rows, xs, x, p.status, a);
+    if (!shared) {
+        const int slot = int(t) * K + s;
+        a[0] += decode_lora<T>(p, false, id, rows[0], slot, 0, lane, 32);
+        a[1] += decode_lora<T>(p, false, id, rows[1], slot, 1, lane, 32);
+    }
     const float g = warp_sum(a[0]);
     const float u = warp_sum(a[1]);
     if (lane == 0) {
@@ -530,6 +589,17 @@ __device__ __forceinline__ void decode_down_v2_cols(const DecodeParams& p, unsig
         }
     }
     if (!live) return;
+    if (p.lora.gate_up_b != nullptr) {
+        // The routed slots' LoRA terms, weighted as their dots (ids and weights from L1).
+        for (int s = 0; s < K; ++s) {
+            const int id = p.route.ids[t * K + s];
+            if (id < 0 || id >= E) continue;
+            const float w = p.weight_at_input ? 1.f : p.route.weights[t * K + s];
+#pragma unroll
+            for (int i = 0; i < NC; ++i)
+                if (i == 0 || both) acc[i] = fmaf(w, decode_lora<T>(p, true, id, col[i], int(t) * K + s, 0, lane, 32), acc[i]);
+        }
+    }
 #pragma unroll
     for (int i = 0; i < NC; ++i) {
         if (i > 0 && !both) break;
@@ -578,44 +648,14 @@ __device__ __forceinline__ void v3_block_expert(const DecodeParams& p, bool has_
         }
         return;
     }
-    s_bits[lane] = 0u;
-    __syncwarp();
-    for (int i = lane; i < n; i += 32) {
-        const int id = p.route.ids[i];
-        if (id >= 0 && id < p.experts) atomicOr(&s_bits[id >> 5], 1u << (id & 31));
-    }
-    __syncwarp();
-    // The y-th set bit of the 1024-bit set: a prefix sum of the words' counts over the warp.
-    const uint32_t word = s_bits[lane];
-    const int count = __popc(word);
-    int incl = count;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(kFullMask, incl, o);
-        if (lane >= o) incl += v;
-    }
-    const int before = incl - count;
-    const uint32_t owner = __ballot_sync(kFullMask, y >= before && y < incl);
-    int e = -1;
-    if (owner != 0u) {
-        const int src = __ffs(owner) - 1;
-        if (lane == src) {
-            uint32_t w = word;
-            for (int r = y - before; r > 0; --r) w &= w - 1u;  // drop the lower set bits
-            e = 32 * lane + __ffs(w) - 1;
-        }
-        e = __shfl_sync(kFullMask, e, src);
-    }
-    // The entries that chose e, in order: a ballot per 32.
+    const int e = nth_chosen_expert(p.route.ids, n, p.experts, y, s_bits);
+    // The entries that chose e, in order.
     int found = 0;
     if (e >= 0) {
-        for (int base = 0; base < n; base += 32) {
-            const int i = base + lane;
-            const bool hit = i < n && p.route.ids[i] == e;
-            const uint32_t m = __ballot_sync(kFullMask, hit);
-            if (hit) s_list[found + __popc(m & ((1u << lane) - 1u))] = v3_entry(i / p.route.k, i % p.route.k);
-            found += __popc(m);
-        }
+        found = slots_of_expert(p.route.ids, n, e, s_list, kV3MaxEntries);
+        __syncwarp();
+        for (int m = lane; m < found; m += 32) s_list[m] = v3_entry(s_list[m] / p.route.k, s_list[m] % p.route.k);
+        __syncwarp();
     }
     if (lane == 0) {
         *s_n = found;
@@ -648,6 +688,11 @@ __device__ __forceinline__ void v3_pass(const DecodeParams& p, const DecodeProj&
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
         if (n >= nrows) break;
+        if (!shared) {
+            const int slot = v3_token(ent[n]) * K + v3_slot(ent[n]);
+#pragma unroll
+            for (int i = 0; i < R; ++i) acc[i][n] += decode_lora<T>(p, DOWN, e, rows[i], slot, i, threadIdx.x & 31, 32);
+        }
         const float g = warp_sum(acc[0][n]);
         const float u = DOWN ? 0.f : warp_sum(acc[R - 1][n]);
         if ((threadIdx.x & 31) == 0) {
@@ -1277,6 +1322,11 @@ __device__ __forceinline__ void decode_by_expert_mma(const DecodeParams& p) {
             if (n >= nrows) continue;
             const int t = v3_token(ent[n]), s = v3_slot(ent[n]);
             const int64_t row = int64_t(t) * S + s;
+            if (!last && j0 < n_out) {
+                // The LoRA terms, whole on this lane (its rows and tokens are its own).
+                acc[i] += decode_lora<T>(p, DOWN, e, int(r0), t * K + s, 0, 0, 1);
+                if (!DOWN || j1 < n_out) acc[2 + i] += decode_lora<T>(p, DOWN, e, int(r1), t * K + s, DOWN ? 0 : 1, 0, 1);
+            }
             if (DOWN) {
                 if (j0 < n_out) p.partial[row * p.hidden + j0] = acc[i];
                 if (j1 < n_out) p.partial[row * p.hidden + j1] = acc[2 + i];

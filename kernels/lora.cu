@@ -18,6 +18,12 @@
 // loaded once per forward. A row's ids come from smem; the adapter loop is uniform over the
 // block.
 //
+// Decode mode (ids [T, K] given, no plan): grid (ceil(r_total / 8), min(T K, E)), a rank row
+// per warp; block y takes the y-th distinct expert the tokens chose and its slots as rows (row =
+// slot t * K + k), the input row of slot (t, k) being x[t] (by_token) or h[t * in_slots + k].
+// The decode path launches only the shrink this way; its kernels fuse the expand (DecodeLora in
+// params.cuh).
+//
 // History
 //   v1: CUDA cores. The shrink gives each warp four rank rows and up to 16 rows of a chunk at a
 //       time (16 f32 sums per lane, 16-byte loads of A and of the rows); the expand stages a
@@ -25,6 +31,7 @@
 //       one column and every eighth row. Prefill's long segments would want the shrink and
 //       expand on tensor cores (Punica's SGMV, vLLM's fused MoE-LoRA use tensor cores there).
 
+#include "chosen.cuh"
 #include "dtype.cuh"
 #include "params.cuh"
 #include "reduce.cuh"
@@ -100,6 +107,47 @@ __device__ __forceinline__ int lora_chunk(const LoraParams& p, int g, int chunk,
     return n;
 }
 
+// Decode mode (p.ids): the block's segment is the blockIdx.y-th distinct expert of ids [T, K]
+// (chosen.cuh), its rows are the slots that chose it, in order (row = slot), and each row's
+// adapter as lora_chunk gives it. Returns the number of rows (at most T: a routing or
+// route_given leaves no id twice in a token's row), or -1 past the experts chosen; g: the expert.
+__device__ __forceinline__ int lora_decode_rows(const LoraParams& p, int* rows, int* adapters, int& g) {
+    __shared__ uint32_t bits[32];
+    __shared__ int found[2];
+    if (threadIdx.x < 32) {
+        const int n = p.tokens * p.k;
+        const int e = nth_chosen_expert(p.ids, n, p.segments, blockIdx.y, bits);
+        const int c = e >= 0 ? slots_of_expert(p.ids, n, e, rows, kLoraRows) : 0;
+        if (threadIdx.x == 0) {
+            found[0] = e;
+            found[1] = min(c, kLoraRows);
+        }
+    }
+    __syncthreads();
+    g = found[0];
+    const int n = found[1];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int a = p.adapter_ids[rows[i] / p.k];
+        adapters[i] = a < 0 || a >= p.adapters ? -1 : a;
+    }
+    __syncthreads();
+    return g < 0 ? -1 : n;
+}
+
+// The block's segment g, its rows and their adapters, in either mode; -1 past the end.
+__device__ __forceinline__ int lora_block_rows(const LoraParams& p, int* scan, int* rows, int* adapters, int& g) {
+    if (p.ids != nullptr) return lora_decode_rows(p, rows, adapters, g);
+    int chunk;
+    if (!lora_locate(p, scan, g, chunk)) return -1;
+    return lora_chunk(p, g, chunk, rows, adapters);
+}
+
+// The row of `in` that row r of the shrink reads (in decode mode r is the slot).
+__device__ __forceinline__ int64_t lora_in_row(const LoraParams& p, int r) {
+    if (p.ids != nullptr) return p.by_token ? r / p.k : int64_t(r / p.k) * p.in_slots + r % p.k;
+    return p.by_token ? p.row_slots[r] / p.k : r;
+}
+
 // Block (0, 0) of the counting launch: tokens whose adapter id is outside [-1, L).
 __device__ __forceinline__ void lora_count_bad(const LoraParams& p) {
     if (!p.count_status || !p.adapter_ids || blockIdx.x || blockIdx.y) return;
@@ -146,19 +194,22 @@ __device__ __forceinline__ void lora_shrink_v1(const LoraParams& p) {
     __shared__ int list[kLoraRows + 1];
     __shared__ int scan[kLoraThreads / 32 + 2];
     lora_count_bad(p);
-    int g, chunk;
-    if (!lora_locate(p, scan, g, chunk)) return;
-    const int n = lora_chunk(p, g, chunk, rows, adapters);
+    int g;
+    const int n = lora_block_rows(p, scan, rows, adapters, g);
+    if (n < 0) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int e = p.adapter_ids ? g : 0;
     const T* in = static_cast<const T*>(p.in);
     const bool vec = p.vec;
+    // Rank rows per warp: 4 (a tile of kLoraTile per block), or 1 in decode mode, whose grid has
+    // a block row per chosen expert only and takes more column blocks to fill the SMs.
+    const int per_warp = p.ids != nullptr ? 1 : kLoraTile / 8;
     for (int i = 0; i < n; ++i) {
         const int c = lora_group(i, n, adapters, list);
         if (c == 0) continue;
         const int64_t ae = int64_t(adapters[i]) * p.a_experts + e;
-        for (int q = 0; q < kLoraTile / 8; ++q) {
-            const int j = blockIdx.x * kLoraTile + warp * (kLoraTile / 8) + q;
+        for (int q = 0; q < per_warp; ++q) {
+            const int j = blockIdx.x * 8 * per_warp + warp * per_warp + q;
             if (j >= p.r_total) break;
             const T* arow = static_cast<const T*>(p.a) + (ae * p.r_total + j) * p.d_in;
             for (int g0 = 0; g0 < c; g0 += kLoraGroup) {
@@ -166,9 +217,7 @@ __device__ __forceinline__ void lora_shrink_v1(const LoraParams& p) {
                 const T* x[kLoraGroup];
 #pragma unroll
                 for (int m = 0; m < kLoraGroup; ++m) {
-                    const int r = rows[list[g0 + min(m, gc - 1)]];
-                    const int64_t src = p.by_token ? p.row_slots[r] / p.k : r;
-                    x[m] = in + src * p.d_in;
+                    x[m] = in + lora_in_row(p, rows[list[g0 + min(m, gc - 1)]]) * p.ld_in;
                 }
                 float acc[kLoraGroup] = {};
                 for (int d = lane * 8; d < p.d_in; d += 32 * 8) {
@@ -212,9 +261,9 @@ __device__ __forceinline__ void lora_expand_v1(const LoraParams& p) {
     // B's tile as f32, rows `stride` apart: odd, so the 32 lanes' columns fall in 32 banks.
     __shared__ float bs[kLoraTile * (kLoraMaxRank + 1)];
     __shared__ int scan[kLoraThreads / 32 + 2];
-    int g, chunk;
-    if (!lora_locate(p, scan, g, chunk)) return;
-    const int n = lora_chunk(p, g, chunk, rows, adapters);
+    int g;
+    const int n = lora_block_rows(p, scan, rows, adapters, g);
+    if (n < 0) return;
     const int e = p.adapter_ids ? g : 0;
     const int rank = p.rank, stride = rank | 1;
     const int c0 = blockIdx.x * kLoraTile;
@@ -241,7 +290,7 @@ __device__ __forceinline__ void lora_expand_v1(const LoraParams& p) {
                 float acc = 0.f;
                 for (int j = 0; j < rank; ++j) acc = fmaf(bs[lane * stride + j], s[j], acc);
                 float w = scale;
-                if (p.row_weights) w *= p.row_weights[p.row_slots[r]];
+                if (p.row_weights) w *= p.row_weights[p.ids ? r : p.row_slots[r]];
                 T* o = out + int64_t(r) * p.d_out + col;
                 *o = Float<T>::from_f32(Float<T>::to_f32(*o) + w * acc);
             }

@@ -236,6 +236,7 @@ racecheck permute gpu_plan_matches_reference_bit_for_bit
 memcheck layer gpu_graph_replays_with_new_adapter_ids
 racecheck layer gpu_graph_replays_with_new_adapter_ids
 memcheck layer gpu_mole_matches_the_cpu_forward
+memcheck layer gpu_lora_runs_inside_every_decode_version
 EOF
 }
 

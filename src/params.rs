@@ -420,6 +420,20 @@ pub(crate) struct DecodeProj {
 const _: () = assert!(size_of::<DecodeProj>() == 128);
 const _: () = assert!(offset_of!(DecodeProj, blob) == 112);
 
+/// See `DecodeLora` in params.cuh; all zero: no adapters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct DecodeLora {
+    pub gate_up_b: u64,
+    pub down_b: u64,
+    pub s: u64,
+    pub adapter_ids: u64,
+    pub scales: u64,
+    pub rank: i32,
+    pub adapters: i32,
+}
+const _: () = assert!(size_of::<DecodeLora>() == 48);
+
 /// See `DecodeParams` in params.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -448,8 +462,10 @@ pub(crate) struct DecodeParams {
     pub weight_at_input: i32,
     /// decode_down_v2: the slots whose `h` rows are staged in shared memory at once (>= 1).
     pub down_pass: i32,
+    pub lora: DecodeLora,
 }
-const _: () = assert!(size_of::<DecodeParams>() == 744);
+const _: () = assert!(size_of::<DecodeParams>() == 792);
+const _: () = assert!(offset_of!(DecodeParams, lora) == 744);
 const _: () = assert!(offset_of!(DecodeParams, up) == 112);
 const _: () = assert!(offset_of!(DecodeParams, x) == 624);
 const _: () = assert!(offset_of!(DecodeParams, hidden) == 720);
@@ -472,6 +488,7 @@ pub(crate) struct LoraParams {
     pub row_slots: u64,
     pub row_weights: u64,
     pub status: u64,
+    pub ids: u64,
     pub tokens: i32,
     pub k: i32,
     pub segments: i32,
@@ -486,9 +503,11 @@ pub(crate) struct LoraParams {
     pub by_token: i32,
     pub vec: i32,
     pub count_status: i32,
+    pub in_slots: i32,
+    pub ld_in: i32,
 }
-const _: () = assert!(size_of::<LoraParams>() == 152);
-const _: () = assert!(offset_of!(LoraParams, tokens) == 96);
-const _: () = assert!(offset_of!(LoraParams, count_status) == 148);
+const _: () = assert!(size_of::<LoraParams>() == 168);
+const _: () = assert!(offset_of!(LoraParams, tokens) == 104);
+const _: () = assert!(offset_of!(LoraParams, ld_in) == 164);
 // SAFETY: plain old data with the C layout the kernels declare; passed by value.
 unsafe impl DeviceRepr for LoraParams {}

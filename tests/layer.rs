@@ -1946,6 +1946,73 @@ fn gpu_lora_experts_match_the_cpu_forward() {
 }
 
 #[test]
+fn gpu_lora_runs_inside_every_decode_version() {
+    use moe_kernels::layer::DecodeVersion;
+    let Some(dev) = common::gpu("gpu_lora_runs_inside_every_decode_version") else {
+        return;
+    };
+    let all = configs();
+    // Gate layouts, expert biases, input weights (Llama 4), shared and zero-computation experts
+    // with top-p's unused slots; ranks odd (the scalar loop), multiples of 8 (16-byte loads), and
+    // 256 (v5's whole term on one lane). qwen2-like's I = 16 takes v4 where v5 is asked for.
+    for (c, rank, ts) in [
+        (0, 8, &[1, 5, 16][..]),
+        (1, 3, &[2, 16]),
+        (3, 16, &[1, 16]),
+        (4, 40, &[3, 16]),
+        (5, 1, &[16]),
+        (0, 256, &[4]),
+    ] {
+        let (name, cfg) = &all[c];
+        let w = random_weights(cfg, 31);
+        let lora = LoraAdapters::<bf16>::random(
+            cfg.experts,
+            cfg.hidden,
+            cfg.intermediate,
+            3,
+            rank,
+            c as u64 + 9,
+        );
+        let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, 16).unwrap();
+        layer.set_lora(&dev, Some(&lora)).unwrap();
+        let mut rng = Rng::new(c as u64 + rank as u64);
+        for version in [
+            DecodeVersion::V2,
+            DecodeVersion::V3,
+            DecodeVersion::V4,
+            DecodeVersion::V5,
+        ] {
+            layer.set_decode_version(version);
+            for &t in ts {
+                assert!(layer.decode_takes_lora(t), "{name} {version:?} T={t}");
+                let ids = adapter_ids(&mut rng, t, 3);
+                let label = format!("{name} r={rank} {:?}", layer.decode_kernels_for(t));
+                check_lora_against_cpu(&dev, &mut layer, cfg, &w, &lora, &ids, &label);
+            }
+        }
+        // v1 takes no adapters: the planned GEMV runs them.
+        layer.set_decode_version(DecodeVersion::V1);
+        assert!(!layer.decode_takes_lora(2));
+        let ids = adapter_ids(&mut rng, 2, 3);
+        check_lora_against_cpu(&dev, &mut layer, cfg, &w, &lora, &ids, name);
+    }
+    // Packed experts: the by-expert CUDA-core instance (v3, v4) and the tensor-core one (v5).
+    let (name, cfg) = &all[0];
+    let wq = packed(cfg, &random_weights(cfg, 32), "int4-g32");
+    let lora = LoraAdapters::<bf16>::random(cfg.experts, cfg.hidden, cfg.intermediate, 2, 8, 3);
+    let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &wq, 16).unwrap();
+    layer.set_lora(&dev, Some(&lora)).unwrap();
+    let mut rng = Rng::new(8);
+    for version in [DecodeVersion::V2, DecodeVersion::V4, DecodeVersion::V5] {
+        layer.set_decode_version(version);
+        assert!(layer.decode_takes_lora(16));
+        let ids = adapter_ids(&mut rng, 16, 2);
+        let label = format!("{name} int4-g32 {:?}", layer.decode_kernels_for(16));
+        check_lora_against_cpu(&dev, &mut layer, cfg, &wq, &lora, &ids, &label);
+    }
+}
+
+#[test]
 fn gpu_graph_replays_with_new_adapter_ids() {
     let Some(dev) = common::gpu("gpu_graph_replays_with_new_adapter_ids") else {
         return;

@@ -118,63 +118,78 @@ fn gpu_lora_reads_each_chosen_pair_once() {
         ..Default::default()
     };
     let records = counted(&dev, &emu, &mut layer, &mut y, &x, opts);
+    // The same step without adapters, and with them on the planned GEMV path.
+    let base_opts = ForwardOptions {
+        routing: Some((&ids, &weights)),
+        ..Default::default()
+    };
+    let base = counted(&dev, &emu, &mut layer, &mut y, &x, base_opts);
+    layer.set_path(moe_kernels::layer::Path::Gemv);
+    let planned = counted(&dev, &emu, &mut layer, &mut y, &x, opts);
+    layer.set_path(moe_kernels::layer::Path::Auto);
+    let names =
+        |recs: &[LaunchRecord]| -> Vec<String> { recs.iter().map(|r| r.kernel.clone()).collect() };
+    // The decode path: the shrinks are the only launches added; the expands run inside the
+    // decode kernels.
     let lora_records: Vec<&LaunchRecord> = records
         .iter()
         .filter(|r| r.kernel.starts_with("lora_"))
         .collect();
     assert_eq!(
         lora_records.len(),
-        4,
-        "shrink and expand for gate/up and down"
+        2,
+        "a shrink for gate/up and one for down: {:?}",
+        names(&records)
     );
+    assert_eq!(records.len(), base.len() + 2, "{:?}", names(&records));
     let pair = layer.lora_pair_bytes().unwrap();
     assert_eq!(pair, (2 * r * h + 2 * i * r + r * i + h * r) * 2);
-    let expected = pairs * pair;
-    // The rows with an adapter: x and the gate/up rows (read, added to), h and the down rows;
-    // s in f32.
+    // A: what the shrinks read, with the rows (x, h) of the 12 slots with an adapter and s.
+    let (a_pair, b_pair) = ((2 * r * h + r * i) * 2, (2 * i * r + h * r) * 2);
     let rows = 12;
-    let rows_bytes = rows * (h + 2 * i + i + h) * 2 + rows * 3 * r * 4;
-    let read = |f: fn(&LaunchRecord) -> f64| lora_records.iter().map(|r| f(r)).sum::<f64>();
-    let unique = read(|r| r.dram.unique_read_bytes);
-    let l2 = read(|r| r.dram.l2_read_bytes);
-    println!(
-        "LoRA pairs {pairs} x {pair} B = {expected} B, rows {rows_bytes} B; DRAM read: unique \
-         {unique:.0}, L2 model {l2:.0}"
-    );
-    for got in [unique, l2] {
+    let a_rows = rows * (h + i) * 2;
+    let read = |recs: &[&LaunchRecord], f: fn(&LaunchRecord) -> f64| {
+        recs.iter().map(|r| f(r)).sum::<f64>()
+    };
+    // B: what the decode kernels read beyond the same kernels without adapters, with s (f32).
+    let decode_of = |recs: &[LaunchRecord]| -> Vec<LaunchRecord> {
+        recs.iter()
+            .filter(|r| r.kernel.starts_with("decode_"))
+            .cloned()
+            .collect()
+    };
+    let (with, without) = (decode_of(&records), decode_of(&base));
+    let with_refs: Vec<&LaunchRecord> = with.iter().collect();
+    let without_refs: Vec<&LaunchRecord> = without.iter().collect();
+    let b_rows = rows * 3 * r * 4;
+    for (what, f) in [
+        (
+            "unique",
+            (|r: &LaunchRecord| r.dram.unique_read_bytes) as fn(&LaunchRecord) -> f64,
+        ),
+        ("L2 model", |r: &LaunchRecord| r.dram.l2_read_bytes),
+    ] {
+        let a = read(&lora_records, f);
+        let b = read(&with_refs, f) - read(&without_refs, f);
+        println!(
+            "LoRA {pairs} pairs: A {} B + rows {a_rows} B, read {a:.0} ({what}); B {} B + s \
+             {b_rows} B, read {b:.0} beyond the decode kernels without adapters",
+            pairs * a_pair,
+            pairs * b_pair
+        );
         assert!(
-            got >= expected as f64 && got <= (expected + rows_bytes + 4096) as f64,
-            "LoRA DRAM reads {got} against {expected} B of pairs and {rows_bytes} B of rows"
+            a >= (pairs * a_pair) as f64 && a <= (pairs * a_pair + a_rows + 4096) as f64,
+            "shrink reads {a} ({what}) against {} B of A and {a_rows} B of rows",
+            pairs * a_pair
+        );
+        assert!(
+            b >= (pairs * b_pair) as f64 && b <= (pairs * b_pair + b_rows + 4096) as f64,
+            "decode kernels read {b} more ({what}) against {} B of B and {b_rows} B of s",
+            pairs * b_pair
         );
     }
-    // The whole forward with adapters (the planned GEMV path) beside the same step without
-    // them (the decode path), modelled.
-    let opts = ForwardOptions {
-        routing: Some((&ids, &weights)),
-        ..Default::default()
-    };
-    let base = counted(&dev, &emu, &mut layer, &mut y, &x, opts);
-    layer.set_path(moe_kernels::layer::Path::Gemv);
-    let gemv = counted(&dev, &emu, &mut layer, &mut y, &x, opts);
     for card in ["h100", "h200"] {
         let card = Card::parse(card).unwrap();
-        for rec in &lora_records {
-            let m = profile::model(rec, &card).unwrap();
-            println!(
-                "{}: {} {:.2} us modelled ({})",
-                card.name, rec.kernel, m.us, m.limiter
-            );
-        }
-        for (what, recs) in [("with adapters", &records), ("GEMV path without", &gemv)] {
-            let each: Vec<String> = recs
-                .iter()
-                .map(|r| {
-                    let m = profile::model(r, &card).unwrap();
-                    format!("{} {:.1}", r.kernel, m.us)
-                })
-                .collect();
-            println!("{} {what}: {}", card.name, each.join(", "));
-        }
         let chain = |recs: &[LaunchRecord]| {
             let ms: Vec<_> = recs
                 .iter()
@@ -182,16 +197,30 @@ fn gpu_lora_reads_each_chosen_pair_once() {
                 .collect();
             profile::chain_us(&ms)
         };
-        println!(
-            "{}: forward with adapters {} launches, {:.1} us modelled; without, {} launches, \
-             {:.1} us (decode path), {} launches, {:.1} us (the GEMV path)",
-            card.name,
-            records.len(),
-            chain(&records),
-            base.len(),
-            chain(&base),
-            gemv.len(),
-            chain(&gemv)
+        for (what, recs) in [
+            ("decode path with adapters", &records),
+            ("decode path without", &base),
+            ("planned GEMV with adapters", &planned),
+        ] {
+            let each: Vec<String> = recs
+                .iter()
+                .map(|r| {
+                    let m = profile::model(r, &card).unwrap();
+                    format!("{} {:.1}", r.kernel, m.us)
+                })
+                .collect();
+            println!(
+                "{} {what}: {} launches, {:.1} us modelled: {}",
+                card.name,
+                recs.len(),
+                chain(recs),
+                each.join(", ")
+            );
+        }
+        assert!(
+            chain(&records) < chain(&planned),
+            "{}: the fused decode path models slower than the planned GEMV with adapters",
+            card.name
         );
     }
 }

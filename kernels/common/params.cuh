@@ -359,6 +359,22 @@ static_assert(offsetof(DecodeProj, blob) == 112, "mirror in src/params.rs");
 // routes each token in its prologue and writes the intermediate rows; the down GEMV sums them
 // back per token in its epilogue (the combine). S = K + 1 slots per token with a shared
 // expert (slot K), else K.
+// LoRA on the decode path: the expand products fused into the decode kernels, after a
+// lora_shrink launch in decode mode (LoraParams.ids) wrote s. Slot (t, k) of routed expert e
+// with adapter a = adapter_ids[t] in [0, L) adds scale[a] * B[a, e, row, :] . s[t * K + k, half
+// * rank ..][0, rank) to the dot of weight row `row` (gate/up: before the epilogue, half 0 for
+// the gate's row, 1 for the up's; down: before the routing weight, half 0). The shared expert
+// and other adapter ids take none.
+struct DecodeLora {
+    const void* gate_up_b;        // [L, E, 2I, rank], rows in the layer's gate layout; or null
+    const void* down_b;           // [L, E, H, rank]
+    const float* s;               // [T * K, 2 * rank] for gate/up, then [T * K, rank] for down
+    const int32_t* adapter_ids;   // [T]
+    const float* scales;          // [L]
+    int32_t rank;                 // 1..=kLoraMaxRank
+    int32_t adapters;             // L
+};
+
 struct DecodeParams {
     RouteParams route;            // logits [T, E_total] in the kernel's logits dtype, bias, the
                                   // rule; ids/weights [T, K] are written by gate/up's column-0
@@ -386,8 +402,10 @@ struct DecodeParams {
     int32_t ld_h;                 // elements between rows of h: max(I, Is)
     int32_t weight_at_input;      // 1: the routing weight scales the expert input (Llama 4)
     int32_t down_pass;            // decode_down_v2: slots whose h rows are staged at once (>= 1)
+    DecodeLora lora;              // adapters on the routed experts; lora.gate_up_b null: none
 };
-static_assert(sizeof(DecodeParams) == 744, "mirror in src/params.rs");
+static_assert(sizeof(DecodeParams) == 792, "mirror in src/params.rs");
+static_assert(offsetof(DecodeParams, lora) == 744, "mirror in src/params.rs");
 static_assert(offsetof(DecodeParams, up) == 112, "mirror in src/params.rs");
 static_assert(offsetof(DecodeParams, x) == 624, "mirror in src/params.rs");
 static_assert(offsetof(DecodeParams, hidden) == 720, "mirror in src/params.rs");
@@ -414,6 +432,9 @@ struct LoraParams {
     const float* row_weights;     // [T * K] expand: scales each slot's delta (Llama 4's input
                                   // weights), or null
     int32_t* status;              // [1] tokens with an adapter id outside [-1, L)
+    const int32_t* ids;           // decode mode, or null: [T, K] expert ids; block y takes the
+                                  // y-th distinct id in [0, segments) and its slots as rows
+                                  // (row = slot; counts, seg_offsets, row_slots unused)
     int32_t tokens;               // T
     int32_t k;                    // K
     int32_t segments;             // G
@@ -426,12 +447,15 @@ struct LoraParams {
     int32_t split;                // expand: kLoraOne, or the GateLayout of out's columns + 1
     int32_t rows_per_block;       // rows of a segment per block (a chunk), 1..=kLoraRows
     int32_t by_token;             // shrink: in is [T, d_in], read through the slot
-    int32_t vec;                  // 16-byte loads: d_in % 8 == 0 and in, a 16-byte aligned
+    int32_t vec;                  // 16-byte loads: d_in, ld_in % 8 == 0 and in, a 16-byte aligned
     int32_t count_status;         // 1 in the launch that counts bad adapter ids
+    int32_t in_slots;             // decode mode: in is [T * in_slots, ld_in], slot (t, k) at row
+                                  // t * in_slots + k (by_token: [T, ld_in]); else in_slots = K
+    int32_t ld_in;                // elements between rows of in
 };
-static_assert(sizeof(LoraParams) == 152, "mirror in src/params.rs");
-static_assert(offsetof(LoraParams, tokens) == 96, "mirror in src/params.rs");
-static_assert(offsetof(LoraParams, count_status) == 148, "mirror in src/params.rs");
+static_assert(sizeof(LoraParams) == 168, "mirror in src/params.rs");
+static_assert(offsetof(LoraParams, tokens) == 104, "mirror in src/params.rs");
+static_assert(offsetof(LoraParams, ld_in) == 164, "mirror in src/params.rs");
 
 constexpr int kLoraOne = 0;       // expand: every column reads s[r, 0 .. rank)
 constexpr int kLoraRows = 64;     // the most rows of a segment one block takes

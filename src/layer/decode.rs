@@ -14,6 +14,12 @@
 //! Routing given by the caller ([`ForwardOptions::routing`]) is checked into the layer's ids and
 //! weights by `route_given` in place of the router logits; the gate/up kernels then read it
 //! (null logits) instead of routing, and v3 to v5 skip their route launch.
+//!
+//! LoRA adapters ([`MoeLayer::set_lora`], [`ForwardOptions::adapter_ids`]) add two launches, the
+//! gate/up and the down shrink (`lora_shrink` in decode mode, a block per chosen expert), and
+//! the route launch where the version has none; the expand products run inside the gate/up
+//! and down kernels (`DecodeLora`), so the pre-activations and the slots' down dots are never
+//! written twice ([`MoeLayer::decode_takes_lora`] says where).
 
 use super::gpu::{
     DecodeVersion, ExpertWeights, ForwardOptions, Logits, MoeLayer, RouterWeights, Stage,
@@ -25,7 +31,7 @@ use crate::dtype::Float;
 use crate::error::{DriverResultExt, Error, Result};
 use crate::gemm::ScaleAt;
 use crate::kernels::Module;
-use crate::params::{DecodeParams, DecodeProj, GroupedGemmParams};
+use crate::params::{DecodeLora, DecodeParams, DecodeProj, GroupedGemmParams};
 use crate::routing;
 
 use cudarc::driver::LaunchConfig;
@@ -196,6 +202,23 @@ fn projection<T: Float>(
 }
 
 impl<T: Float> MoeLayer<T> {
+    /// Whether the decode path runs this layer's LoRA adapters at `t` tokens, the expand
+    /// products inside its kernels (`DecodeLora` in kernels/common/params.cuh): true where the
+    /// layer has adapters and [`MoeLayer::decode_kernels_for`] picks v2 to v5, except for
+    /// layers whose rows exceed v2's shared memory (they run v1's kernels) and for v5 over GPTQ
+    /// act-order down experts (its gate/up kernel writes `h` in their stored column order,
+    /// which the down shrink does not read). Elsewhere a forward with adapter ids takes the
+    /// planned path.
+    pub fn decode_takes_lora(&self, t: usize) -> bool {
+        let version = self.decode_kernels_for(t);
+        let act_order_down =
+            matches!(&self.w.down, ExpertWeights::Packed(q) if q.act_order_reordered());
+        self.lora.is_some()
+            && version != DecodeVersion::V1
+            && v2_smem(self.cfg.hidden, self.decode.ld_h, self.decode.slots).is_some()
+            && !(version == DecodeVersion::V5 && act_order_down)
+    }
+
     /// The forward of [`super::Path::Decode`] on checked `x [T, H]`, `y [T, H]`,
     /// `1 <= T <= DECODE_TOKENS`.
     pub(super) fn forward_decode(
@@ -218,6 +241,8 @@ impl<T: Float> MoeLayer<T> {
         self.weights.set_shape(&[t, k])?;
         let masks = self.mask_fields(dev, &opts, t)?;
         let given = opts.routing.is_some();
+        // The caller dispatched here with adapter ids only where decode_takes_lora.
+        let adapters = opts.adapter_ids.filter(|_| self.lora.is_some());
         if let Some(given) = opts.routing {
             // Into the layer's ids and weights, which every kernel below reads (null logits
             // tell the gate/up kernel not to route).
@@ -328,6 +353,7 @@ impl<T: Float> MoeLayer<T> {
             ld_h: i32::try_from(ld_h).expect("bounded by MoeConfig::validate"),
             weight_at_input: i32::from(scale_input),
             down_pass: 1,
+            lora: DecodeLora::default(),
         };
         let version = self.decode_kernels_for(t);
         let smem = match version {
@@ -348,8 +374,9 @@ impl<T: Float> MoeLayer<T> {
         };
         let v = if smem.is_some() { "v2_" } else { "" };
         let dtype = T::DTYPE.name();
-        if by_expert && !given {
-            // v3 routes every token once, before the gate/up kernel reads the ids.
+        if (by_expert || adapters.is_some()) && !given {
+            // v3 routes every token once, before the gate/up kernel reads the ids; so does any
+            // version with adapters, whose shrink reads them.
             let func = dev.function(
                 OP,
                 Module::Routing,
@@ -365,6 +392,25 @@ impl<T: Float> MoeLayer<T> {
             unsafe { dev.launch(OP, &func, cfg, &params.route) }?;
         }
         mark(Stage::Route)?;
+        let mut params = params;
+        if let (Some(ids), Some(lora)) = (adapters, self.lora.as_mut()) {
+            let lora = &mut lora.adapters;
+            lora.shrink_decode(
+                dev,
+                crate::lora::Proj::GateUp(cfg.gate_layout),
+                &self.ids,
+                ids,
+                x,
+                0,
+            )?;
+            // Every decode kernel below reads, for the slots of ids in [0, E) whose token's
+            // adapter id is in [0, L): B [L, E, 2I] or [L, E, H] rows of r, s [T * K, 2r] or
+            // [T * K, r] (shrink_decode checked T * K against its rows), adapter_ids [T]
+            // (checked by forward) and the scales [L]; all uploaded to this device.
+            params.lora = lora.decode_params(dev, ids);
+            // The ids are written: the gate/up kernel reads them instead of routing.
+            params.route.logits = 0;
+        }
         // The by-expert instances take one decoder each (the shared expert is plain in all).
         // (v5 runs act-order experts, which have no CUDA-core by-expert instance.)
         let (up_kind, down_kind) = match self.by_expert_decoders() {
@@ -460,6 +506,17 @@ impl<T: Float> MoeLayer<T> {
         // it writes column j of h at the down expert's inverse permutation of j, also below I.
         unsafe { dev.launch(OP, &func, up_cfg, &params) }?;
         mark(Stage::Gemm1)?;
+        if let (Some(ids), Some(lora)) = (adapters, self.lora.as_mut()) {
+            // The down shrink on the slots' h rows (row t * S + k), the gate/up kernel's output.
+            lora.adapters.shrink_decode(
+                dev,
+                crate::lora::Proj::Down,
+                &self.ids,
+                ids,
+                &self.decode.h,
+                s,
+            )?;
+        }
 
         if down_by_expert {
             let (name, down_cols) = if mma {

@@ -24,8 +24,9 @@ pub enum Path {
     Auto,
     /// The decode path (src/layer/decode.rs): three launches, routing fused into the gate/up
     /// GEMV and the combine into the down GEMV; above [`MoeLayer::DECODE_TOKENS`] tokens it
-    /// falls back to [`Path::Gemm`]. A forward with LoRA adapter ids takes [`Path::Gemv`]
-    /// instead up to that many tokens (the decode kernels take no adapters), with this path
+    /// falls back to [`Path::Gemm`]. A forward with LoRA adapter ids adds two shrink launches
+    /// (and a route launch for v2); where the decode kernels take no adapters
+    /// ([`MoeLayer::decode_takes_lora`]: v1) it takes [`Path::Gemv`] instead, with this path
     /// or [`Path::Auto`].
     Decode,
     /// Through the routing plan with the grouped GEMV over the sorted layout, any T.
@@ -624,10 +625,13 @@ impl<T: Float> MoeLayer<T> {
 
     /// Attaches LoRA adapters to the routed experts ([`crate::lora`]), rounded to `T`, or
     /// removes them (`None`). A forward given [`ForwardOptions::adapter_ids`] adds each token's
-    /// adapter's deltas to its experts' gate, up and down products; it runs on the planned path
-    /// (the GEMV up to [`MoeLayer::DECODE_TOKENS`] tokens, where the decode path would run,
-    /// else the layer's GEMM). Adapter ids are read on the device, so a captured graph replays
-    /// with new ones; new adapters reallocate and need a new capture.
+    /// adapter's deltas to its experts' gate, up and down products. On the decode path the
+    /// expand products run inside the decode kernels, after a shrink launch each for gate/up
+    /// and down (every decode version but v1; [`MoeLayer::decode_takes_lora`]); elsewhere,
+    /// and where the decode path would run v1, the planned path runs with grouped shrink and
+    /// expand launches (the GEMV up to [`MoeLayer::DECODE_TOKENS`] tokens, else the layer's
+    /// GEMM). Adapter ids are read on the device, so a captured graph replays with new ones;
+    /// new adapters reallocate and need a new capture.
     pub fn set_lora<S: Float>(
         &mut self,
         dev: &Device,
@@ -1024,8 +1028,9 @@ impl<T: Float> MoeLayer<T> {
         if t == 0 {
             return Ok(());
         }
-        if opts.adapter_ids.is_some() {
-            // LoRA runs on the planned path; the decode kernels take no adapters yet.
+        let decode = matches!(self.path, Path::Auto | Path::Decode) && t <= Self::DECODE_TOKENS;
+        if opts.adapter_ids.is_some() && !(decode && self.decode_takes_lora(t)) {
+            // LoRA on the planned path: where the decode kernels do not take it (v1's).
             let gemv = match self.path {
                 Path::Gemv => true,
                 Path::Gemm => false,

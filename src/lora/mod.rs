@@ -339,6 +339,7 @@ impl<T: Float> DeviceLora<T> {
             row_slots: rows.row_slots.device_ptr(dev),
             row_weights: rows.row_weights.map_or(0, |t| t.device_ptr(dev)),
             status: self.status.device_ptr_mut(dev),
+            ids: 0,
             tokens: i32_of(rows.tokens),
             k: i32_of(rows.k),
             segments: i32_of(segments),
@@ -353,6 +354,8 @@ impl<T: Float> DeviceLora<T> {
             by_token: i32::from(by_token),
             vec: i32::from(vec),
             count_status: i32::from(matches!(proj, Proj::GateUp(_))),
+            in_slots: i32_of(rows.k),
+            ld_in: i32_of(d_in),
         };
         let grid = |tiles: usize| LaunchConfig {
             grid_dim: (tiles as u32, chunks as u32, 1),
@@ -377,6 +380,145 @@ impl<T: Float> DeviceLora<T> {
     }
 
     /// Reads and resets the count of adapter ids out of range: an `Err` naming `adapter_ids`.
+    /// The shrink of the decode path, which has no plan (`lora_shrink` in decode mode): for each
+    /// slot (t, k) of `ids [T, K]` whose expert is in [0, E) and whose token has an adapter,
+    /// `s[t * K + k] = A[a_t, e] . in`, where `in` is `x[t]` for gate/up (`input [T, H]`) and
+    /// `h[t * in_slots + k]` for down (`input [>= T * in_slots, >= I]`). A block per distinct
+    /// chosen expert, so each (expert, adapter)'s A is read once. The decode kernels then add
+    /// the expand products ([`DeviceLora::decode_params`]); the gate/up launch counts adapter
+    /// ids outside [-1, L) for [`DeviceLora::check`].
+    pub(crate) fn shrink_decode(
+        &mut self,
+        dev: &Device,
+        proj: Proj,
+        ids: &Tensor<i32>,
+        adapter_ids: &Tensor<i32>,
+        input: &Tensor<T>,
+        in_slots: usize,
+    ) -> Result<()> {
+        const OP: &str = "lora (decode)";
+        let (a, r_total, by_token) = match proj {
+            Proj::GateUp(_) => (&self.gate_up_a, 2 * self.rank, true),
+            Proj::Down => (&self.down_a, self.rank, false),
+        };
+        let d_in = a.shape()[3];
+        let (tokens, k) = ids.rows_cols(OP, "ids")?;
+        let (in_rows, ld_in) = input.rows_cols(OP, "in")?;
+        let want_rows = if by_token { tokens } else { tokens * in_slots };
+        if in_rows < want_rows
+            || ld_in < d_in
+            || (by_token && ld_in != d_in)
+            || (!by_token && in_slots < k)
+        {
+            return Err(Error::shape(
+                OP,
+                "in",
+                format!(
+                    "at least [{want_rows}, {d_in}] rows, K = {k} <= {in_slots} slots per token"
+                ),
+                format!("{:?}", input.shape()),
+            ));
+        }
+        if self.experts > 1024 {
+            return Err(Error::shape(
+                OP,
+                "experts",
+                "at most 1024 (the decode path's routing bound)",
+                format!("{}", self.experts),
+            ));
+        }
+        if tokens * k > self.s.shape()[0] || adapter_ids.numel() < tokens {
+            return Err(Error::shape(
+                OP,
+                "ids",
+                format!(
+                    "at most {} slots, [T] = [{tokens}] adapter ids",
+                    self.s.shape()[0]
+                ),
+                format!(
+                    "{tokens} x {k} slots, {:?} adapter ids",
+                    adapter_ids.shape()
+                ),
+            ));
+        }
+        let i32_of = |v: usize| i32::try_from(v).expect("sizes checked at upload");
+        let in_ptr = input.device_ptr(dev);
+        let a_ptr = a.device_ptr(dev);
+        let vec = d_in.is_multiple_of(8)
+            && ld_in.is_multiple_of(8)
+            && in_ptr.is_multiple_of(16)
+            && a_ptr.is_multiple_of(16);
+        let p = LoraParams {
+            inp: in_ptr,
+            out: 0,
+            s: self.s.device_ptr_mut(dev),
+            a: a_ptr,
+            b: 0,
+            scales: self.scales.device_ptr(dev),
+            adapter_ids: adapter_ids.device_ptr(dev),
+            counts: 0,
+            seg_offsets: 0,
+            row_slots: 0,
+            row_weights: 0,
+            status: self.status.device_ptr_mut(dev),
+            ids: ids.device_ptr(dev),
+            tokens: i32_of(tokens),
+            k: i32_of(k),
+            segments: i32_of(self.experts),
+            a_experts: i32_of(self.experts),
+            adapters: i32_of(self.adapters),
+            rank: i32_of(self.rank),
+            r_total: i32_of(r_total),
+            d_in: i32_of(d_in),
+            d_out: 0,
+            split: 0,
+            rows_per_block: i32_of(tokens.clamp(1, CHUNK_ROWS)),
+            by_token: i32::from(by_token),
+            vec: i32::from(vec),
+            count_status: i32::from(by_token),
+            in_slots: i32_of(in_slots),
+            ld_in: i32_of(ld_in),
+        };
+        let cfg = LaunchConfig {
+            // A rank row per warp in decode mode: 8 per block.
+            grid_dim: (
+                r_total.div_ceil(8) as u32,
+                (tokens * k).min(self.experts).max(1) as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let shrink = dev.function(OP, Module::Lora, &format!("lora_shrink_{}", T::DTYPE))?;
+        // SAFETY: `lora_shrink_{t}` takes one LoraParams (mirrored in src/params.rs). In decode
+        // mode (ids non-null) block (x, y) takes the y-th distinct id in [0, E) of ids [T, K]
+        // (E = segments = a_experts <= 1024, the decode path's bound), reads adapter_ids [T]
+        // (checked above) and skips ids outside [0, L), A [L, E, r_total, d_in] of this
+        // adapter set, the input rows checked above (x [T, d_in], or h rows t * in_slots + k
+        // of ld_in >= d_in elements), and writes s rows t * K + k < T * K <= s's rows, columns
+        // 8x .. 8x + 8 below r_total = s's width (2r) or r. Block (0, 0) counts bad adapter
+        // ids into status [1]. All on this device.
+        unsafe { dev.launch(OP, &shrink, cfg, &p) }
+    }
+
+    /// The decode kernels' LoRA fields for `adapter_ids [T]`, after
+    /// [`DeviceLora::shrink_decode`]: B of gate/up and down, the shrink's s and the scales.
+    pub(crate) fn decode_params(
+        &mut self,
+        dev: &Device,
+        adapter_ids: &Tensor<i32>,
+    ) -> crate::params::DecodeLora {
+        crate::params::DecodeLora {
+            gate_up_b: self.gate_up_b.device_ptr(dev),
+            down_b: self.down_b.device_ptr(dev),
+            s: self.s.device_ptr_mut(dev),
+            adapter_ids: adapter_ids.device_ptr(dev),
+            scales: self.scales.device_ptr(dev),
+            rank: i32::try_from(self.rank).expect("at most MAX_RANK"),
+            adapters: i32::try_from(self.adapters).expect("checked at upload"),
+        }
+    }
+
     pub(crate) fn check(&mut self, dev: &Device, op: &'static str) -> Result<()> {
         let bad = dev.download(&self.status)?[0];
         if bad == 0 {
