@@ -36,7 +36,7 @@
 //! | gemm | [`gemm::grouped_gemv_into`] (decode) | `grouped_gemv_{bf16,f16}_{same,f32}` (v1) | emulated |
 //! | layer | [`layer::MoeLayer::forward_into`] through the plan ([`layer::Path::Gemv`], [`layer::Path::Gemm`]), CPU: [`layer::reference::forward`] | all of the above | emulated |
 //! | layer | the decode path, T <= 16 ([`layer::Path::Decode`], the default there): routing fused into the gate/up GEMV, the combine into the down GEMV, three launches | `router_logits_*`, `decode_gate_up_{t}_{l}_e{32..1024}`, `decode_down_{t}` (v1) | emulated |
-//! | lora | [`layer::MoeLayer::set_lora`] with [`layer::ForwardOptions::adapter_ids`] (LoRA adapters on the routed experts), [`lora::MoleFfn`] (a mixture of LoRA experts on a dense FFN); CPU: [`layer::reference::forward_lora`], [`lora::mole_reference`] | `lora_shrink_{bf16,f16}`, `lora_expand_{bf16,f16}` (v1) | emulated |
+//! | lora | [`layer::MoeLayer::set_lora`] with [`layer::ForwardOptions::adapter_ids`] (LoRA adapters on the routed experts), [`lora::MoleFfn`] (a mixture of LoRA experts on a dense FFN); CPU: [`layer::reference::forward_lora`], [`lora::mole_reference`] | `lora_shrink_{bf16,f16}`, `lora_expand_{bf16,f16}` (v1; on the decode path the shrink in decode mode and the expand inside decode v2 to v5) | emulated |
 //! | device | [`Device::fill_uniform`] | `fill_uniform_{f32,bf16,f16}` (v1) | emulated |
 //! | quant | [`quant::dequantize_into`]: int4/int8 (GPTQ, AWQ), MXFP4, FP8 block, ternary, bf16, mixed per expert | `dequant_{bf16,f16}` (v1) | emulated |
 //! | quant | [`quant::quant_gemv_into`] (decode, weights decoded in registers) | `quant_gemv_{bf16,f16}_{same,f32}` (v1) | emulated |
