@@ -379,7 +379,6 @@ impl<T: Float> DeviceLora<T> {
         Ok(())
     }
 
-    /// Reads and resets the count of adapter ids out of range: an `Err` naming `adapter_ids`.
     /// The shrink of the decode path, which has no plan (`lora_shrink` in decode mode): for each
     /// slot (t, k) of `ids [T, K]` whose expert is in [0, E) and whose token has an adapter,
     /// `s[t * K + k] = A[a_t, e] . in`, where `in` is `x[t]` for gate/up (`input [T, H]`) and
@@ -503,6 +502,8 @@ impl<T: Float> DeviceLora<T> {
 
     /// The decode kernels' LoRA fields for `adapter_ids [T]`, after
     /// [`DeviceLora::shrink_decode`]: B of gate/up and down, the shrink's s and the scales.
+    /// The two shrinks share s (2r wide, then r): each is read by the decode kernel that
+    /// follows it on the stream, before the next shrink writes it.
     pub(crate) fn decode_params(
         &mut self,
         dev: &Device,
@@ -519,6 +520,7 @@ impl<T: Float> DeviceLora<T> {
         }
     }
 
+    /// Reads and resets the count of adapter ids out of range: an `Err` naming `adapter_ids`.
     pub(crate) fn check(&mut self, dev: &Device, op: &'static str) -> Result<()> {
         let bad = dev.download(&self.status)?[0];
         if bad == 0 {
