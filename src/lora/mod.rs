@@ -249,6 +249,71 @@ impl<T: Float> DeviceLora<T> {
     /// `out += scale · B (A in)` on `rows`, for the projection `proj`. `in` is `[R, d_in]`, or
     /// `[T, d_in]` read through each row's slot when `by_token`; `out` is `[R, d_out]`.
     /// The gate/up call counts the tokens whose adapter id is out of range.
+    /// A and B of `proj`, the width of its s rows (2r for gate/up: the gate's r, then the
+    /// up's) and the expand's split (the gate layout of out's columns + 1, or kLoraOne).
+    fn operands(&self, proj: Proj) -> (&Tensor<T>, &Tensor<T>, usize, i32) {
+        match proj {
+            Proj::GateUp(layout) => (
+                &self.gate_up_a,
+                &self.gate_up_b,
+                2 * self.rank,
+                layout.code() + 1,
+            ),
+            Proj::Down => (&self.down_a, &self.down_b, self.rank, 0),
+        }
+    }
+
+    /// The shrink's row length and the expand's for `proj`.
+    fn dims(&self, proj: Proj) -> (usize, usize) {
+        let (a, b, _, _) = self.operands(proj);
+        (a.shape()[3], b.shape()[2])
+    }
+
+    /// The fields of a launch on `proj` that do not depend on its rows, for input rows at
+    /// `inp`, `ld_in` elements apart: A, B, s, the scales, the status, the sizes, and whether
+    /// 16-byte loads hold; the rows' fields zero, for the caller to fill.
+    fn params(&mut self, dev: &Device, proj: Proj, inp: u64, ld_in: usize) -> LoraParams {
+        let i32_of = |v: usize| i32::try_from(v).expect("sizes checked at upload");
+        let (a, b, r_total, split) = self.operands(proj);
+        let (d_in, d_out) = (a.shape()[3], b.shape()[2]);
+        let (a, b) = (a.device_ptr(dev), b.device_ptr(dev));
+        let vec = d_in.is_multiple_of(8)
+            && ld_in.is_multiple_of(8)
+            && inp.is_multiple_of(16)
+            && a.is_multiple_of(16);
+        LoraParams {
+            inp,
+            out: 0,
+            s: self.s.device_ptr_mut(dev),
+            a,
+            b,
+            scales: self.scales.device_ptr(dev),
+            adapter_ids: 0,
+            counts: 0,
+            seg_offsets: 0,
+            row_slots: 0,
+            row_weights: 0,
+            status: self.status.device_ptr_mut(dev),
+            ids: 0,
+            tokens: 0,
+            k: 0,
+            segments: 0,
+            a_experts: i32_of(self.experts),
+            adapters: i32_of(self.adapters),
+            rank: i32_of(self.rank),
+            r_total: i32_of(r_total),
+            d_in: i32_of(d_in),
+            d_out: i32_of(d_out),
+            split,
+            rows_per_block: 0,
+            by_token: 0,
+            vec: i32::from(vec),
+            count_status: 0,
+            in_slots: 0,
+            ld_in: i32_of(ld_in),
+        }
+    }
+
     pub(crate) fn apply(
         &mut self,
         dev: &Device,
@@ -259,16 +324,7 @@ impl<T: Float> DeviceLora<T> {
         out: &mut Tensor<T>,
     ) -> Result<()> {
         const OP: &str = "lora";
-        let (a, b, r_total, split) = match proj {
-            Proj::GateUp(layout) => (
-                &self.gate_up_a,
-                &self.gate_up_b,
-                2 * self.rank,
-                layout.code() + 1,
-            ),
-            Proj::Down => (&self.down_a, &self.down_b, self.rank, 0),
-        };
-        let (d_in, d_out) = (a.shape()[3], b.shape()[2]);
+        let (d_in, d_out) = self.dims(proj);
         let (in_rows, in_cols) = input.rows_cols(OP, "in")?;
         let (out_rows, out_cols) = out.rows_cols(OP, "out")?;
         let want_in = if by_token { rows.tokens } else { out_rows };
@@ -323,39 +379,23 @@ impl<T: Float> DeviceLora<T> {
             ));
         }
         let i32_of = |v: usize| i32::try_from(v).expect("sizes checked at upload");
-        let in_ptr = input.device_ptr(dev);
-        let a_ptr = a.device_ptr(dev);
-        let vec = d_in.is_multiple_of(8) && in_ptr.is_multiple_of(16) && a_ptr.is_multiple_of(16);
+        let base = self.params(dev, proj, input.device_ptr(dev), d_in);
+        let r_total = self.operands(proj).2;
         let mut p = LoraParams {
-            inp: in_ptr,
             out: out.device_ptr_mut(dev),
-            s: self.s.device_ptr_mut(dev),
-            a: a_ptr,
-            b: b.device_ptr(dev),
-            scales: self.scales.device_ptr(dev),
             adapter_ids: rows.adapter_ids.map_or(0, |t| t.device_ptr(dev)),
             counts: rows.counts.device_ptr(dev),
             seg_offsets: rows.offsets.device_ptr(dev),
             row_slots: rows.row_slots.device_ptr(dev),
             row_weights: rows.row_weights.map_or(0, |t| t.device_ptr(dev)),
-            status: self.status.device_ptr_mut(dev),
-            ids: 0,
             tokens: i32_of(rows.tokens),
             k: i32_of(rows.k),
             segments: i32_of(segments),
-            a_experts: i32_of(self.experts),
-            adapters: i32_of(self.adapters),
-            rank: i32_of(self.rank),
-            r_total: i32_of(r_total),
-            d_in: i32_of(d_in),
-            d_out: i32_of(d_out),
-            split,
             rows_per_block: i32_of(chunk),
             by_token: i32::from(by_token),
-            vec: i32::from(vec),
             count_status: i32::from(matches!(proj, Proj::GateUp(_))),
             in_slots: i32_of(rows.k),
-            ld_in: i32_of(d_in),
+            ..base
         };
         let grid = |tiles: usize| LaunchConfig {
             grid_dim: (tiles as u32, chunks as u32, 1),
@@ -396,11 +436,8 @@ impl<T: Float> DeviceLora<T> {
         in_slots: usize,
     ) -> Result<()> {
         const OP: &str = "lora (decode)";
-        let (a, r_total, by_token) = match proj {
-            Proj::GateUp(_) => (&self.gate_up_a, 2 * self.rank, true),
-            Proj::Down => (&self.down_a, self.rank, false),
-        };
-        let d_in = a.shape()[3];
+        let by_token = matches!(proj, Proj::GateUp(_));
+        let (d_in, _) = self.dims(proj);
         let (tokens, k) = ids.rows_cols(OP, "ids")?;
         let (in_rows, ld_in) = input.rows_cols(OP, "in")?;
         let want_rows = if by_token { tokens } else { tokens * in_slots };
@@ -441,42 +478,19 @@ impl<T: Float> DeviceLora<T> {
             ));
         }
         let i32_of = |v: usize| i32::try_from(v).expect("sizes checked at upload");
-        let in_ptr = input.device_ptr(dev);
-        let a_ptr = a.device_ptr(dev);
-        let vec = d_in.is_multiple_of(8)
-            && ld_in.is_multiple_of(8)
-            && in_ptr.is_multiple_of(16)
-            && a_ptr.is_multiple_of(16);
+        let base = self.params(dev, proj, input.device_ptr(dev), ld_in);
+        let r_total = self.operands(proj).2;
         let p = LoraParams {
-            inp: in_ptr,
-            out: 0,
-            s: self.s.device_ptr_mut(dev),
-            a: a_ptr,
-            b: 0,
-            scales: self.scales.device_ptr(dev),
             adapter_ids: adapter_ids.device_ptr(dev),
-            counts: 0,
-            seg_offsets: 0,
-            row_slots: 0,
-            row_weights: 0,
-            status: self.status.device_ptr_mut(dev),
             ids: ids.device_ptr(dev),
             tokens: i32_of(tokens),
             k: i32_of(k),
             segments: i32_of(self.experts),
-            a_experts: i32_of(self.experts),
-            adapters: i32_of(self.adapters),
-            rank: i32_of(self.rank),
-            r_total: i32_of(r_total),
-            d_in: i32_of(d_in),
-            d_out: 0,
-            split: 0,
             rows_per_block: i32_of(tokens.clamp(1, CHUNK_ROWS)),
             by_token: i32::from(by_token),
-            vec: i32::from(vec),
             count_status: i32::from(by_token),
             in_slots: i32_of(in_slots),
-            ld_in: i32_of(ld_in),
+            ..base
         };
         let cfg = LaunchConfig {
             // A rank row per warp in decode mode: 8 per block.
