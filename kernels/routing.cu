@@ -41,7 +41,10 @@
 //   One warp per (token, expert), 16-byte loads when rows allow.
 // router_logits_v2_{x}_{w}(RouterLogitsParams p)
 //   The same, one block of 8 warps per (token, expert) splitting H, the warps' sums added in a
-//   fixed order (the default: at small T it spreads over E blocks instead of E / 8).
+//   fixed order (at small T it spreads over E blocks instead of E / 8).
+// router_logits_v3_{x}_{w}(RouterLogitsParams p)
+//   The same bits as v2, one block per tile of 8 tokens x 8 experts, so w is read T / 8 times
+//   instead of T times (the layer's choice above small T).
 //
 // History
 //   v1: one warp per token, K rounds of a warp arg-max over register-resident keys; the group
@@ -271,6 +274,112 @@ __device__ __forceinline__ void router_logits_v2(const RouterLogitsParams& p) {
     }
 }
 
+// v3, tiled: block b computes a tile of kLogitsTileT tokens x kLogitsTileE experts (experts
+// fastest over b, so the blocks in flight share their tokens' rows), reading each row of x and of
+// w once per tile instead of once per pair: the router weight is read T / 8 times, not T times.
+// Thread i keeps, for every pair of the tile, exactly v2's partial sum (the same columns in the
+// same order), so a token's logits are the same bits as v2's and v3 may serve any T. The warp's
+// 64 partials per lane are reduced by halving exchanges (each step a lane keeps half of its
+// values and adds its partner's copy of that half): the same pairwise tree as warp_sum, since
+// a + b and b + a are the same float, in 62 shuffles instead of 320. Lane l ends with pairs 2l
+// and 2l + 1 (bit b of l chose the upper half at offset 2^b, worth 2^(b+1) pairs); thread o < 64
+// then adds the warps' sums in warp order, as v2 does.
+constexpr int kLogitsTileT = 8, kLogitsTileE = 8;
+constexpr int kLogitsTile = kLogitsTileT * kLogitsTileE;
+static_assert(kLogitsTile == 64, "the halving reduction below leaves 2 pairs per lane");
+
+// One step of the halving exchange over the first N values: the lane keeps the upper half if
+// (lane & S), else the lower, and adds the partner's copy of the half it keeps.
+template <int S, int N>
+__device__ __forceinline__ void halve_exchange(float (&acc)[kLogitsTile], int lane) {
+    const bool upper = (lane & S) != 0;
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+        const float keep = upper ? acc[i + N / 2] : acc[i];
+        const float send = upper ? acc[i] : acc[i + N / 2];
+        acc[i] = keep + __shfl_xor_sync(kFullMask, send, S);
+    }
+}
+
+template <typename TX, typename TW>
+__device__ __forceinline__ void router_logits_v3(const RouterLogitsParams& p) {
+    __shared__ float s_part[kLogitsWarps][kLogitsTile];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int etiles = (p.experts + kLogitsTileE - 1) / kLogitsTileE;
+    const int64_t t0 = int64_t(blockIdx.x / etiles) * kLogitsTileT;
+    const int e0 = int(blockIdx.x % etiles) * kLogitsTileE;
+    // Rows past T or E are never loaded; their partials stay 0 and are not stored.
+    const int nt = int(min(int64_t(kLogitsTileT), int64_t(p.tokens) - t0));
+    const int ne = min(kLogitsTileE, p.experts - e0);
+    const TX* x = static_cast<const TX*>(p.x) + t0 * p.hidden;
+    const TW* w = static_cast<const TW*>(p.w) + int64_t(e0) * p.hidden;
+    float acc[kLogitsTile];
+#pragma unroll
+    for (int o = 0; o < kLogitsTile; ++o) acc[o] = 0.f;
+    if (p.vec) {
+        for (int c = threadIdx.x * 8; c < p.hidden; c += kLogitsWarps * 32 * 8) {
+            float b[kLogitsTileE][8];
+#pragma unroll
+            for (int ee = 0; ee < kLogitsTileE; ++ee) {
+                if (ee < ne) {
+                    load8(w + int64_t(ee) * p.hidden + c, b[ee]);
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) b[ee][j] = 0.f;
+                }
+            }
+#pragma unroll
+            for (int tt = 0; tt < kLogitsTileT; ++tt) {
+                if (tt < nt) {
+                    float a[8];
+                    load8(x + int64_t(tt) * p.hidden + c, a);
+#pragma unroll
+                    for (int ee = 0; ee < kLogitsTileE; ++ee)
+#pragma unroll
+                        for (int j = 0; j < 8; ++j)
+                            acc[tt * kLogitsTileE + ee] = fmaf(a[j], b[ee][j], acc[tt * kLogitsTileE + ee]);
+                }
+            }
+        }
+    } else {
+        for (int c = threadIdx.x; c < p.hidden; c += kLogitsWarps * 32) {
+            float b[kLogitsTileE];
+#pragma unroll
+            for (int ee = 0; ee < kLogitsTileE; ++ee)
+                b[ee] = ee < ne ? Float<TW>::to_f32(w[int64_t(ee) * p.hidden + c]) : 0.f;
+#pragma unroll
+            for (int tt = 0; tt < kLogitsTileT; ++tt) {
+                if (tt < nt) {
+                    const float a = Float<TX>::to_f32(x[int64_t(tt) * p.hidden + c]);
+#pragma unroll
+                    for (int ee = 0; ee < kLogitsTileE; ++ee)
+                        acc[tt * kLogitsTileE + ee] = fmaf(a, b[ee], acc[tt * kLogitsTileE + ee]);
+                }
+            }
+        }
+    }
+    // Spelled out step by step: as one loop, nvcc kept acc in local memory.
+    halve_exchange<16, 64>(acc, lane);
+    halve_exchange<8, 32>(acc, lane);
+    halve_exchange<4, 16>(acc, lane);
+    halve_exchange<2, 8>(acc, lane);
+    halve_exchange<1, 4>(acc, lane);
+    s_part[warp][2 * lane] = acc[0];
+    s_part[warp][2 * lane + 1] = acc[1];
+    __syncthreads();
+    const int o = threadIdx.x;
+    if (o < kLogitsTile) {
+        const int tt = o / kLogitsTileE, ee = o % kLogitsTileE;
+        if (tt < nt && ee < ne) {
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < kLogitsWarps; ++i) sum += s_part[i][o];
+            if (p.bias != nullptr) sum += Float<TW>::to_f32(static_cast<const TW*>(p.bias)[e0 + ee]);
+            static_cast<TW*>(p.out)[(t0 + tt) * p.experts + e0 + ee] = Float<TW>::from_f32(sum);
+        }
+    }
+}
+
 }  // namespace moe
 
 extern "C" __global__ void __launch_bounds__(32 * moe::kRouteWarps) route_given(const moe::RouteGivenParams p) {
@@ -298,6 +407,9 @@ MOE_STATS(f16, __half)
     } \
     extern "C" __global__ void __launch_bounds__(32 * moe::kLogitsWarps) router_logits_v2_##SX##_##SW(const moe::RouterLogitsParams p) { \
         moe::router_logits_v2<TX, TW>(p); \
+    } \
+    extern "C" __global__ void __launch_bounds__(32 * moe::kLogitsWarps) router_logits_v3_##SX##_##SW(const moe::RouterLogitsParams p) { \
+        moe::router_logits_v3<TX, TW>(p); \
     }
 MOE_ROUTER_LOGITS(f32, f32, float, float)
 MOE_ROUTER_LOGITS(bf16, bf16, __nv_bfloat16, __nv_bfloat16)

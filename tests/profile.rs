@@ -8,7 +8,7 @@ use half::bf16;
 use moe_kernels::layer::{ForwardOptions, MoeConfig, MoeLayer};
 use moe_kernels::lora::LoraAdapters;
 use moe_kernels::profile::{self, Card, Emulator, LaunchRecord};
-use moe_kernels::routing::RouterConfig;
+use moe_kernels::routing::{self, RouterConfig, RouterLogitsVersion};
 
 /// The emulator records every launch of the process: the tests here take turns.
 static RECORDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -222,6 +222,92 @@ fn gpu_lora_reads_each_chosen_pair_once() {
             "{}: the fused decode path models slower than the planned GEMV with adapters",
             card.name
         );
+    }
+}
+
+/// The tiled router projection (v3) reads each row of x and of the router weight once per tile
+/// of 8 tokens x 8 experts, where v2 reads both once per (token, expert): the requested bytes
+/// are exactly that arithmetic, and the version the layer picks by T and E models no slower
+/// than the other, on both sides of the switch.
+#[test]
+fn gpu_router_v3_reads_the_weight_once_per_tile() {
+    let Some((dev, emu)) = emulator("gpu_router_v3_reads_the_weight_once_per_tile") else {
+        return;
+    };
+    let _turn = RECORDING.lock().unwrap_or_else(|e| e.into_inner());
+    emu.register_resources().unwrap();
+    let cards = [Card::parse("h100").unwrap(), Card::parse("h200").unwrap()];
+    // Qwen3-30B-A3B's router (H = 2048, E = 128) and Mixtral's (H = 4096, E = 8), bf16.
+    for (h, e, t) in [
+        (2048, 128, 1),
+        (2048, 128, 8),
+        (2048, 128, 16),
+        (2048, 128, 64),
+        (4096, 8, 128),
+        (4096, 8, 256),
+    ] {
+        let w = dev.zeros::<bf16>(&[e, h]).unwrap();
+        let x = dev.zeros::<bf16>(&[t, h]).unwrap();
+        let mut out = dev.zeros::<bf16>(&[t, e]).unwrap();
+        dev.synchronize().unwrap();
+        let mut run = |version| {
+            emu.enable(true).unwrap();
+            emu.take().unwrap();
+            routing::router_logits_version_into(&dev, version, &mut out, &x, &w, None).unwrap();
+            dev.synchronize().unwrap();
+            let mut recs = emu.take().unwrap();
+            emu.enable(false).unwrap();
+            assert_eq!(recs.len(), 1);
+            recs.pop().unwrap()
+        };
+        let (v2, v3) = (run(RouterLogitsVersion::V2), run(RouterLogitsVersion::V3));
+        let row = (h * 2) as f64;
+        assert_eq!(
+            v2.global.ld.bytes,
+            (t * e) as f64 * 2.0 * row,
+            "v2 at T={t}"
+        );
+        // Each x row once per column of 8 experts, each w row once per row of 8 tokens.
+        let rows = (e.div_ceil(8) * t + t.div_ceil(8) * e) as f64;
+        assert_eq!(v3.global.ld.bytes, rows * row, "v3 at T={t}");
+        // Both read x and w once from DRAM.
+        let unique = ((t + e) * h * 2) as f64;
+        for r in [&v2, &v3] {
+            assert!(
+                (r.dram.unique_read_bytes - unique).abs() < 0.01 * unique,
+                "{} at T={t}: {} distinct bytes read, want {unique}",
+                r.kernel,
+                r.dram.unique_read_bytes
+            );
+        }
+        for card in &cards {
+            let (m2, m3) = (
+                profile::model(&v2, card).unwrap(),
+                profile::model(&v3, card).unwrap(),
+            );
+            println!(
+                "{} router E={e} T={t}: v2 {:.2} us ({:?}, {} blocks), v3 {:.2} us ({:?}, {} \
+                 blocks), requested {:.1} / {:.1} MB",
+                card.name,
+                m2.us,
+                m2.limiter,
+                m2.blocks,
+                m3.us,
+                m3.limiter,
+                m3.blocks,
+                v2.global.ld.bytes / 1e6,
+                v3.global.ld.bytes / 1e6
+            );
+            let (picked, other) = match routing::router_logits_version_for(t, e) {
+                RouterLogitsVersion::V3 => (m3.us, m2.us),
+                _ => (m2.us, m3.us),
+            };
+            assert!(
+                picked <= other,
+                "{} E={e} T={t}: the version picked models slower",
+                card.name
+            );
+        }
     }
 }
 

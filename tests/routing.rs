@@ -879,7 +879,12 @@ fn projection_case<X: Float, W: Float>(
     // One rounding to W, plus f32 accumulation over H terms of size ~|x||w|.
     let tol = Tolerance::new(1e-5 * (h as f64).sqrt(), 2.0 * W::EPSILON);
     let bits = |v: &[W]| v.iter().map(|a| a.to_f64().to_bits()).collect::<Vec<_>>();
-    for version in [RouterLogitsVersion::V1, RouterLogitsVersion::V2] {
+    let mut v2_bits = Vec::new();
+    for version in [
+        RouterLogitsVersion::V1,
+        RouterLogitsVersion::V2,
+        RouterLogitsVersion::V3,
+    ] {
         let mut out = dev.filled_bytes::<W>(&[t, e], 0xff).unwrap();
         let bias = with_bias.then_some(&bd);
         routing::router_logits_version_into(dev, version, &mut out, &xd, &wd, bias).unwrap();
@@ -901,6 +906,12 @@ fn projection_case<X: Float, W: Float>(
             bits(&got[(t - 1) * e..]),
             "{what}: the last token alone"
         );
+        // v2 and v3 sum in one order, so the layer may switch between them by T.
+        match version {
+            RouterLogitsVersion::V2 => v2_bits = bits(&got),
+            RouterLogitsVersion::V3 => assert_eq!(bits(&got), v2_bits, "{what}: v3 against v2"),
+            RouterLogitsVersion::V1 => {}
+        }
     }
 }
 
@@ -913,6 +924,7 @@ fn gpu_router_projection_and_two_launch_routing() {
         (1, 2048, 128),
         (33, 4096, 8),
         (5, 1000, 60),
+        (9, 1001, 12),
         (64, 7168, 256),
     ] {
         projection_case::<f32, f32>(&dev, t, h, e, true);

@@ -20,7 +20,8 @@ mod stats;
 pub use capacity::{apply_capacity_into, capacity_for};
 pub use config::{MAX_EXPERTS, MAX_GROUPS, MAX_K, RouterConfig, RouterRule};
 pub use projection::{
-    RouterLogitsVersion, route_hidden_into, router_logits_into, router_logits_version_into,
+    ROUTER_V3_MIN_BLOCKS, RouterLogitsVersion, route_hidden_into, router_logits_into,
+    router_logits_version_for, router_logits_version_into,
 };
 pub use stats::{RouterStats, router_stats_into};
 

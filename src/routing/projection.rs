@@ -12,9 +12,31 @@ use crate::params::RouterLogitsParams;
 /// Warps per block of `router_logits_*`, as `kLogitsWarps` in routing.cu.
 const LOGITS_WARPS: usize = 8;
 
-/// The kernels of [`router_logits_version_into`]; each stays selectable. Both sum in an order
-/// that does not depend on T, so a token's logits are the same bits in every batch; the two
-/// versions' orders differ from each other.
+/// Tokens and experts per block of `router_logits_v3_*`, as `kLogitsTileT` / `kLogitsTileE`.
+const V3_TILE_T: usize = 8;
+const V3_TILE_E: usize = 8;
+
+/// [`router_logits_into`] runs [`RouterLogitsVersion::V3`] where its grid has at least this many
+/// blocks (tiles of 8 × 8), and [`RouterLogitsVersion::V2`] below. Both give the same bits, so
+/// the rule changes no logit: it trades v2's spread over T·E blocks, which keeps the SMs
+/// streaming at decode sizes, for v3's reading of the router weight once per 8 tokens. With
+/// fewer tiles the model puts v3 behind, bound by DRAM latency on too few SMs (BENCHMARKS.md,
+/// "Router projection v3"): Qwen3's router (E = 128) switches at T = 16, Mixtral's (E = 8) at
+/// T = 256.
+pub const ROUTER_V3_MIN_BLOCKS: usize = 32;
+
+/// The version [`router_logits_into`] runs for `tokens` × `experts`.
+pub fn router_logits_version_for(tokens: usize, experts: usize) -> RouterLogitsVersion {
+    if tokens.div_ceil(V3_TILE_T) * experts.div_ceil(V3_TILE_E) >= ROUTER_V3_MIN_BLOCKS {
+        RouterLogitsVersion::V3
+    } else {
+        RouterLogitsVersion::V2
+    }
+}
+
+/// The kernels of [`router_logits_version_into`]; each stays selectable. All sum in an order
+/// that does not depend on T, so a token's logits are the same bits in every batch; v2 and v3
+/// share one order (the same bits), v1's differs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RouterLogitsVersion {
     /// One warp per (token, expert): T·E/8 blocks, so E/8 SMs at T = 1.
@@ -23,12 +45,15 @@ pub enum RouterLogitsVersion {
     /// order: T·E blocks, so at T = 1 the router's rows stream from E SMs at once.
     #[default]
     V2,
+    /// v2's sums, one block per tile of 8 tokens × 8 experts: each row of x and of the router
+    /// weight is read once per tile, so the weight T/8 times instead of T times.
+    V3,
 }
 
 /// `out [T, E] = x [T, H] · w [E, H]ᵀ (+ bias [E])`, accumulated in f32 and rounded once to
 /// `W`'s dtype: bf16 logits for a bf16 router (Mixtral, Qwen, gpt-oss), f32 for DeepSeek's f32
-/// router on bf16 activations. `W` is `X` or f32. Runs [`RouterLogitsVersion::V2`], as every
-/// layer path does.
+/// router on bf16 activations. `W` is `X` or f32. Runs the version
+/// [`router_logits_version_for`] picks (v2 or v3, the same bits), as every layer path does.
 pub fn router_logits_into<X: Float, W: Float>(
     dev: &Device,
     out: &mut Tensor<W>,
@@ -36,7 +61,11 @@ pub fn router_logits_into<X: Float, W: Float>(
     w: &Tensor<W>,
     bias: Option<&Tensor<W>>,
 ) -> Result<()> {
-    router_logits_version_into(dev, RouterLogitsVersion::default(), out, x, w, bias)
+    // Shapes are checked by the call below; a wrong one only picks the version it refuses.
+    let (tokens, experts) = (x.shape().first(), w.shape().first());
+    let version =
+        router_logits_version_for(tokens.copied().unwrap_or(0), experts.copied().unwrap_or(0));
+    router_logits_version_into(dev, version, out, x, w, bias)
 }
 
 /// [`router_logits_into`] with the kernel chosen.
@@ -97,21 +126,24 @@ pub fn router_logits_version_into<X: Float, W: Float>(
     if tokens == 0 || experts == 0 {
         return Ok(());
     }
-    // v1: a warp per pair; v2: a block per pair.
-    let pairs_per_block = match version {
-        RouterLogitsVersion::V1 => LOGITS_WARPS,
-        RouterLogitsVersion::V2 => 1,
+    // v1: a warp per pair; v2: a block per pair; v3: a block per tile of 8 x 8 pairs.
+    let blocks = match version {
+        RouterLogitsVersion::V1 => tokens
+            .checked_mul(experts)
+            .map(|p| p.div_ceil(LOGITS_WARPS)),
+        RouterLogitsVersion::V2 => tokens.checked_mul(experts),
+        RouterLogitsVersion::V3 => tokens
+            .div_ceil(V3_TILE_T)
+            .checked_mul(experts.div_ceil(V3_TILE_E)),
     };
-    let blocks: u32 = tokens
-        .checked_mul(experts)
-        .map(|p| p.div_ceil(pairs_per_block))
+    let blocks: u32 = blocks
         .and_then(|b| u32::try_from(b).ok())
         .filter(|&b| b <= i32::MAX as u32)
         .ok_or_else(|| {
             Error::shape(
                 OP,
                 "x",
-                format!("T * E / {pairs_per_block} below 2^31"),
+                format!("{version:?}'s block count below 2^31"),
                 format!("T={tokens}, E={experts}"),
             )
         })?;
@@ -137,6 +169,7 @@ pub fn router_logits_version_into<X: Float, W: Float>(
     let v = match version {
         RouterLogitsVersion::V1 => "",
         RouterLogitsVersion::V2 => "v2_",
+        RouterLogitsVersion::V3 => "v3_",
     };
     let name = format!("router_logits_{v}{}_{}", X::DTYPE, W::DTYPE);
     let func = dev.function(OP, Module::Routing, &name)?;
@@ -145,12 +178,14 @@ pub fn router_logits_version_into<X: Float, W: Float>(
         block_dim: (32 * LOGITS_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: `router_logits_{v2_}{x}_{w}` takes one RouterLogitsParams (mirrored in
+    // SAFETY: `router_logits_{,v2_,v3_}{x}_{w}` takes one RouterLogitsParams (mirrored in
     // src/params.rs), instantiated for exactly the dtype pairs let through above. x is [T, H], w
     // is [E, H], out is [T, E], bias is [E] or null (all checked). v1: warp p handles pair
     // p < T * E; v2: block p (the grid is exactly T * E); pair p is row t = p / E of x and row
-    // e = p % E of w, writing out[t, e]. Vector loads of 8 elements are chosen only
-    // when H % 8 == 0 and both base pointers are 16-byte aligned, so every row start is too.
+    // e = p % E of w, writing out[t, e]. v3: block b handles tokens 8 (b / ceil(E/8)) .. + 8
+    // and experts 8 (b % ceil(E/8)) .. + 8, loading and storing only rows below T and E.
+    // Vector loads of 8 elements are chosen only when H % 8 == 0 and both base pointers are
+    // 16-byte aligned, so every row start is too.
     unsafe { dev.launch(OP, &func, cfg, &params) }?;
     Ok(())
 }
