@@ -40,9 +40,9 @@ pub struct BenchArgs {
     /// ternary (random codes of that format).
     #[arg(long, default_value = "bf16")]
     pub format: String,
-    /// The prefill GEMM: v1 (default), v2 (cp.async pipeline, gate/up rows read through the
-    /// plan) or v3 (Hopper: TMA and wgmma).
-    #[arg(long, default_value = "v1")]
+    /// The prefill GEMM: v2 (the layer's default: cp.async pipeline, gate/up rows read through
+    /// the plan), v1 (no pipeline) or v3 (Hopper: TMA and wgmma).
+    #[arg(long, default_value = "v2")]
     pub gemm: String,
     /// The forward: auto (the decode path up to 16 tokens, the GEMM above), decode, gemv (the
     /// plan and the grouped GEMV) or gemm.

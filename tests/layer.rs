@@ -339,9 +339,9 @@ fn gpu_layer_matches_cpu_forward() {
             compared += check_against_cpu(&dev, &mut layer, &cfg, &w, t, name);
             total += t;
         }
-        // The v2 prefill GEMM, reading gate/up rows through the plan; then v3 where the device
-        // runs it (Hopper, or the emulator).
-        let mut versions = vec![GemmVersion::V2];
+        // Above: the default prefill GEMM, v2, reading gate/up rows through the plan. Then v1,
+        // and v3 where the device runs it (Hopper, or the emulator).
+        let mut versions = vec![GemmVersion::V1];
         if GemmVersion::V3.check_device("test", &dev).is_ok() {
             versions.push(GemmVersion::V3);
         }
@@ -1914,13 +1914,14 @@ fn gpu_lora_experts_match_the_cpu_forward() {
         let ids = adapter_ids(&mut rng, t, 3);
         check_lora_against_cpu(&dev, &mut layer, &wide, &w, &lora, &ids, "E=300");
     }
-    // The v2 GEMM reads x through the plan: the gate/up shrink does too. And packed experts.
+    // Above, the default GEMM (v2) read x through the plan, and the gate/up shrink did too;
+    // v1 gathers the rows first. And packed experts.
     let (name, cfg) = &all[0];
     let w = random_weights(cfg, 22);
     let lora = LoraAdapters::<bf16>::random(cfg.experts, cfg.hidden, cfg.intermediate, 2, 8, 5);
     let mut layer = MoeLayer::<bf16>::new(&dev, cfg, &w, 64).unwrap();
     layer.set_lora(&dev, Some(&lora)).unwrap();
-    layer.set_gemm_version(&dev, GemmVersion::V2).unwrap();
+    layer.set_gemm_version(&dev, GemmVersion::V1).unwrap();
     layer.set_path(GemmPath::Gemm);
     let mut rng = Rng::new(3);
     let ids = adapter_ids(&mut rng, 64, 2);

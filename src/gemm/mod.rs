@@ -58,14 +58,21 @@ const V3_THREADS: u32 = 384;
 const V3_SMEM_BYTES: u32 = 132_096;
 
 /// Which prefill kernel [`grouped_gemm_version_into`] runs.
+///
+/// The layer's default is v2 on every card, for the routed and the shared experts: exact on the
+/// CPU emulator (whose sm_80-level instructions a second, independent emulator has also run),
+/// and faster than v1 in its counters and the model at every prefill size measured
+/// (BENCHMARKS.md, "Prefill plumbing"). v3 rests on readings of wgmma, TMA and mbarriers that
+/// the kernel and the emulator share, so it becomes a default only once it has run on
+/// hardware.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GemmVersion {
     /// `grouped_gemm_*`: 64 x 64 tiles, no pipelining. The reference the others are checked
-    /// against, and the default.
-    #[default]
+    /// against; [`grouped_gemm_into`] and the packed experts' prefill run it.
     V1,
     /// `grouped_gemm_v2_*`: 128 x 128 tiles, a four-stage cp.async pipeline; reads gathered
-    /// rows or the layer input itself ([`GemmRows::Indexed`]).
+    /// rows or the layer input itself ([`GemmRows::Indexed`]). The layer's default.
+    #[default]
     V2,
     /// `grouped_gemm_v3_*` (Hopper, sm_90a): the bulk tensor copy engine and wgmma, a producer
     /// warpgroup and two consumers, persistent; gathered rows only. Emulated, not yet run on

@@ -239,6 +239,21 @@ pub(super) struct SharedWs<T> {
     pub(super) gate_logits: Tensor<T>,
 }
 
+impl<T: Float> SharedWs<T> {
+    /// For up to `max_tokens` tokens of width `h`, intermediate `is`, in blocks of `block_m`
+    /// rows (the layer's GEMM's).
+    fn new(dev: &Device, max_tokens: usize, h: usize, is: usize, block_m: usize) -> Result<Self> {
+        let rows = padded_capacity(max_tokens, 1, block_m);
+        Ok(SharedWs {
+            plan: Plan::new(dev, max_tokens, 1, 1, 1, block_m)?,
+            a: dev.zeros(&[rows, h])?,
+            h: dev.zeros(&[rows, is])?,
+            out: dev.zeros(&[rows, h])?,
+            gate_logits: dev.zeros(&[max_tokens, 1])?,
+        })
+    }
+}
+
 /// What a forward takes beside `x`: routing from the caller, and each token's expert mask.
 #[derive(Clone, Copy, Default)]
 pub struct ForwardOptions<'a> {
@@ -559,19 +574,12 @@ impl<T: Float> MoeLayer<T> {
             cfg.k(),
         );
         let codes: Vec<i32> = cfg.zero_experts.iter().map(|z| z.code()).collect();
-        let shared = match cfg.shared {
-            None => None,
-            Some(s) => {
-                let rows = padded_capacity(max_tokens, 1, Self::BLOCK_M);
-                Some(SharedWs {
-                    plan: Plan::new(dev, max_tokens, 1, 1, 1, Self::BLOCK_M)?,
-                    a: dev.zeros(&[rows, h])?,
-                    h: dev.zeros(&[rows, s.intermediate])?,
-                    out: dev.zeros(&[rows, h])?,
-                    gate_logits: dev.zeros(&[max_tokens, 1])?,
-                })
-            }
-        };
+        let version = GemmVersion::default();
+        let block_m = version.block_m().max(Self::BLOCK_M);
+        let shared = cfg
+            .shared
+            .map(|s| SharedWs::new(dev, max_tokens, h, s.intermediate, block_m))
+            .transpose()?;
         let slots = max_tokens.checked_mul(k).ok_or_else(|| {
             Error::shape(
                 OP,
@@ -580,8 +588,8 @@ impl<T: Float> MoeLayer<T> {
                 format!("{max_tokens}"),
             )
         })?;
-        let plan = Plan::new(dev, max_tokens, k, e, et, Self::BLOCK_M)?;
-        let rows = slots.max(padded_capacity(slots, e, Self::BLOCK_M));
+        let plan = Plan::new(dev, max_tokens, k, e, et, block_m)?;
+        let rows = slots.max(padded_capacity(slots, e, block_m));
         let f32_router = matches!(w.router, RouterWeights::F32 { .. });
         let packed: Vec<usize> = [&w.gate_up, &w.down]
             .iter()
@@ -598,7 +606,7 @@ impl<T: Float> MoeLayer<T> {
             max_tokens,
             path: Path::Auto,
             decode_version: DecodeVersion::Auto,
-            version: GemmVersion::V1,
+            version,
             w,
             zc_kinds: (!codes.is_empty())
                 .then(|| dev.upload(&codes, &[codes.len()]))
@@ -878,10 +886,10 @@ impl<T: Float> MoeLayer<T> {
         Some((kind(&self.w.gate_up)?, kind(&self.w.down)?))
     }
 
-    /// Chooses the prefill GEMM version (v1 by default). v2 and v3 plan in blocks of 128 rows;
-    /// v2 reads the routed experts' gate/up rows straight from the layer input (no gather), so the
-    /// plan and the row buffers are made again here, outside any forward. Packed experts keep
-    /// their own prefill path.
+    /// Chooses the prefill GEMM version of the routed and the shared experts (v2 by default:
+    /// [`GemmVersion`] says why). v2 and v3 plan in blocks of 128 rows, v1 in 64; v2 reads the
+    /// gate/up rows straight from the layer input (no gather), so the plans and the row buffers
+    /// are made again here, outside any forward. Packed experts keep their own prefill path.
     pub fn set_gemm_version(&mut self, dev: &Device, version: GemmVersion) -> Result<()> {
         version.check_device("MoeLayer::set_gemm_version", dev)?;
         if version == self.version {
@@ -904,6 +912,15 @@ impl<T: Float> MoeLayer<T> {
         if let Some(l) = &mut self.lora {
             l.adapters.set_rows(dev, rows)?;
             l.hpre = dev.zeros(&[rows, 2 * i])?;
+        }
+        if let Some(s) = self.cfg.shared {
+            self.shared = Some(SharedWs::new(
+                dev,
+                self.max_tokens,
+                h,
+                s.intermediate,
+                block_m,
+            )?);
         }
         self.version = version;
         Ok(())

@@ -80,13 +80,19 @@ impl<T: Float> MoeLayer<T> {
         self.plan.build(dev, &self.ids)?;
         mark(Stage::Plan)?;
 
-        let gemm = |out: &mut Tensor<T>, a: &Tensor<T>, wt: &Tensor<T>, plan: &Plan, o| {
-            if gemv {
-                gemm::grouped_gemv_into(dev, out, a, wt, plan, o)
-            } else {
-                gemm::grouped_gemm_into(dev, out, a, wt, plan, o)
-            }
-        };
+        // The shared expert's GEMMs: the GEMV, or the layer's GEMM version.
+        let version = self.version;
+        let gemm =
+            |out: &mut Tensor<T>, rows: GemmRows<'_, T>, wt: &Tensor<T>, plan: &Plan, o| match (
+                gemv, rows,
+            ) {
+                (true, GemmRows::Gathered(a) | GemmRows::Indexed(a)) => {
+                    gemm::grouped_gemv_into(dev, out, a, wt, plan, o)
+                }
+                (false, rows) => {
+                    gemm::grouped_gemm_version_into(dev, out, rows, wt, plan, o, version)
+                }
+            };
         let rows = self.plan.rows(layout);
         self.hmid.set_shape(&[rows, cfg.intermediate])?;
         self.out.set_shape(&[rows, h])?;
@@ -202,16 +208,23 @@ impl<T: Float> MoeLayer<T> {
                 ..Default::default()
             };
             // With one expert and one slot per token, the sorted rows are the tokens in order:
-            // the GEMV reads x itself. The padded layout needs the copy into whole blocks.
-            let a: &Tensor<T> = if gemv {
-                x
+            // the GEMV reads x itself, and so does v2 through the plan. v1 and v3 need the copy
+            // into whole blocks of the padded layout.
+            let rows = if gemv || version == GemmVersion::V2 {
+                GemmRows::Indexed(x)
             } else {
                 s.a.set_shape(&[srows, h])?;
                 permute::gather_into(dev, &mut s.a, x, &mut s.plan, layout)?;
-                &s.a
+                GemmRows::Gathered(&s.a)
             };
-            gemm(&mut s.h, a, gate_up, &s.plan, swiglu)?;
-            gemm(&mut s.out, &s.h, sdown, &s.plan, GemmOptions::default())?;
+            gemm(&mut s.h, rows, gate_up, &s.plan, swiglu)?;
+            gemm(
+                &mut s.out,
+                GemmRows::Gathered(&s.h),
+                sdown,
+                &s.plan,
+                GemmOptions::default(),
+            )?;
             s.out.set_shape(&[t, h])?;
             if let Some(g) = &w.shared_gate {
                 s.gate_logits.set_shape(&[t, 1])?;
