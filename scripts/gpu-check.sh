@@ -17,13 +17,14 @@
 #            planned GEMV path beside it,
 #            the quick peer comparison
 #   prefill  the GEMM and prefill tests, sanitizer runs on the GEMM pipeline edges (synccheck
-#            too), the layer bench at T = 256, 4096, GEMM v3 beside v2 at T = 4096, 16384
+#            too), the layer bench at T = 256, 4096, GEMM v3 beside v2 (the default) at
+#            T = 4096, 16384, and v1 at 4096
 #   quant    the compressed-expert tests and sanitizer runs; Qwen3 int4 (also with act-order)
 #            and FP8, gpt-oss MXFP4 and Mixtral int4 experts through the decode path at T = 1,
 #            4, 16 with v5, v4, v2 and v1
 #   offload, ep   no such kernels yet (ep_send's test runs in core)
 #   profile  Nsight Compute (--clock-control none) on at most 12 kernel launches of the layer
-#            bench (decode at T = 1 and 16, the v1 GEMMs at T = 256, the v3 GEMMs at T = 4096):
+#            bench (decode at T = 1 and 16, the v2 GEMMs at T = 256, the v3 GEMMs at T = 4096):
 #            DRAM bytes, global sectors and requests, shared bank conflicts, achieved occupancy,
 #            time; CSV files in LOGDIR, and profile.md, which joins them with the bundle's
 #            modelled.jsonl (profile_join.py). Without ncu or its counters, the bench's CUDA-event
@@ -231,6 +232,8 @@ memcheck activation gpu_softmax_matches_reference
 racecheck activation gpu_softmax_matches_reference
 memcheck routing gpu_routing_matches_reference
 racecheck routing gpu_routing_matches_reference
+memcheck routing gpu_router_projection_and_two_launch_routing
+racecheck routing gpu_router_projection_and_two_launch_routing
 memcheck permute gpu_plan_matches_reference_bit_for_bit
 racecheck permute gpu_plan_matches_reference_bit_for_bit
 memcheck layer gpu_graph_replays_with_new_adapter_ids
@@ -288,10 +291,11 @@ EOF
     for preset in qwen3-30b-a3b mixtral-8x7b deepseek-v3 gpt-oss-120b; do
         bench "layer-$preset-prefill" 20 --preset "$preset" --tokens 256,4096
     done
-    # GEMM v3 (Hopper: TMA and wgmma) beside v2.
+    # GEMM v3 (Hopper: TMA and wgmma) and v1 beside v2, the default.
     for preset in qwen3-30b-a3b mixtral-8x7b; do
         bench "layer-$preset-v3" 30 --preset "$preset" --gemm v3 --tokens 4096,16384
         bench "layer-$preset-v2" 30 --preset "$preset" --gemm v2 --tokens 4096,16384
+        bench "layer-$preset-v1" 30 --preset "$preset" --gemm v1 --tokens 4096
     done
 }
 

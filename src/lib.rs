@@ -26,13 +26,13 @@
 //! | routing | [`routing::apply_capacity_into`] | `route_capacity` (v1) | emulated |
 //! | routing | [`routing::route_masked_into`] (expert masks), [`routing::route_given_into`] (caller routing, checked) | `route_{dtype}_e{32..1024}`, `route_given` (v1) | emulated |
 //! | routing | [`routing::router_stats_into`] | `router_lse_{dtype}`, `router_prob_mean_{dtype}` (v1) | emulated |
-//! | routing | [`routing::router_logits_into`], [`routing::route_hidden_into`] | `router_logits_{x}_{w}` (v1) | emulated |
+//! | routing | [`routing::router_logits_into`], [`routing::route_hidden_into`] | `router_logits_v2_{x}_{w}`, `router_logits_v3_{x}_{w}` (the same bits; v3 tiled above small T), `router_logits_{x}_{w}` (v1) | emulated, modelled |
 //! | permute | [`permute::Plan::build`], [`permute::Plan::build_identity`] | `plan_count`, `plan_scan`, `plan_scatter`, `plan_masked`, `plan_identity` (v1) | emulated |
 //! | permute | [`permute::gather_into`] | `gather_{dtype}` (v1) | emulated |
 //! | permute | [`permute::combine_into`] | `combine_{dtype}` (v1) | emulated |
 //! | permute | [`permute::ep_send_into`] | `ep_send` (v1) | emulated |
 //! | gemm | [`gemm::grouped_gemm_into`] (prefill) | `grouped_gemm_{bf16,f16}_{same,f32}` (v1) | emulated |
-//! | gemm | [`gemm::grouped_gemm_version_into`] (prefill, v2: cp.async pipeline, gather-free rows) | `grouped_gemm_v2_{bf16,f16}_{same,f32}` | emulated |
+//! | gemm | [`gemm::grouped_gemm_version_into`] (prefill, v2: cp.async pipeline, gather-free rows; the layer's default) | `grouped_gemm_v2_{bf16,f16}_{same,f32}` | emulated, modelled |
 //! | gemm | [`gemm::grouped_gemv_into`] (decode) | `grouped_gemv_{bf16,f16}_{same,f32}` (v1) | emulated |
 //! | layer | [`layer::MoeLayer::forward_into`] through the plan ([`layer::Path::Gemv`], [`layer::Path::Gemm`]), CPU: [`layer::reference::forward`] | all of the above | emulated |
 //! | layer | the decode path, T <= 16 ([`layer::Path::Decode`], the default there): routing fused into the gate/up GEMV, the combine into the down GEMV, three launches | `router_logits_*`, `decode_gate_up_{t}_{l}_e{32..1024}`, `decode_down_{t}` (v1) | emulated |

@@ -61,7 +61,8 @@ const V3_SMEM_BYTES: u32 = 132_096;
 ///
 /// The layer's default is v2 on every card, for the routed and the shared experts: exact on the
 /// CPU emulator (whose sm_80-level instructions a second, independent emulator has also run),
-/// and faster than v1 in its counters and the model at every prefill size measured
+/// and faster than v1 in its counters and the model on every layer measured from T = 256, and
+/// on Qwen3 at T = 32; gpt-oss at T = 32 models 0.6% slower, its down GEMM v2's weak stage
 /// (BENCHMARKS.md, "Prefill plumbing"). v3 rests on readings of wgmma, TMA and mbarriers that
 /// the kernel and the emulator share, so it becomes a default only once it has run on
 /// hardware.
