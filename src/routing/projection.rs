@@ -21,7 +21,7 @@ const V3_TILE_E: usize = 8;
 /// the rule changes no logit: it trades v2's spread over T·E blocks, which keeps the SMs
 /// streaming at decode sizes, for v3's reading of the router weight once per 8 tokens. With
 /// fewer tiles the model puts v3 behind, bound by DRAM latency on too few SMs (BENCHMARKS.md,
-/// "Router projection v3"): Qwen3's router (E = 128) switches at T = 16, Mixtral's (E = 8) at
+/// "Prefill plumbing"): Qwen3's router (E = 128) switches at T = 16, Mixtral's (E = 8) at
 /// T = 256.
 pub const ROUTER_V3_MIN_BLOCKS: usize = 32;
 
