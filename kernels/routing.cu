@@ -301,6 +301,49 @@ __device__ __forceinline__ void halve_exchange(float (&acc)[kLogitsTile], int la
     }
 }
 
+// V elements of a row from ptr, as f32: one 16-byte load for V = 8, else scalar loads.
+template <int V, typename T>
+__device__ __forceinline__ void load_run(const T* ptr, float (&out)[V]) {
+    if constexpr (V == 8) {
+        load8(ptr, out);
+    } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) out[j] = Float<T>::to_f32(ptr[j]);
+    }
+}
+
+// Thread i's partial sums of the tile, v2's columns in v2's order: runs of V columns from V i in
+// strides of V * blockDim (V = 8 where 16-byte loads hold, else 1). Rows past nt and ne are not
+// loaded and leave their partials at 0.
+template <int V, typename TX, typename TW>
+__device__ __forceinline__ void router_tile_dot(const RouterLogitsParams& p, const TX* x, const TW* w, int nt, int ne,
+                                                float (&acc)[kLogitsTile]) {
+    for (int c = threadIdx.x * V; c < p.hidden; c += kLogitsWarps * 32 * V) {
+        float b[kLogitsTileE][V];
+#pragma unroll
+        for (int ee = 0; ee < kLogitsTileE; ++ee) {
+            if (ee < ne) {
+                load_run<V>(w + int64_t(ee) * p.hidden + c, b[ee]);
+            } else {
+#pragma unroll
+                for (int j = 0; j < V; ++j) b[ee][j] = 0.f;
+            }
+        }
+#pragma unroll
+        for (int tt = 0; tt < kLogitsTileT; ++tt) {
+            if (tt < nt) {
+                float a[V];
+                load_run<V>(x + int64_t(tt) * p.hidden + c, a);
+#pragma unroll
+                for (int ee = 0; ee < kLogitsTileE; ++ee)
+#pragma unroll
+                    for (int j = 0; j < V; ++j)
+                        acc[tt * kLogitsTileE + ee] = fmaf(a[j], b[ee][j], acc[tt * kLogitsTileE + ee]);
+            }
+        }
+    }
+}
+
 template <typename TX, typename TW>
 __device__ __forceinline__ void router_logits_v3(const RouterLogitsParams& p) {
     __shared__ float s_part[kLogitsWarps][kLogitsTile];
@@ -308,7 +351,7 @@ __device__ __forceinline__ void router_logits_v3(const RouterLogitsParams& p) {
     const int etiles = (p.experts + kLogitsTileE - 1) / kLogitsTileE;
     const int64_t t0 = int64_t(blockIdx.x / etiles) * kLogitsTileT;
     const int e0 = int(blockIdx.x % etiles) * kLogitsTileE;
-    // Rows past T or E are never loaded; their partials stay 0 and are not stored.
+    // Rows past T or E are never loaded (router_tile_dot) nor stored.
     const int nt = int(min(int64_t(kLogitsTileT), int64_t(p.tokens) - t0));
     const int ne = min(kLogitsTileE, p.experts - e0);
     const TX* x = static_cast<const TX*>(p.x) + t0 * p.hidden;
@@ -317,46 +360,9 @@ __device__ __forceinline__ void router_logits_v3(const RouterLogitsParams& p) {
 #pragma unroll
     for (int o = 0; o < kLogitsTile; ++o) acc[o] = 0.f;
     if (p.vec) {
-        for (int c = threadIdx.x * 8; c < p.hidden; c += kLogitsWarps * 32 * 8) {
-            float b[kLogitsTileE][8];
-#pragma unroll
-            for (int ee = 0; ee < kLogitsTileE; ++ee) {
-                if (ee < ne) {
-                    load8(w + int64_t(ee) * p.hidden + c, b[ee]);
-                } else {
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) b[ee][j] = 0.f;
-                }
-            }
-#pragma unroll
-            for (int tt = 0; tt < kLogitsTileT; ++tt) {
-                if (tt < nt) {
-                    float a[8];
-                    load8(x + int64_t(tt) * p.hidden + c, a);
-#pragma unroll
-                    for (int ee = 0; ee < kLogitsTileE; ++ee)
-#pragma unroll
-                        for (int j = 0; j < 8; ++j)
-                            acc[tt * kLogitsTileE + ee] = fmaf(a[j], b[ee][j], acc[tt * kLogitsTileE + ee]);
-                }
-            }
-        }
+        router_tile_dot<8>(p, x, w, nt, ne, acc);
     } else {
-        for (int c = threadIdx.x; c < p.hidden; c += kLogitsWarps * 32) {
-            float b[kLogitsTileE];
-#pragma unroll
-            for (int ee = 0; ee < kLogitsTileE; ++ee)
-                b[ee] = ee < ne ? Float<TW>::to_f32(w[int64_t(ee) * p.hidden + c]) : 0.f;
-#pragma unroll
-            for (int tt = 0; tt < kLogitsTileT; ++tt) {
-                if (tt < nt) {
-                    const float a = Float<TX>::to_f32(x[int64_t(tt) * p.hidden + c]);
-#pragma unroll
-                    for (int ee = 0; ee < kLogitsTileE; ++ee)
-                        acc[tt * kLogitsTileE + ee] = fmaf(a, b[ee], acc[tt * kLogitsTileE + ee]);
-                }
-            }
-        }
+        router_tile_dot<1>(p, x, w, nt, ne, acc);
     }
     // Spelled out step by step: as one loop, nvcc kept acc in local memory.
     halve_exchange<16, 64>(acc, lane);
