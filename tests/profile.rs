@@ -251,12 +251,9 @@ fn gpu_router_v3_reads_the_weight_once_per_tile() {
         let mut out = dev.zeros::<bf16>(&[t, e]).unwrap();
         dev.synchronize().unwrap();
         let mut run = |version| {
-            emu.enable(true).unwrap();
-            emu.take().unwrap();
-            routing::router_logits_version_into(&dev, version, &mut out, &x, &w, None).unwrap();
-            dev.synchronize().unwrap();
-            let mut recs = emu.take().unwrap();
-            emu.enable(false).unwrap();
+            let mut recs = recorded(&dev, &emu, || {
+                routing::router_logits_version_into(&dev, version, &mut out, &x, &w, None)
+            });
             assert_eq!(recs.len(), 1);
             recs.pop().unwrap()
         };
@@ -320,15 +317,26 @@ fn counted(
     x: &moe_kernels::Tensor<bf16>,
     opts: ForwardOptions<'_>,
 ) -> Vec<LaunchRecord> {
+    let records = recorded(dev, emu, || layer.forward_with(dev, y, x, opts));
+    layer.check(dev).unwrap();
+    records
+}
+
+/// The launch records of `work`, run with the emulator's counters on and synchronised; the
+/// counters are off again before `work`'s result is checked.
+fn recorded(
+    dev: &moe_kernels::Device,
+    emu: &Emulator,
+    work: impl FnOnce() -> moe_kernels::Result<()>,
+) -> Vec<LaunchRecord> {
     emu.enable(true).unwrap();
     emu.take().unwrap();
-    let run = layer.forward_with(dev, y, x, opts);
+    let run = work();
     let sync = dev.synchronize();
-    let records: Vec<LaunchRecord> = emu.take().unwrap();
+    let records = emu.take().unwrap();
     emu.enable(false).unwrap();
     run.unwrap();
     sync.unwrap();
-    layer.check(dev).unwrap();
     records
 }
 
