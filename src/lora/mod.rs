@@ -246,9 +246,6 @@ impl<T: Float> DeviceLora<T> {
             * std::mem::size_of::<T>()
     }
 
-    /// `out += scale · B (A in)` on `rows`, for the projection `proj`. `in` is `[R, d_in]`, or
-    /// `[T, d_in]` read through each row's slot when `by_token`; `out` is `[R, d_out]`.
-    /// The gate/up call counts the tokens whose adapter id is out of range.
     /// A and B of `proj`, the width of its s rows (2r for gate/up: the gate's r, then the
     /// up's) and the expand's split (the gate layout of out's columns + 1, or kLoraOne).
     fn operands(&self, proj: Proj) -> (&Tensor<T>, &Tensor<T>, usize, i32) {
@@ -314,6 +311,9 @@ impl<T: Float> DeviceLora<T> {
         }
     }
 
+    /// `out += scale · B (A in)` on `rows`, for the projection `proj`. `in` is `[R, d_in]`, or
+    /// `[T, d_in]` read through each row's slot when `by_token`; `out` is `[R, d_out]`.
+    /// The gate/up call counts the tokens whose adapter id is out of range.
     pub(crate) fn apply(
         &mut self,
         dev: &Device,
